@@ -1,0 +1,104 @@
+// Argument checks shared by the CPU and CUDA implementations of each op, so
+// both backends reject exactly the same inputs with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace ddrs {
+
+struct RowPlan {
+  int64_t num_inputs;         // B
+  int64_t sample_dim;         // D: elements per input
+  int64_t samples_per_input;  // m
+};
+
+inline RowPlan check_perturb_args(const at::Tensor& x, const at::Tensor& sigma,
+                                  const at::Tensor& stream, int64_t sample_offset,
+                                  int64_t samples_per_input, int64_t row_start,
+                                  int64_t num_rows) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "perturb_gaussian: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "perturb_gaussian: x must have a batch dimension, got a 0-d tensor");
+  const int64_t B = x.size(0);
+  TORCH_CHECK_TYPE(at::isFloatingType(sigma.scalar_type()),
+                   "perturb_gaussian: sigma must be a floating-point tensor");
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == B,
+                    "perturb_gaussian: sigma must have shape (", B, ",), got ", sigma.sizes());
+  TORCH_CHECK_TYPE(stream.scalar_type() == at::kLong,
+                   "perturb_gaussian: stream must be an int64 tensor, got ", stream.scalar_type());
+  TORCH_CHECK_VALUE(stream.dim() == 1 && stream.size(0) == B,
+                    "perturb_gaussian: stream must have shape (", B, ",), got ", stream.sizes());
+  TORCH_CHECK_VALUE(x.device() == sigma.device() && x.device() == stream.device(),
+                    "perturb_gaussian: x, sigma and stream must be on the same device");
+  TORCH_CHECK_VALUE(samples_per_input >= 1, "perturb_gaussian: samples_per_input must be >= 1, got ",
+                    samples_per_input);
+  TORCH_CHECK_VALUE(sample_offset >= 0, "perturb_gaussian: sample_offset must be >= 0, got ",
+                    sample_offset);
+  TORCH_CHECK_VALUE(row_start >= 0 && num_rows >= 0,
+                    "perturb_gaussian: row_start and num_rows must be >= 0");
+  TORCH_CHECK_VALUE(B == 0 || samples_per_input <= (INT64_MAX / B),
+                    "perturb_gaussian: num_inputs * samples_per_input overflows int64");
+  TORCH_CHECK_VALUE(row_start + num_rows <= B * samples_per_input,
+                    "perturb_gaussian: rows [", row_start, ", ", row_start + num_rows,
+                    ") lie outside the ", B * samples_per_input, " rows of ", B, " inputs x ",
+                    samples_per_input, " samples");
+  const int64_t D = x.numel() / (B == 0 ? 1 : B);
+  TORCH_CHECK_VALUE(D <= (int64_t{1} << 34), "perturb_gaussian: inputs may have at most 2^34 elements");
+  return RowPlan{B, B == 0 ? 0 : D, samples_per_input};
+}
+
+inline void check_perturb_out(const at::Tensor& x, const at::Tensor& out,
+                              const std::optional<at::Tensor>& sq_norm, int64_t num_rows) {
+  TORCH_CHECK_VALUE(out.scalar_type() == x.scalar_type(), "perturb_gaussian_out: out must have x's dtype ",
+                    x.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == x.device(), "perturb_gaussian_out: out must be on x's device");
+  TORCH_CHECK_VALUE(out.is_contiguous(), "perturb_gaussian_out: out must be contiguous");
+  TORCH_CHECK_VALUE(out.dim() == x.dim() && out.size(0) == num_rows &&
+                        out.sizes().slice(1) == x.sizes().slice(1),
+                    "perturb_gaussian_out: out must have shape (num_rows, *x.shape[1:])");
+  if (sq_norm.has_value()) {
+    TORCH_CHECK_VALUE(sq_norm->scalar_type() == at::kDouble && sq_norm->dim() == 1 &&
+                          sq_norm->size(0) == num_rows && sq_norm->is_contiguous() &&
+                          sq_norm->device() == x.device(),
+                      "perturb_gaussian_out: sq_norm must be a contiguous float64 tensor of shape (",
+                      num_rows, ",) on x's device");
+  }
+}
+
+inline void check_votes_args(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
+                             const at::Tensor& counts) {
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
+                   "count_votes: logits must be floating point, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1,
+                    "count_votes: logits must have shape (rows, num_classes), got ", logits.sizes());
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "count_votes: counts must be int64");
+  TORCH_CHECK_VALUE(counts.dim() == 2 && counts.is_contiguous(),
+                    "count_votes: counts must be a contiguous (num_inputs, num_classes) tensor");
+  TORCH_CHECK_VALUE(counts.size(1) == logits.size(1), "count_votes: the model gave ", logits.size(1),
+                    " classes but counts has ", counts.size(1), " columns");
+  TORCH_CHECK_VALUE(logits.device() == counts.device(),
+                    "count_votes: logits and counts must be on the same device");
+  TORCH_CHECK_VALUE(samples_per_input >= 1, "count_votes: samples_per_input must be >= 1");
+  TORCH_CHECK_VALUE(row_start >= 0, "count_votes: row_start must be >= 0");
+  const int64_t B = counts.size(0);
+  TORCH_CHECK_VALUE(B == 0 || samples_per_input <= INT64_MAX / B,
+                    "count_votes: num_inputs * samples_per_input overflows int64");
+  TORCH_CHECK_VALUE(row_start + logits.size(0) <= B * samples_per_input, "count_votes: rows [",
+                    row_start, ", ", row_start + logits.size(0), ") lie outside the ",
+                    B * samples_per_input, " rows of ", B, " inputs x ", samples_per_input, " samples");
+}
+
+// Names the offending row after a kernel found a non-finite logit.
+[[noreturn]] inline void fail_non_finite(int64_t bad_row, int64_t row_start, int64_t samples_per_input) {
+  const int64_t g = row_start + bad_row;
+  TORCH_CHECK_VALUE(false, "count_votes: the model returned NaN or Inf for input ", g / samples_per_input,
+                    " (noise sample ", g % samples_per_input, ", logits row ", bad_row,
+                    "); a NaN or Inf logit cannot be counted as a vote");
+  abort();  // unreachable; TORCH_CHECK_VALUE throws
+}
+
+}  // namespace ddrs

@@ -1,0 +1,29 @@
+// The one place where ddrs_ext's operator schemas live. Kernels register
+// against these names in cpu/*.cpp and cuda/*.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import ddrs_ext._C` only has to load this library so that the
+// TORCH_LIBRARY blocks below run; the ops are reached via torch.ops.ddrs_ext.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ddrs_ext, m) {
+  // Rows [row_start, row_start + num_rows) of the virtual (B * samples_per_input)
+  // batch, row g = b * samples_per_input + k holding x[b] + sigma[b] * eps with eps
+  // drawn for (seed, stream[b], sample_offset + k). sq_norm[r] = ||eps||^2 (float64).
+  m.def(
+      "perturb_gaussian(Tensor x, Tensor sigma, Tensor stream, int seed, int sample_offset, "
+      "int samples_per_input, int row_start, int num_rows, bool with_sq_norm) -> (Tensor, Tensor)");
+  m.def(
+      "perturb_gaussian_out(Tensor x, Tensor sigma, Tensor stream, int seed, int sample_offset, "
+      "int samples_per_input, int row_start, Tensor(a!) out, Tensor(b!)? sq_norm) -> ()");
+  // Hard votes: counts[g // samples_per_input, argmax(logits[r])] += 1 for g = row_start + r.
+  // Ties go to the lowest class; a NaN/Inf logit raises ValueError naming the input.
+  m.def("count_votes(Tensor logits, int row_start, int samples_per_input, int num_inputs) -> Tensor");
+  m.def("count_votes_(Tensor logits, int row_start, int samples_per_input, Tensor(a!) counts) -> ()");
+}

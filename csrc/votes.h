@@ -1,0 +1,39 @@
+// Per-row vote logic shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <stdint.h>
+
+#include "philox.h"  // DDRS_HD
+
+namespace ddrs {
+
+// Index of the largest logit (lowest index among ties), or -1 if any logit is
+// NaN or +-Inf. Reads each value once, in the model's dtype promoted to float
+// or double.
+template <typename scalar_t, typename acc_t = float>
+DDRS_HD int32_t row_argmax_as(const scalar_t* row, int64_t C) {
+  int32_t best = 0;
+  acc_t best_v = static_cast<acc_t>(row[0]);
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(row[c]);
+    finite = finite && (v - v == v - v);  // false for NaN and +-Inf
+    if (v > best_v) {
+      best_v = v;
+      best = static_cast<int32_t>(c);
+    }
+  }
+  return finite ? best : -1;
+}
+
+template <typename scalar_t>
+DDRS_HD int32_t row_argmax(const scalar_t* row, int64_t C) {
+  return row_argmax_as<scalar_t, float>(row, C);
+}
+
+template <>
+DDRS_HD int32_t row_argmax<double>(const double* row, int64_t C) {
+  return row_argmax_as<double, double>(row, C);
+}
+
+}  // namespace ddrs

@@ -1,0 +1,100 @@
+"""Typed wrappers over the torch.ops.ddrs_ext kernels, with their fake (meta) kernels.
+
+Each op works on a *virtual batch* of ``B * samples_per_input`` rows: row
+``g = b * samples_per_input + k`` belongs to input ``b`` and holds noise sample
+``sample_offset + k`` of that input's stream. Ops take a ``row_start`` so that
+one virtual batch can be processed in chunks of any size with identical results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddrs_ext import _loader
+
+_loader.load()
+_ops = torch.ops.ddrs_ext
+
+
+def _as_signed64(seed: int) -> int:
+    """The op schema carries int64; seeds are unsigned 64-bit keys."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def perturb_gaussian(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    stream: torch.Tensor,
+    seed: int,
+    sample_offset: int,
+    samples_per_input: int,
+    row_start: int = 0,
+    num_rows: int | None = None,
+    with_sq_norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy copies ``x[b] + sigma[b] * eps`` for rows ``[row_start, row_start + num_rows)``.
+
+    Returns ``(out, sq_norm)``: ``out`` has shape ``(num_rows, *x.shape[1:])`` and
+    x's dtype; ``sq_norm`` holds ``||eps||^2`` per row in float64 (empty unless
+    ``with_sq_norm``). ``eps`` depends only on ``(seed, stream[b], sample index, element)``.
+    """
+    if num_rows is None:
+        num_rows = x.shape[0] * samples_per_input - row_start
+    return _ops.perturb_gaussian(
+        x, sigma, stream, _as_signed64(seed), sample_offset, samples_per_input, row_start, num_rows,
+        with_sq_norm,
+    )
+
+
+def perturb_gaussian_out(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    stream: torch.Tensor,
+    seed: int,
+    sample_offset: int,
+    samples_per_input: int,
+    row_start: int,
+    out: torch.Tensor,
+    sq_norm: torch.Tensor | None = None,
+) -> None:
+    """Like :func:`perturb_gaussian`, writing ``out.shape[0]`` rows into a reused buffer."""
+    _ops.perturb_gaussian_out(
+        x, sigma, stream, _as_signed64(seed), sample_offset, samples_per_input, row_start, out, sq_norm
+    )
+
+
+def count_votes(logits: torch.Tensor, row_start: int, samples_per_input: int, num_inputs: int) -> torch.Tensor:
+    """Per-input class counts ``(num_inputs, C)`` int64 of the rows' argmax classes."""
+    return _ops.count_votes(logits, row_start, samples_per_input, num_inputs)
+
+
+def count_votes_(logits: torch.Tensor, row_start: int, samples_per_input: int, counts: torch.Tensor) -> None:
+    """Adds the rows' votes into ``counts`` (a running total, int64, ``(B, C)``)."""
+    _ops.count_votes_(logits, row_start, samples_per_input, counts)
+
+
+@torch.library.register_fake("ddrs_ext::perturb_gaussian")
+def _perturb_gaussian_fake(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, num_rows,
+                           with_sq_norm):
+    torch._check(num_rows >= 0)
+    out = x.new_empty((num_rows, *x.shape[1:]))
+    sq = x.new_empty((num_rows if with_sq_norm else 0,), dtype=torch.float64)
+    return out, sq
+
+
+@torch.library.register_fake("ddrs_ext::perturb_gaussian_out")
+def _perturb_gaussian_out_fake(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
+                               sq_norm):
+    return None
+
+
+@torch.library.register_fake("ddrs_ext::count_votes")
+def _count_votes_fake(logits, row_start, samples_per_input, num_inputs):
+    return logits.new_empty((num_inputs, logits.shape[1]), dtype=torch.int64)
+
+
+@torch.library.register_fake("ddrs_ext::count_votes_")
+def _count_votes__fake(logits, row_start, samples_per_input, counts):
+    return None

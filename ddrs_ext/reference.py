@@ -1,0 +1,120 @@
+"""Slow, plain-PyTorch references for every kernel: the oracle the tests hold the kernels to.
+
+They follow the RNG contract literally (README, "Random numbers") with int64
+tensor arithmetic for Philox and float32 IEEE operations for Box-Muller, in the
+same order as csrc/philox.h, so the kernels must match them bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 values; returns the four output words."""
+    c0, c1, c2, c3 = (c.to(torch.int64) & _MASK for c in counter)
+    k0, k1 = key
+    for _ in range(10):
+        p0 = c0 * 0xD2511F53  # < 2^64 as unsigned; int64 wraps but the bit pattern is exact
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _MASK, p0 & _MASK
+        hi1, lo1 = (p1 >> 32) & _MASK, p1 & _MASK
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _MASK
+        k1 = (k1 + 0xBB67AE85) & _MASK
+    return [c0, c1, c2, c3]
+
+
+def _f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _log_unit(u: torch.Tensor) -> torch.Tensor:
+    bits = u.view(torch.int32).to(torch.int64) & _MASK
+    ix = (bits + (0x3F800000 - 0x3F3504F3)) & _MASK
+    e = ((ix >> 23) - 127).to(torch.float32)
+    m = (((ix & 0x007FFFFF) + 0x3F3504F3) & _MASK).to(torch.int32).view(torch.float32)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    series = _f32(1 / 9)
+    for coef in (1 / 7, 1 / 5, 1 / 3):
+        series = _f32(coef) + s2 * series
+    series = 1.0 + s2 * series
+    ln2_hi, ln2_lo = _f32(0.693145751953125), _f32(1.42860682030941723212e-6)
+    return (e * ln2_hi + (2.0 * s) * series) + e * ln2_lo
+
+
+def _sincos_turns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    v = t * 4.0
+    k = torch.floor(v + 0.5)
+    a = (v - k) * _f32(1.57079632679489662)
+    a2 = a * a
+    s = _f32(1 / 362880)
+    for coef in (-1 / 5040, 1 / 120, -1 / 6):
+        s = _f32(coef) + a2 * s
+    s = a * (1.0 + a2 * s)
+    c = _f32(-1 / 3628800)
+    for coef in (1 / 40320, -1 / 720, 1 / 24, -0.5):
+        c = _f32(coef) + a2 * c
+    c = 1.0 + a2 * c
+    q = k.to(torch.int64) & 3
+    odd = (q & 1) == 1
+    x, y = torch.where(odd, s, c), torch.where(odd, c, s)
+    x = torch.where((q == 1) | (q == 2), -x, x)
+    y = torch.where(q >= 2, -y, y)
+    return x, y
+
+
+def box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u1 = a.to(torch.float32) * _f32(2.0**-32) + _f32(2.0**-33)
+    t = (b >> 8).to(torch.float32) * _f32(2.0**-24)
+    # Correctly rounded float32 sqrt (torch's float32 kernel may be off by an ulp).
+    r = torch.sqrt((-2.0 * _log_unit(u1)).to(torch.float64)).to(torch.float32)
+    c, s = _sincos_turns(t)
+    return r * c, r * s
+
+
+def gaussian(seed: int, stream: torch.Tensor, sample: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """Standard normals (float32) for broadcastable int64 tensors of stream, sample and element ids."""
+    stream, sample, element = torch.broadcast_tensors(stream, sample, element)
+    key = (seed & _MASK, (seed >> 32) & _MASK)
+    block = element >> 2
+    words = philox4x32_10((block, sample & _MASK, (sample >> 32) & _MASK, stream), key)
+    z0, z1 = box_muller(words[0], words[1])
+    z2, z3 = box_muller(words[2], words[3])
+    lane = element & 3
+    return torch.where(lane == 0, z0, torch.where(lane == 1, z1, torch.where(lane == 2, z2, z3)))
+
+
+def perturb_gaussian(x, sigma, stream, seed, sample_offset, samples_per_input, row_start=0, num_rows=None):
+    """Reference for ops.perturb_gaussian: returns (out, sq_norm)."""
+    B = x.shape[0]
+    if num_rows is None:
+        num_rows = B * samples_per_input - row_start
+    D = x[0].numel() if B else 0
+    g = torch.arange(row_start, row_start + num_rows, dtype=torch.int64)
+    b = g // samples_per_input
+    sample = sample_offset + g % samples_per_input
+    j = torch.arange(D, dtype=torch.int64)
+    z = gaussian(seed, stream.cpu()[b][:, None], sample[:, None], j[None, :])
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.reshape(B, D).cpu().to(opmath)[b]
+    sig = sigma.cpu().to(torch.float64).to(opmath)[b][:, None]
+    out = (xf + sig * z.to(opmath)).to(x.dtype).reshape(num_rows, *x.shape[1:])
+    sq = (z.to(torch.float64) ** 2).sum(1)
+    return out, sq
+
+
+def count_votes(logits, row_start, samples_per_input, num_inputs):
+    """Reference for ops.count_votes (raises ValueError on a non-finite logit)."""
+    logits = logits.cpu()
+    if not torch.isfinite(logits).all():
+        raise ValueError("non-finite logit")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cls = logits.to(acc).argmax(1)  # first maximum on ties
+    b = (row_start + torch.arange(logits.shape[0])) // samples_per_input
+    counts = torch.zeros(num_inputs, logits.shape[1], dtype=torch.int64)
+    counts.index_put_((b, cls), torch.ones_like(cls), accumulate=True)
+    return counts
