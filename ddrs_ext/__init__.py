@@ -1,2 +1,12 @@
-"""ddrs_ext: Data Dependent Randomized Smoothing as fused PyTorch C++/CUDA kernels."""
-from ddrs_ext import ops  # noqa: F401  (registers the kernels)
+"""ddrs_ext: Data Dependent Randomized Smoothing as fused PyTorch C++/CUDA kernels.
+
+    from ddrs_ext import certify
+    result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
+"""
+
+from ddrs_ext import ops  # noqa: F401  (loads and registers the kernels first)
+from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
+from ddrs_ext.smooth import Smooth
+
+__version__ = "0.1.0"
+__all__ = ["ABSTAIN", "CertifyResult", "Smooth", "certify", "predict", "ops"]

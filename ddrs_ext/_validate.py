@@ -1,0 +1,85 @@
+"""Argument checks for the public API: each failure says what to change."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def check_model(model: Callable) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable (an nn.Module or a function returning logits), got {model!r}")
+
+
+def check_inputs(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it, e.g. x.float()")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (B, ...), got a 0-d tensor")
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (first at input {bad}); inputs must be finite")
+    return x.detach()
+
+
+def check_sigma(sigma, num_inputs: int, device: torch.device, name: str = "sigma") -> torch.Tensor:
+    """A float or one value per input -> float64 tensor (B,) on device, all finite and > 0."""
+    if isinstance(sigma, bool):
+        raise TypeError(f"{name} must be a float or a tensor of shape ({num_inputs},), got a bool")
+    if isinstance(sigma, (int, float, np.floating, np.integer)):
+        value = float(sigma)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        return torch.full((num_inputs,), value, dtype=torch.float64, device=device)
+    try:
+        s = torch.as_tensor(sigma)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{name} must be a float or a tensor of shape ({num_inputs},), got {type(sigma).__name__}"
+        ) from None
+    if s.dtype == torch.bool or s.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {s.dtype}")
+    s = s.detach().to(device=device, dtype=torch.float64)
+    if s.dim() == 0:
+        s = s.expand(num_inputs).clone()
+    if s.dim() != 1 or s.shape[0] != num_inputs:
+        raise ValueError(f"{name} must be a float or have shape ({num_inputs},) (one per input), got {tuple(s.shape)}")
+    ok = torch.isfinite(s) & (s > 0)
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"{name} must be finite and > 0 for every input; input {bad} has {float(s[bad])}")
+    return s
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
+        raise TypeError(f"alpha must be a float in (0, 1), got {alpha!r}")
+    a = float(alpha)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha must lie strictly between 0 and 1, got {a}")
+    return a
+
+
+def check_num_classes(num_classes) -> int | None:
+    if num_classes is None:
+        return None
+    return check_count(num_classes, "num_classes")

@@ -1,0 +1,224 @@
+"""certify and predict (Cohen et al. 2019) for many inputs at once, each with its own sigma."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddrs_ext import ops, rng, stats
+from ddrs_ext._validate import (
+    check_alpha,
+    check_count,
+    check_inputs,
+    check_model,
+    check_num_classes,
+    check_sigma,
+)
+
+ABSTAIN = -1
+
+
+@dataclass
+class CertifyResult:
+    """Per-input certification results (all tensors on the CPU).
+
+    prediction: (B,) int64, the certified class or ``ABSTAIN`` (-1).
+    radius: (B,) float64, the certified L2 radius (0 when abstaining).
+    p_lower: (B,) float64, the (1 - alpha) lower confidence bound on the top class's probability.
+    counts: (B, C) int64, the estimation-phase vote counts.
+    sigma: (B,) float64, the noise level each input was certified with.
+    seed: the seed that generated the noise (pass it back to reproduce the run).
+    """
+
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    p_lower: torch.Tensor
+    counts: torch.Tensor
+    sigma: torch.Tensor
+    seed: int
+
+
+@dataclass
+class _Phase:
+    sample_offset: int
+    samples: int  # per input
+
+
+class VoteSampler:
+    """Runs a model over noisy copies of many inputs, packed into forward batches.
+
+    The copies of all inputs and phases form one virtual batch that is cut into
+    chunks of ``batch_size`` rows; a chunk may hold the end of one input's
+    samples and the start of the next. One input buffer is reused for every chunk.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        stream: torch.Tensor,
+        seed: int,
+        batch_size: int,
+        num_classes: int | None,
+    ) -> None:
+        self.model, self.x, self.sigma, self.stream, self.seed = model, x, sigma, stream, seed
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self._buffer: torch.Tensor | None = None
+
+    def _check_logits(self, logits, rows: int) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"model must return a tensor of logits, got {type(logits).__name__}")
+        if logits.dim() != 2 or logits.shape[0] != rows:
+            raise ValueError(
+                f"model must return logits of shape (batch, num_classes); for a batch of {rows} it returned "
+                f"shape {tuple(logits.shape)}"
+            )
+        if not logits.is_floating_point():
+            raise TypeError(f"model must return floating-point logits, got dtype {logits.dtype}")
+        if self.num_classes is None:
+            self.num_classes = int(logits.shape[1])
+        elif logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"num_classes is {self.num_classes} but the model returned {logits.shape[1]} classes; "
+                "pass the model's number of outputs as num_classes"
+            )
+        return logits
+
+    def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:
+        """Hard vote counts (B, C) per phase."""
+        B = self.x.shape[0]
+        bounds = np.cumsum([0] + [B * p.samples for p in phases])
+        total = int(bounds[-1])
+        results: list[torch.Tensor | None] = [None] * len(phases)
+        if B == 0:
+            return [torch.zeros((0, self.num_classes or 0), dtype=torch.int64) for _ in phases]
+        if self._buffer is None:
+            rows = min(self.batch_size, total)
+            self._buffer = torch.empty((rows, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+        with torch.inference_mode():
+            start = 0
+            while start < total:
+                rows = min(self.batch_size, total - start)
+                segments = []  # (phase index, first row within that phase, rows, offset in the buffer)
+                at = start
+                while at < start + rows:
+                    k = int(np.searchsorted(bounds, at, side="right")) - 1
+                    seg = min(start + rows, int(bounds[k + 1])) - at
+                    segments.append((k, at - int(bounds[k]), seg, at - start))
+                    at += seg
+                batch = self._buffer[:rows]
+                for k, row0, seg, off in segments:
+                    ops.perturb_gaussian_out(
+                        self.x, self.sigma, self.stream, self.seed, phases[k].sample_offset,
+                        phases[k].samples, row0, batch[off : off + seg],
+                    )
+                logits = self._check_logits(self.model(batch), rows)
+                for k, row0, seg, off in segments:
+                    if results[k] is None:
+                        results[k] = torch.zeros((B, self.num_classes), dtype=torch.int64, device=logits.device)
+                    ops.count_votes_(logits[off : off + seg], row0, phases[k].samples, results[k])
+                start += rows
+        return [r.cpu() for r in results]
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "ddrs_ext::perturb_gaussian_out", x.device.type.upper()
+    ):
+        raise ValueError(
+            f"ddrs_ext was built without {x.device.type.upper()} kernels, so x must be on the CPU; "
+            "reinstall with a CUDA build of torch and the CUDA toolkit (see README, 'Building')"
+        )
+
+
+def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
+    check_model(model)
+    x = check_inputs(x)
+    _check_device(x)
+    batch_size = check_count(batch_size, "batch_size")
+    sigma = check_sigma(sigma, x.shape[0], x.device)
+    num_classes = check_num_classes(num_classes)
+    seed = rng.resolve_seed(seed)
+    stream = rng.resolve_streams(index, x.shape[0], x.device)
+    return VoteSampler(model, x.contiguous(), sigma, stream, seed, batch_size, num_classes), seed
+
+
+def certify(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    *,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    num_classes: int | None = None,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> CertifyResult:
+    """Certifies every input of ``x`` (shape ``(B, ...)``) under Gaussian noise of its own ``sigma``.
+
+    For each input: the class with most votes among ``n0`` noisy copies is the
+    candidate; ``n`` fresh copies bound its probability from below at confidence
+    ``1 - alpha`` (Clopper-Pearson); below 1/2 the input abstains, otherwise its
+    certified L2 radius is ``sigma * Phi^-1(p_lower)``. Copies of many inputs share
+    each forward batch of ``batch_size`` rows. ``seed`` (None: drawn from torch's
+    generator) and ``index`` (per-input noise stream ids, default ``0..B-1``)
+    determine the noise; nothing else does, so results do not depend on
+    ``batch_size`` or threads. The model should be in eval mode.
+    """
+    n0 = check_count(n0, "n0")
+    n = check_count(n, "n")
+    alpha = check_alpha(alpha)
+    sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
+    select, estimate = sampler.counts(
+        [_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)]
+    )
+    guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
+    n_a = estimate.gather(1, guess[:, None])[:, 0].numpy() if estimate.shape[0] else np.zeros(0)
+    p_lower = stats.clopper_pearson_lower(n_a, n, alpha)
+    sig = sampler.sigma.cpu().numpy()
+    radius = stats.certified_radius(p_lower, sig)
+    certified = p_lower >= 0.5
+    prediction = torch.where(torch.from_numpy(certified), guess, torch.full_like(guess, ABSTAIN))
+    return CertifyResult(
+        prediction=prediction,
+        radius=torch.from_numpy(radius),
+        p_lower=torch.from_numpy(np.asarray(p_lower, dtype=np.float64)),
+        counts=estimate,
+        sigma=torch.from_numpy(sig),
+        seed=seed,
+    )
+
+
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    *,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    num_classes: int | None = None,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The smoothed classifier's prediction per input, or ``ABSTAIN`` (-1).
+
+    Counts votes over ``n`` noisy copies and abstains unless a two-sided binomial
+    test rejects, at level ``alpha``, that the top two classes are equally likely;
+    the returned class is then wrong with probability at most ``alpha``.
+    """
+    n = check_count(n, "n")
+    alpha = check_alpha(alpha)
+    sampler, _ = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
+    (counts,) = sampler.counts([_Phase(rng.PHASE_PREDICT, n)])
+    if counts.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    top, pvalue = stats.top_two_pvalue(counts.numpy())
+    return torch.from_numpy(np.where(pvalue <= alpha, top, ABSTAIN).astype(np.int64))
