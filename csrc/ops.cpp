@@ -24,6 +24,9 @@ TORCH_LIBRARY(ddrs_ext, m) {
       "int samples_per_input, int row_start, Tensor(a!) out, Tensor(b!)? sq_norm) -> ()");
   // Hard votes: counts[g // samples_per_input, argmax(logits[r])] += 1 for g = row_start + r.
   // Ties go to the lowest class; a NaN/Inf logit raises ValueError naming the input.
+  // Raw Philox4x32-10 words for counters (N, 4) and the 64-bit key `seed`: the
+  // generator behind every Gaussian, exposed so tests can hold it to reference streams.
+  m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
   m.def("count_votes(Tensor logits, int row_start, int samples_per_input, int num_inputs) -> Tensor");
   m.def("count_votes_(Tensor logits, int row_start, int samples_per_input, Tensor(a!) counts) -> ()");
 }

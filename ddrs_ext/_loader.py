@@ -51,10 +51,10 @@ def _jit_build(reason: str) -> None:
     if with_cuda:
         sources += sorted((src / "cuda").glob("*.cpp")) + sorted((src / "cuda").glob("*.cu"))
     digest = hashlib.sha256()
-    for path in sorted(src.rglob("*")):
-        if path.is_file() and path.suffix in {".h", ".cpp", ".cu", ".cuh"}:
-            digest.update(path.relative_to(src).as_posix().encode())
-            digest.update(path.read_bytes())
+    headers = [p for p in src.rglob("*") if p.suffix in {".h", ".cuh"}]
+    for path in sorted(set(headers) | set(sources)):
+        digest.update(path.relative_to(src).as_posix().encode())
+        digest.update(path.read_bytes())
     digest.update(" ".join(CXX_FLAGS + NVCC_FLAGS).encode())
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if with_cuda else 'cpu'}"
     build_dir = _cache_root() / f"{tag}-{digest.hexdigest()[:16]}"

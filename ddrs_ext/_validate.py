@@ -22,7 +22,7 @@ def check_inputs(x: torch.Tensor, name: str = "x") -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it, e.g. x.float()")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (B, ...), got a 0-d tensor")
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    finite = torch.isfinite(x.flatten(1) if x.dim() > 1 else x[:, None]).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or Inf (first at input {bad}); inputs must be finite")

@@ -138,8 +138,9 @@ def _check_device(x: torch.Tensor) -> None:
 
 def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
     check_model(model)
+    if isinstance(x, torch.Tensor):
+        _check_device(x)
     x = check_inputs(x)
-    _check_device(x)
     batch_size = check_count(batch_size, "batch_size")
     sigma = check_sigma(sigma, x.shape[0], x.device)
     num_classes = check_num_classes(num_classes)

@@ -98,3 +98,13 @@ def _count_votes_fake(logits, row_start, samples_per_input, num_inputs):
 @torch.library.register_fake("ddrs_ext::count_votes_")
 def _count_votes__fake(logits, row_start, samples_per_input, counts):
     return None
+
+
+def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
+    """Raw Philox4x32-10 output words (N, 4) int64 for counters (N, 4) and key ``seed``."""
+    return _ops.philox4x32_10(counters, _as_signed64(seed))
+
+
+@torch.library.register_fake("ddrs_ext::philox4x32_10")
+def _philox_fake(counters, seed):
+    return torch.empty_like(counters)

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -218,7 +219,37 @@ std::tuple<at::Tensor, at::Tensor> perturb_gaussian_cpu(const at::Tensor& x, con
   return {out, sq};
 }
 
+// Any device: the counters are copied to the host, the words back to their device.
+at::Tensor philox4x32_10_any(const at::Tensor& counters, int64_t seed) {
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kLong, "philox4x32_10: counters must be int64");
+  TORCH_CHECK_VALUE(counters.dim() == 2 && counters.size(1) == 4,
+                    "philox4x32_10: counters must have shape (N, 4), got ", counters.sizes());
+  const at::Tensor c = counters.cpu().contiguous();
+  at::Tensor words = at::empty_like(c);
+  const int64_t* in = c.const_data_ptr<int64_t>();
+  int64_t* out = words.mutable_data_ptr<int64_t>();
+  const PhiloxKey key = philox_key(static_cast<uint64_t>(seed));
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const int64_t* ci = in + 4 * i;
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK_VALUE(ci[k] >= 0 && ci[k] <= int64_t{0xFFFFFFFF},
+                        "philox4x32_10: counter words must lie in [0, 2^32)");
+    }
+    const Words4 w = philox4x32_10(static_cast<uint32_t>(ci[0]), static_cast<uint32_t>(ci[1]),
+                                   static_cast<uint32_t>(ci[2]), static_cast<uint32_t>(ci[3]), key);
+    out[4 * i + 0] = w.w0;
+    out[4 * i + 1] = w.w1;
+    out[4 * i + 2] = w.w2;
+    out[4 * i + 3] = w.w3;
+  }
+  return words.to(counters.device());
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(ddrs_ext, CompositeExplicitAutograd, m) {
+  m.impl("philox4x32_10", &philox4x32_10_any);
+}
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CPU, m) {
   m.impl("perturb_gaussian", &perturb_gaussian_cpu);

@@ -1,0 +1,133 @@
+// CUDA implementations of the ddrs_ext ops: the torch glue around the kernels of
+// noise_kernel.cu and votes_kernel.cu. Same checks (checks.h) and the same
+// results as the CPU kernels in csrc/cpu/.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "launchers.h"
+
+namespace ddrs {
+namespace {
+
+// The dtypes of the CPU kernels' AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16),
+// with the same error (NotImplementedError) for the others.
+cuda::DType kernel_dtype(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(false, '"', name, "\" not implemented for '", t, "'");
+  return cuda::DType::kFloat32;  // unreachable
+}
+
+void check_stream_ids(const at::Tensor& stream, cudaStream_t cu_stream) {
+  const int64_t B = stream.size(0);
+  at::Tensor found = at::empty({2}, stream.options());
+  C10_CUDA_CHECK(cuda::launch_find_bad_stream(stream.const_data_ptr<int64_t>(), B,
+                                              found.mutable_data_ptr<int64_t>(), cu_stream));
+  const at::Tensor host = found.cpu();  // waits for the kernel
+  const int64_t b = host.const_data_ptr<int64_t>()[0];
+  TORCH_CHECK_VALUE(b >= B, "perturb_gaussian: stream ids must lie in [0, 2^32), got ",
+                    host.const_data_ptr<int64_t>()[1], " for input ", b);
+}
+
+void perturb_gaussian_out_cuda(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& stream,
+                               int64_t seed, int64_t sample_offset, int64_t samples_per_input,
+                               int64_t row_start, const at::Tensor& out,
+                               const std::optional<at::Tensor>& sq_norm) {
+  const int64_t num_rows = out.dim() >= 1 ? out.size(0) : 0;
+  const RowPlan plan = check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start,
+                                          num_rows);
+  check_perturb_out(x, out, sq_norm, num_rows);
+  TORCH_INTERNAL_ASSERT(x.is_cuda());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (num_rows == 0 || plan.sample_dim == 0) {
+    if (sq_norm.has_value()) sq_norm->zero_();
+    return;
+  }
+  const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sc = sigma.to(at::kDouble).contiguous();
+  const at::Tensor stc = stream.contiguous();
+  check_stream_ids(stc, cu_stream);
+  const int64_t scratch_size =
+      sq_norm.has_value() ? cuda::perturb_gaussian_scratch_size(num_rows, plan.sample_dim) : 0;
+  at::Tensor scratch;
+  if (scratch_size > 0) scratch = at::empty({scratch_size}, x.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(cuda::launch_perturb_gaussian(
+      kernel_dtype(x.scalar_type(), "perturb_gaussian_cuda"), xc.const_data_ptr(), sc.const_data_ptr<double>(),
+      stc.const_data_ptr<int64_t>(), static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start,
+      num_rows, plan.sample_dim, out.mutable_data_ptr(),
+      sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr,
+      scratch_size > 0 ? scratch.mutable_data_ptr<double>() : nullptr, cu_stream));
+}
+
+std::tuple<at::Tensor, at::Tensor> perturb_gaussian_cuda(const at::Tensor& x, const at::Tensor& sigma,
+                                                         const at::Tensor& stream, int64_t seed,
+                                                         int64_t sample_offset, int64_t samples_per_input,
+                                                         int64_t row_start, int64_t num_rows,
+                                                         bool with_sq_norm) {
+  check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start, num_rows);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = num_rows;
+  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor sq = at::empty({with_sq_norm ? num_rows : 0}, x.options().dtype(at::kDouble));
+  perturb_gaussian_out_cuda(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
+                            with_sq_norm ? std::optional<at::Tensor>(sq) : std::nullopt);
+  return {out, sq};
+}
+
+void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
+                       const at::Tensor& counts) {
+  check_votes_args(logits, row_start, samples_per_input, counts);
+  TORCH_INTERNAL_ASSERT(logits.is_cuda());
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  if (rows == 0) return;
+  const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const at::Tensor lc = logits.contiguous();
+  at::Tensor cls = at::empty({rows}, logits.options().dtype(at::kInt));
+  at::Tensor first_bad = at::full({1}, rows, logits.options().dtype(at::kLong));
+  C10_CUDA_CHECK(cuda::launch_count_votes(kernel_dtype(lc.scalar_type(), "count_votes_cuda"), lc.const_data_ptr(), rows, C,
+                                          row_start, samples_per_input, counts.mutable_data_ptr<int64_t>(),
+                                          cls.mutable_data_ptr<int32_t>(),
+                                          first_bad.mutable_data_ptr<int64_t>(), cu_stream));
+  // The kernels leave counts untouched when a row is bad; only the error needs the host.
+  const int64_t bad = first_bad.item<int64_t>();
+  if (bad < rows) fail_non_finite(bad, row_start, samples_per_input);
+}
+
+at::Tensor count_votes_cuda(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
+                            int64_t num_inputs) {
+  TORCH_CHECK_VALUE(num_inputs >= 0, "count_votes: num_inputs must be >= 0");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "count_votes: logits must have shape (rows, num_classes), got ",
+                    logits.sizes());
+  at::Tensor counts = at::zeros({num_inputs, logits.size(1)}, logits.options().dtype(at::kLong));
+  count_votes_cuda_(logits, row_start, samples_per_input, counts);
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddrs_ext, CUDA, m) {
+  m.impl("perturb_gaussian", &perturb_gaussian_cuda);
+  m.impl("perturb_gaussian_out", &perturb_gaussian_out_cuda);
+  m.impl("count_votes", &count_votes_cuda);
+  m.impl("count_votes_", &count_votes_cuda_);
+}
+
+}  // namespace ddrs
