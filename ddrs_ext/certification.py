@@ -127,12 +127,13 @@ class VoteSampler:
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ddrs_ext::perturb_gaussian_out", x.device.type.upper()
-    ):
+    if x.device.type == "cpu":
+        return
+    key = torch._C._dispatch_key_for_device(x.device.type)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ddrs_ext::perturb_gaussian_out", key):
         raise ValueError(
-            f"ddrs_ext was built without {x.device.type.upper()} kernels, so x must be on the CPU; "
-            "reinstall with a CUDA build of torch and the CUDA toolkit (see README, 'Building')"
+            f"ddrs_ext has no {key} kernels in this build, so x must be on the CPU or a CUDA device; "
+            "for CUDA, reinstall next to a CUDA build of torch and the CUDA toolkit (README, 'Building')"
         )
 
 
