@@ -1,7 +1,7 @@
 """ddrs_ext: Data Dependent Randomized Smoothing as fused PyTorch C++/CUDA kernels.
 
-    from ddrs_ext import certify
-    result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
+from ddrs_ext import certify
+result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
 """
 
 from ddrs_ext import ops  # noqa: F401  (loads and registers the kernels first)

@@ -56,7 +56,8 @@ def _jit_build(reason: str) -> None:
         digest.update(path.relative_to(src).as_posix().encode())
         digest.update(path.read_bytes())
     digest.update(" ".join(CXX_FLAGS + NVCC_FLAGS).encode())
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if with_cuda else 'cpu'}"
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = f"torch{torch.__version__}-{python}-{'cuda' if with_cuda else 'cpu'}"
     build_dir = _cache_root() / f"{tag}-{digest.hexdigest()[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("ddrs_ext_C*.so")):

@@ -12,14 +12,18 @@ import torch
 
 def check_model(model: Callable) -> None:
     if not callable(model):
-        raise TypeError(f"model must be callable (an nn.Module or a function returning logits), got {model!r}")
+        raise TypeError(
+            f"model must be callable (an nn.Module or a function returning logits), got {model!r}"
+        )
 
 
 def check_inputs(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it, e.g. x.float()")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it, e.g. x.float()"
+        )
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (B, ...), got a 0-d tensor")
     finite = torch.isfinite(x.flatten(1) if x.dim() > 1 else x[:, None]).all(dim=1)
@@ -50,7 +54,9 @@ def check_sigma(sigma, num_inputs: int, device: torch.device, name: str = "sigma
     if s.dim() == 0:
         s = s.expand(num_inputs).clone()
     if s.dim() != 1 or s.shape[0] != num_inputs:
-        raise ValueError(f"{name} must be a float or have shape ({num_inputs},) (one per input), got {tuple(s.shape)}")
+        raise ValueError(
+            f"{name} must be a float or have shape ({num_inputs},) (one per input), got {tuple(s.shape)}"
+        )
     ok = torch.isfinite(s) & (s > 0)
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])

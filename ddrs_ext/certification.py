@@ -114,13 +114,21 @@ class VoteSampler:
                 batch = self._buffer[:rows]
                 for k, row0, seg, off in segments:
                     ops.perturb_gaussian_out(
-                        self.x, self.sigma, self.stream, self.seed, phases[k].sample_offset,
-                        phases[k].samples, row0, batch[off : off + seg],
+                        self.x,
+                        self.sigma,
+                        self.stream,
+                        self.seed,
+                        phases[k].sample_offset,
+                        phases[k].samples,
+                        row0,
+                        batch[off : off + seg],
                     )
                 logits = self._check_logits(self.model(batch), rows)
                 for k, row0, seg, off in segments:
                     if results[k] is None:
-                        results[k] = torch.zeros((B, self.num_classes), dtype=torch.int64, device=logits.device)
+                        results[k] = torch.zeros(
+                            (B, self.num_classes), dtype=torch.int64, device=logits.device
+                        )
                     ops.count_votes_(logits[off : off + seg], row0, phases[k].samples, results[k])
                 start += rows
         return [r.cpu() for r in results]
@@ -178,9 +186,7 @@ def certify(
     n = check_count(n, "n")
     alpha = check_alpha(alpha)
     sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
-    select, estimate = sampler.counts(
-        [_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)]
-    )
+    select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
     guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
     n_a = estimate.gather(1, guess[:, None])[:, 0].numpy() if estimate.shape[0] else np.zeros(0)
     p_lower = stats.clopper_pearson_lower(n_a, n, alpha)

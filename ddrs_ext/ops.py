@@ -43,7 +43,14 @@ def perturb_gaussian(
     if num_rows is None:
         num_rows = x.shape[0] * samples_per_input - row_start
     return _ops.perturb_gaussian(
-        x, sigma, stream, _as_signed64(seed), sample_offset, samples_per_input, row_start, num_rows,
+        x,
+        sigma,
+        stream,
+        _as_signed64(seed),
+        sample_offset,
+        samples_per_input,
+        row_start,
+        num_rows,
         with_sq_norm,
     )
 
@@ -65,7 +72,9 @@ def perturb_gaussian_out(
     )
 
 
-def count_votes(logits: torch.Tensor, row_start: int, samples_per_input: int, num_inputs: int) -> torch.Tensor:
+def count_votes(
+    logits: torch.Tensor, row_start: int, samples_per_input: int, num_inputs: int
+) -> torch.Tensor:
     """Per-input class counts ``(num_inputs, C)`` int64 of the rows' argmax classes."""
     return _ops.count_votes(logits, row_start, samples_per_input, num_inputs)
 
@@ -76,8 +85,9 @@ def count_votes_(logits: torch.Tensor, row_start: int, samples_per_input: int, c
 
 
 @torch.library.register_fake("ddrs_ext::perturb_gaussian")
-def _perturb_gaussian_fake(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, num_rows,
-                           with_sq_norm):
+def _perturb_gaussian_fake(
+    x, sigma, stream, seed, sample_offset, samples_per_input, row_start, num_rows, with_sq_norm
+):
     torch._check(num_rows >= 0)
     out = x.new_empty((num_rows, *x.shape[1:]))
     sq = x.new_empty((num_rows if with_sq_norm else 0,), dtype=torch.float64)
@@ -85,8 +95,9 @@ def _perturb_gaussian_fake(x, sigma, stream, seed, sample_offset, samples_per_in
 
 
 @torch.library.register_fake("ddrs_ext::perturb_gaussian_out")
-def _perturb_gaussian_out_fake(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
-                               sq_norm):
+def _perturb_gaussian_out_fake(
+    x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out, sq_norm
+):
     return None
 
 

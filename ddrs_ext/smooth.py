@@ -24,8 +24,12 @@ class Smooth:
     ABSTAIN = _certify.ABSTAIN
 
     def __init__(
-        self, base_classifier: Callable[[torch.Tensor], torch.Tensor], num_classes: int, sigma: float,
-        *, seed: int | None = None,
+        self,
+        base_classifier: Callable[[torch.Tensor], torch.Tensor],
+        num_classes: int,
+        sigma: float,
+        *,
+        seed: int | None = None,
     ) -> None:
         self.base_classifier = base_classifier
         self.num_classes = num_classes
@@ -34,14 +38,23 @@ class Smooth:
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor (one input, no batch dimension), got {type(x).__name__}")
+            raise TypeError(
+                f"x must be a torch.Tensor (one input, no batch dimension), got {type(x).__name__}"
+            )
         return x.unsqueeze(0)
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
         """(predicted class, certified L2 radius), or (Smooth.ABSTAIN, 0.0)."""
         result = _certify.certify(
-            self.base_classifier, self._batch(x), self.sigma, n0=n0, n=n, alpha=alpha,
-            batch_size=batch_size, num_classes=self.num_classes, seed=self.seed,
+            self.base_classifier,
+            self._batch(x),
+            self.sigma,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            batch_size=batch_size,
+            num_classes=self.num_classes,
+            seed=self.seed,
         )
         prediction = int(result.prediction[0])
         if prediction == self.ABSTAIN:
@@ -52,8 +65,14 @@ class Smooth:
         """The smoothed prediction, or Smooth.ABSTAIN when the top two classes are not separated."""
         return int(
             _certify.predict(
-                self.base_classifier, self._batch(x), self.sigma, n=n, alpha=alpha, batch_size=batch_size,
-                num_classes=self.num_classes, seed=self.seed,
+                self.base_classifier,
+                self._batch(x),
+                self.sigma,
+                n=n,
+                alpha=alpha,
+                batch_size=batch_size,
+                num_classes=self.num_classes,
+                seed=self.seed,
             )[0]
         )
 

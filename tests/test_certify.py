@@ -31,7 +31,9 @@ def test_radius_formula_is_exact(linear_binary):
             continue
         assert int(res.counts[b, guess[b]]) == n_a
         # Independent solution of P(Bin(n, p) >= n_a) = alpha for p.
-        p = optimize.brentq(lambda q: stats.binom.sf(n_a - 1, 500, q) - 0.01, 1e-12, 1 - 1e-12, xtol=1e-15)
+        p = optimize.brentq(
+            lambda q, k=n_a: stats.binom.sf(k - 1, 500, q) - 0.01, 1e-12, 1 - 1e-12, xtol=1e-15
+        )
         assert res.p_lower[b].item() == pytest.approx(p, rel=1e-9)
         assert res.radius[b].item() == pytest.approx(float(sigma[b]) * stats.norm.ppf(p), rel=1e-9)
     assert res.counts.sum(1).tolist() == [500] * 9

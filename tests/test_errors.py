@@ -50,7 +50,9 @@ def test_bad_alpha(alpha):
 
 
 @pytest.mark.parametrize("name", ["n0", "n", "batch_size"])
-@pytest.mark.parametrize("value,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "value,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)]
+)
 def test_bad_counts(name, value, error):
     kwargs = dict(n0=2, n=5, batch_size=10)
     kwargs[name] = value

@@ -96,7 +96,9 @@ def test_perturb_empty():
     x, sigma, stream = sample_inputs("cpu", torch.float32, (2, 3))
     out, sq = ops.perturb_gaussian(x, sigma, stream, 1, 0, 4, 3, 0, True)
     assert out.shape == (0, 3) and sq.shape == (0,)
-    out, _ = ops.perturb_gaussian(torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, dtype=torch.long), 1, 0, 4)
+    out, _ = ops.perturb_gaussian(
+        torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, dtype=torch.long), 1, 0, 4
+    )
     assert out.shape == (0, 3)
 
 
@@ -113,8 +115,16 @@ def test_perturb_empty():
     ],
 )
 def test_perturb_bad_arguments(kwargs, match):
-    args = dict(x=torch.zeros(2, 3), sigma=torch.ones(2), stream=torch.tensor([0, 1]), seed=0,
-                sample_offset=0, samples_per_input=4, row_start=0, num_rows=8)
+    args = dict(
+        x=torch.zeros(2, 3),
+        sigma=torch.ones(2),
+        stream=torch.tensor([0, 1]),
+        seed=0,
+        sample_offset=0,
+        samples_per_input=4,
+        row_start=0,
+        num_rows=8,
+    )
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.perturb_gaussian(**args)
@@ -189,17 +199,22 @@ def test_votes_bad_arguments():
 
 def test_opcheck():
     x, sigma, stream = sample_inputs("cpu", torch.float32, (3, 5))
-    torch.library.opcheck(torch.ops.ddrs_ext.perturb_gaussian.default, (x, sigma, stream, 1, 0, 4, 2, 7, True))
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.perturb_gaussian.default, (x, sigma, stream, 1, 0, 4, 2, 7, True)
+    )
     torch.library.opcheck(
         torch.ops.ddrs_ext.perturb_gaussian_out.default,
         (x, sigma, stream, 1, 0, 4, 2, torch.empty(7, 5), torch.empty(7, dtype=torch.float64)),
     )
-    torch.library.opcheck(torch.ops.ddrs_ext.perturb_gaussian_out.default,
-                          (x, sigma, stream, 1, 0, 4, 0, torch.empty(5, 5), None))
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.perturb_gaussian_out.default,
+        (x, sigma, stream, 1, 0, 4, 0, torch.empty(5, 5), None),
+    )
     logits = _logits(12, 4, torch.float32)
     torch.library.opcheck(torch.ops.ddrs_ext.count_votes.default, (logits, 0, 4, 3))
-    torch.library.opcheck(torch.ops.ddrs_ext.count_votes_.default,
-                          (logits, 0, 4, torch.zeros(3, 4, dtype=torch.int64)))
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.count_votes_.default, (logits, 0, 4, torch.zeros(3, 4, dtype=torch.int64))
+    )
     torch.library.opcheck(torch.ops.ddrs_ext.philox4x32_10.default, (torch.zeros(3, 4, dtype=torch.int64), 5))
 
 

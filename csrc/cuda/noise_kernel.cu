@@ -151,7 +151,8 @@ cudaError_t launch_perturb_gaussian(DType dtype, const void* x, const double* si
   return cudaGetLastError();
 }
 
-cudaError_t launch_find_bad_stream(const int64_t* stream, int64_t B, int64_t* result, cudaStream_t cu_stream) {
+cudaError_t launch_find_bad_stream(const int64_t* stream, int64_t B, int64_t* result,
+                                   cudaStream_t cu_stream) {
   find_bad_stream_kernel<<<1, kThreads, 0, cu_stream>>>(stream, B, result);
   return cudaGetLastError();
 }

@@ -68,11 +68,11 @@ void perturb_gaussian_out_cuda(const at::Tensor& x, const at::Tensor& sigma, con
       sq_norm.has_value() ? cuda::perturb_gaussian_scratch_size(num_rows, plan.sample_dim) : 0;
   at::Tensor scratch;
   if (scratch_size > 0) scratch = at::empty({scratch_size}, x.options().dtype(at::kDouble));
+  const cuda::DType dtype = kernel_dtype(x.scalar_type(), "perturb_gaussian_cuda");
   C10_CUDA_CHECK(cuda::launch_perturb_gaussian(
-      kernel_dtype(x.scalar_type(), "perturb_gaussian_cuda"), xc.const_data_ptr(), sc.const_data_ptr<double>(),
-      stc.const_data_ptr<int64_t>(), static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start,
-      num_rows, plan.sample_dim, out.mutable_data_ptr(),
-      sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr,
+      dtype, xc.const_data_ptr(), sc.const_data_ptr<double>(), stc.const_data_ptr<int64_t>(),
+      static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start, num_rows, plan.sample_dim,
+      out.mutable_data_ptr(), sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr,
       scratch_size > 0 ? scratch.mutable_data_ptr<double>() : nullptr, cu_stream));
 }
 
@@ -102,9 +102,9 @@ void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samp
   const at::Tensor lc = logits.contiguous();
   at::Tensor cls = at::empty({rows}, logits.options().dtype(at::kInt));
   at::Tensor first_bad = at::full({1}, rows, logits.options().dtype(at::kLong));
-  C10_CUDA_CHECK(cuda::launch_count_votes(kernel_dtype(lc.scalar_type(), "count_votes_cuda"), lc.const_data_ptr(), rows, C,
-                                          row_start, samples_per_input, counts.mutable_data_ptr<int64_t>(),
-                                          cls.mutable_data_ptr<int32_t>(),
+  const cuda::DType dtype = kernel_dtype(lc.scalar_type(), "count_votes_cuda");
+  C10_CUDA_CHECK(cuda::launch_count_votes(dtype, lc.const_data_ptr(), rows, C, row_start, samples_per_input,
+                                          counts.mutable_data_ptr<int64_t>(), cls.mutable_data_ptr<int32_t>(),
                                           first_bad.mutable_data_ptr<int64_t>(), cu_stream));
   // The kernels leave counts untouched when a row is bad; only the error needs the host.
   const int64_t bad = first_bad.item<int64_t>();
