@@ -2,8 +2,13 @@
 
 extra_info carries what report.py needs: ``label``; ``baseline``, the plain
 benchmark this one's speedup is measured against; ``reference``, a bound
-(memcpy, forward-only) its time is divided by; ``work``, amounts per call by
-the unit of their rate (``{"GB/s written": 0.0123}``).
+(memcpy) its time is divided by; ``work``, amounts per call by the unit of
+their rate (``{"GB/s written": 0.0123}``); ``interleaved``, see timing.py.
+
+The kernel and its plain version run in interleaved rounds: the host's speed
+changes within a second (a single-threaded randn here swings between 12 and
+22 ms). The memcpy reference does not: it is bound by memory, and the other
+buffers passing through the cache between its rounds would change its time.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from baselines import PlainNoise, PlainVotes, sigmas
+from timing import pedantic_interleaved
 
 from ddrs_ext import ops
 
@@ -18,114 +24,119 @@ from ddrs_ext import ops
 NOISE_B, NOISE_M, NOISE_SHAPE = 10, 100, (3, 32, 32)
 # Votes: 100 inputs x 100 samples = 10 000 rows of 10 logits.
 VOTES_B, VOTES_M, VOTES_C = 100, 100, 10
+VOTES_ROUNDS = 500
 SEED = 20240101
 
 
+class NoiseCase:
+    """The inputs, and one reused output buffer per way of filling it."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand((NOISE_B, *NOISE_SHAPE), generator=g)
+        self.sigma = sigmas(NOISE_B)
+        self.stream = torch.arange(NOISE_B, dtype=torch.int64)
+        self.out = torch.empty((NOISE_B * NOISE_M, *NOISE_SHAPE))
+        self.plain = PlainNoise(self.x, self.sigma, NOISE_M)
+        self.copy_out = torch.empty_like(self.out)
+        self.copy_src = torch.rand(self.out.shape, generator=g)
+        values = self.out.numel()
+        self.work = {"G values/s": values / 1e9, "GB/s written": values * self.out.element_size() / 1e9}
+
+    def ddrs(self) -> torch.Tensor:
+        ops.perturb_gaussian_out(self.x, self.sigma, self.stream, SEED, 0, NOISE_M, 0, self.out)
+        return self.out
+
+    def copy(self) -> torch.Tensor:
+        return self.copy_out.copy_(self.copy_src)
+
+    def check(self, out: torch.Tensor) -> None:
+        """Cheap sanity: shape, finite, and (out - x) / sigma standard normal to ~3 decimals."""
+        assert out.shape == (NOISE_B * NOISE_M, *NOISE_SHAPE)
+        diff = out.view(NOISE_B, NOISE_M, -1).double() - self.x.view(NOISE_B, 1, -1)
+        eps = diff / self.sigma.view(-1, 1, 1)
+        assert torch.isfinite(eps).all()
+        assert abs(float(eps.mean())) < 5e-3 and abs(float(eps.std()) - 1) < 5e-3
+
+
 @pytest.fixture(scope="module")
-def noise_case():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((NOISE_B, *NOISE_SHAPE), generator=g)
-    sigma = sigmas(NOISE_B)
-    stream = torch.arange(NOISE_B, dtype=torch.int64)
-    values = NOISE_B * NOISE_M * x[0].numel()
-    work = {"G values/s": values / 1e9, "GB/s written": values * x.element_size() / 1e9}
-    return x, sigma, stream, work
-
-
-def _check_noise(out, x, sigma):
-    """Cheap sanity: shape, finite, and (out - x) / sigma standard normal to ~3 decimals."""
-    assert out.shape == (NOISE_B * NOISE_M, *NOISE_SHAPE)
-    eps = (out.view(NOISE_B, NOISE_M, -1).double() - x.view(NOISE_B, 1, -1)) / sigma.view(-1, 1, 1)
-    assert torch.isfinite(eps).all()
-    assert abs(float(eps.mean())) < 5e-3 and abs(float(eps.std()) - 1) < 5e-3
+def noise():
+    return NoiseCase()
 
 
 @pytest.mark.benchmark(group="noise")
-def test_noise_ddrs(benchmark, noise_case):
-    x, sigma, stream, work = noise_case
-    out = torch.empty((NOISE_B * NOISE_M, *NOISE_SHAPE))
-    benchmark.extra_info.update(
-        label="ddrs_ext.ops.perturb_gaussian_out",
-        baseline="test_noise_plain",
-        work=work,
-        reference="test_noise_copy",
-    )
-    benchmark.pedantic(
-        ops.perturb_gaussian_out,
-        args=(x, sigma, stream, SEED, 0, NOISE_M, 0, out),
-        rounds=60,
-        warmup_rounds=2,
-        iterations=1,
-    )
-    _check_noise(out, x, sigma)
+def test_noise_ddrs(benchmark, noise):
+    benchmark.extra_info.update(label="ddrs_ext.ops.perturb_gaussian_out", work=noise.work,
+                                baseline="test_noise_plain", reference="test_noise_copy")
+    others = {"test_noise_plain": noise.plain, "test_noise_plain_randn_only": noise.plain.randn_only}
+    noise.check(pedantic_interleaved(benchmark, noise.ddrs, others, rounds=100, warmup_rounds=2))
 
 
 @pytest.mark.benchmark(group="noise")
-def test_noise_plain(benchmark, noise_case):
-    x, sigma, _, work = noise_case
-    plain = PlainNoise(x, sigma, NOISE_M)
-    benchmark.extra_info.update(label="plain: randn(out=buf) + addcmul(x, buf, sigma, out=buf)", work=work)
-    out = benchmark.pedantic(plain, rounds=20, warmup_rounds=1, iterations=1)
-    _check_noise(out, x, sigma)
+def test_noise_plain(benchmark, noise):
+    label = "plain: randn(out=buf), addcmul(x, buf, sigma, out=buf)"
+    benchmark.extra_info.update(label=label, work=noise.work)
+    noise.check(benchmark.pedantic(noise.plain, rounds=20, warmup_rounds=1, iterations=1))
 
 
 @pytest.mark.benchmark(group="noise")
-def test_noise_plain_randn_only(benchmark, noise_case):
-    x, sigma, _, work = noise_case
-    plain = PlainNoise(x, sigma, NOISE_M)
-    benchmark.extra_info.update(
-        label="plain: randn(out=buf) alone (no plain version beats it)",
-        work=work,
-        baseline="test_noise_plain",
-    )
-    out = benchmark.pedantic(plain.randn_only, rounds=20, warmup_rounds=1, iterations=1)
+def test_noise_plain_randn_only(benchmark, noise):
+    benchmark.extra_info.update(label="plain: randn(out=buf) alone, a bound on any plain version",
+                                work=noise.work, baseline="test_noise_plain")
+    out = benchmark.pedantic(noise.plain.randn_only, rounds=20, warmup_rounds=1, iterations=1)
     assert out.shape == (NOISE_B * NOISE_M, *NOISE_SHAPE)
 
 
 @pytest.mark.benchmark(group="noise")
-def test_noise_copy(benchmark, noise_case):
-    x, _, _, work = noise_case
-    out = torch.empty((NOISE_B * NOISE_M, *NOISE_SHAPE))
-    src = torch.rand(out.shape, generator=torch.Generator().manual_seed(1))
-    benchmark.extra_info.update(label="memory reference: buf.copy_(src), same bytes", work=work)
-    benchmark.pedantic(out.copy_, args=(src,), rounds=200, warmup_rounds=5, iterations=1)
-    assert torch.equal(out, src)
+def test_noise_copy(benchmark, noise):
+    benchmark.extra_info.update(label="memory reference: buf.copy_(src) of the same bytes", work=noise.work)
+    out = benchmark.pedantic(noise.copy, rounds=200, warmup_rounds=5, iterations=1)
+    assert torch.equal(out, noise.copy_src)
 
 
-@pytest.fixture(scope="module")
-def votes_case():
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn((VOTES_B * VOTES_M, VOTES_C), generator=g)
-    work = {"M rows/s": logits.shape[0] / 1e6, "GB/s read": logits.numel() * logits.element_size() / 1e9}
-    return logits, work
+class VotesCase:
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.logits = torch.randn((VOTES_B * VOTES_M, VOTES_C), generator=g)
+        self.counts = torch.zeros((VOTES_B, VOTES_C), dtype=torch.int64)
+        self.plain_counts = torch.zeros_like(self.counts)
+        self.vote = PlainVotes(VOTES_B, VOTES_M, VOTES_C)
+        rows = self.logits.shape[0]
+        nbytes = self.logits.numel() * self.logits.element_size()
+        self.work = {"M rows/s": rows / 1e6, "GB/s read": nbytes / 1e9}
+
+    # Both add into running totals, as certify does chunk after chunk.
+    def ddrs(self) -> None:
+        ops.count_votes_(self.logits, 0, VOTES_M, self.counts)
+
+    def plain(self) -> None:
+        self.vote(self.logits, self.plain_counts)
+
+    def check(self, calls: int) -> None:
+        """Every row voted once per call, for its argmax, into its own input's row."""
+        expected = torch.nn.functional.one_hot(self.logits.argmax(1), VOTES_C)
+        expected = expected.view(VOTES_B, VOTES_M, VOTES_C).sum(1) * calls
+        assert torch.equal(self.counts, expected)
 
 
-def _check_votes(vote, logits):
-    """One fresh call: every row votes once, for its argmax, into its own input's row."""
-    counts = torch.zeros((VOTES_B, VOTES_C), dtype=torch.int64)
-    vote(logits, counts)
-    assert int(counts.sum()) == logits.shape[0]
-    assert (counts.sum(1) == VOTES_M).all()
-    expected = torch.nn.functional.one_hot(logits.argmax(1), VOTES_C).view(VOTES_B, VOTES_M, VOTES_C).sum(1)
-    assert torch.equal(counts, expected)
+@pytest.fixture
+def votes():
+    return VotesCase()
 
 
 @pytest.mark.benchmark(group="votes")
-def test_votes_ddrs(benchmark, votes_case):
-    logits, work = votes_case
-    counts = torch.zeros((VOTES_B, VOTES_C), dtype=torch.int64)
-    benchmark.extra_info.update(label="ddrs_ext.ops.count_votes_", baseline="test_votes_plain", work=work)
-    benchmark.pedantic(
-        ops.count_votes_, args=(logits, 0, VOTES_M, counts), rounds=500, warmup_rounds=10, iterations=1
-    )
-    _check_votes(lambda lg, c: ops.count_votes_(lg, 0, VOTES_M, c), logits)
+def test_votes_ddrs(benchmark, votes):
+    benchmark.extra_info.update(label="ddrs_ext.ops.count_votes_", work=votes.work,
+                                baseline="test_votes_plain")
+    pedantic_interleaved(benchmark, votes.ddrs, {"test_votes_plain": votes.plain}, rounds=VOTES_ROUNDS,
+                         warmup_rounds=10)
+    votes.check(VOTES_ROUNDS + 10)
+    assert torch.equal(votes.plain_counts, votes.counts)
 
 
 @pytest.mark.benchmark(group="votes")
-def test_votes_plain(benchmark, votes_case):
-    logits, work = votes_case
-    counts = torch.zeros((VOTES_B, VOTES_C), dtype=torch.int64)
-    plain = PlainVotes(VOTES_B, VOTES_M, VOTES_C)
-    benchmark.extra_info.update(label="plain: max(1, out=) + index_add_ on b*C+cls", work=work)
-    benchmark.pedantic(plain, args=(logits, counts), rounds=500, warmup_rounds=10, iterations=1)
-    _check_votes(plain, logits)
+def test_votes_plain(benchmark, votes):
+    benchmark.extra_info.update(label="plain: max(1, out=), index_add_ at b*C+cls", work=votes.work)
+    benchmark.pedantic(votes.plain, rounds=VOTES_ROUNDS, warmup_rounds=10, iterations=1)
+    votes.counts.copy_(votes.plain_counts)
+    votes.check(VOTES_ROUNDS + 10)
