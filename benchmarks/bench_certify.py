@@ -20,7 +20,7 @@ ALPHA, NUM_CLASSES = 0.001, 10
 CASES = {
     # name: (model factory, input shape, inputs, n0, n, batch_size, rounds interleaved, rounds alone)
     "linear": (tiny_linear, (1, 8, 8), 250, 100, 10_000, 1000, 6, 3),
-    "cnn": (small_cnn, (3, 32, 32), 4, 100, 2_000, 500, 8, 3),
+    "cnn": (small_cnn, (3, 32, 32), 4, 100, 2_000, 500, 12, 3),
 }
 
 
@@ -36,19 +36,31 @@ class CertifyCase:
         # floor: its activations (hence e.g. the zeros after ReLU) look like certify's.
         per_input = -(-self.batch_size // B)
         stream = torch.arange(B)
-        self.floor_buf = ddrs_ext.ops.perturb_gaussian(self.x, self.sigma, stream, 4, 0, per_input, 0,
-                                                       self.batch_size)[0]
+        self.floor_buf = ddrs_ext.ops.perturb_gaussian(
+            self.x, self.sigma, stream, 4, 0, per_input, 0, self.batch_size
+        )[0]
         self.last_plain = None
-        self.info = dict(inputs=B, n0=self.n0, n=self.n, batch_size=self.batch_size,
-                         work={"k rows/s": self.rows / 1e3})
+        self.info = dict(
+            inputs=B, n0=self.n0, n=self.n, batch_size=self.batch_size, work={"k rows/s": self.rows / 1e3}
+        )
 
     def ddrs(self) -> ddrs_ext.CertifyResult:
-        return ddrs_ext.certify(self.model, self.x, self.sigma, n0=self.n0, n=self.n, alpha=ALPHA,
-                                batch_size=self.batch_size, num_classes=NUM_CLASSES, seed=0)
+        return ddrs_ext.certify(
+            self.model,
+            self.x,
+            self.sigma,
+            n0=self.n0,
+            n=self.n,
+            alpha=ALPHA,
+            batch_size=self.batch_size,
+            num_classes=NUM_CLASSES,
+            seed=0,
+        )
 
     def plain(self):
-        self.last_plain = plain_certify(self.model, self.x, self.sigma, self.n0, self.n, ALPHA,
-                                        self.batch_size, NUM_CLASSES)
+        self.last_plain = plain_certify(
+            self.model, self.x, self.sigma, self.n0, self.n, ALPHA, self.batch_size, NUM_CLASSES
+        )
         return self.last_plain
 
     def floor(self) -> int:

@@ -31,7 +31,9 @@ def cpu_snapshot() -> dict[str, float] | None:
     user, nice, system, _idle, _iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
     own = os.times()
     return {
-        "wall": time.monotonic(), "busy": (user + nice + system + irq + softirq) / hz, "steal": steal / hz,
+        "wall": time.monotonic(),
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "steal": steal / hz,
         "own": own.user + own.system + own.children_user + own.children_system,
     }
 

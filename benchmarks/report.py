@@ -118,7 +118,8 @@ def format_report(data: dict, stat: str) -> str:
         return (GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER), group)
 
     out = [
-        machine_line(data), "",
+        machine_line(data),
+        "",
         f"Time: the {stat} of a benchmark's own rounds. Speedup: the plain baseline's time ÷ this time; "
         "reference: this time ÷ a bound's time (memcpy of the same bytes; the model's forward passes "
         f"alone). Ratios are of {stat}s over interleaved rounds (a round of each plain version and of "

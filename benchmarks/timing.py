@@ -18,7 +18,10 @@ from typing import Any
 
 
 def pedantic_interleaved(
-    benchmark, target: Callable[[], Any], others: dict[str, Callable[[], Any]], rounds: int,
+    benchmark,
+    target: Callable[[], Any],
+    others: dict[str, Callable[[], Any]],
+    rounds: int,
     warmup_rounds: int = 1,
 ) -> Any:
     """``benchmark.pedantic(target)``, with each of ``others`` (name: function) timed before every round."""
