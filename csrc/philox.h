@@ -97,35 +97,39 @@ DDRS_HD float log_unit(float u) {
   return (fe * ln2_hi + 2.0f * s * series) + fe * ln2_lo;
 }
 
-// cos and sin of 2*pi*t for t in [0, 1): the reduction to a quarter turn is exact
-// in turns, then Taylor series on |a| <= pi/4 (truncation below 2e-9).
-DDRS_HD void sincos_turns(float t, float* c_out, float* s_out) {
-  const float v = t * 4.0f;                           // exact: t has 24 significant bits
-  const float k = static_cast<float>(static_cast<int32_t>(v + 0.5f));  // nearest quarter
-  const float a = (v - k) * 1.57079632679489662f;     // v - k exact, in [-0.5, 0.5]
-  const float a2 = a * a;
-  const float s = a * (1.0f + a2 * (-1.0f / 6.0f + a2 * (1.0f / 120.0f +
-                  a2 * (-1.0f / 5040.0f + a2 * (1.0f / 362880.0f)))));
-  const float c = 1.0f + a2 * (-0.5f + a2 * (1.0f / 24.0f + a2 * (-1.0f / 720.0f +
-                  a2 * (1.0f / 40320.0f + a2 * (-1.0f / 3628800.0f)))));
+// cos and sin of the angle (b >> 8) * 2^-24 turns. The reduction to the nearest
+// quarter turn is exact in integers; then Taylor series in the remaining fraction
+// f of a quarter turn, |f| <= 1/2 (coefficients (pi/2)^n / n!; truncation below 2e-9).
+DDRS_HD void sincos_turns(uint32_t b, float* c_out, float* s_out) {
+  const int32_t v = static_cast<int32_t>(b >> 8);                        // units of 2^-22 quarter turns
+  const int32_t k = (v + (1 << 21)) >> 22;                                 // nearest quarter turn, 0..4
+  const float f = static_cast<float>(v - k * (1 << 22)) * 2.384185791015625e-7f;  // exact, [-1/2, 1/2)
+  const float f2 = f * f;
+  const float s =
+      f * (1.57079632679489662f +
+           f2 * (-0.645964097506246254f +
+                 f2 * (0.0796926262461670451f + f2 * (-0.00468175413531868810f + f2 * 0.000160441184787159560f))));
+  const float c =
+      1.0f + f2 * (-1.23370055013616983f +
+                   f2 * (0.253669507901048014f +
+                         f2 * (-0.0208634807633529609f +
+                               f2 * (0.000919260274839426020f + f2 * -0.0000252020423730606054f))));
   const uint32_t q = static_cast<uint32_t>(k);
-  // Rotate (c, s) by q quarter turns: swap for odd q, then flip signs by bit ops.
+  // Rotate (c, s) by q quarter turns: swap for odd q, then flip signs by bit operations.
   const bool odd = (q & 1u) != 0;
   const float x = odd ? s : c, y = odd ? c : s;
-  const uint32_t flip_x = ((q + 1u) & 2u) << 30;  // q = 1, 2
-  const uint32_t flip_y = (q & 2u) << 30;         // q = 2, 3
-  *c_out = bits_to_float(float_to_bits(x) ^ flip_x);
-  *s_out = bits_to_float(float_to_bits(y) ^ flip_y);
+  *c_out = bits_to_float(float_to_bits(x) ^ (((q + 1u) & 2u) << 30));  // negative for q = 1, 2
+  *s_out = bits_to_float(float_to_bits(y) ^ ((q & 2u) << 30));         // negative for q = 2, 3
 }
 
 // Box-Muller: two uniform words to two independent standard normals.
-// u1 in (0, 1] keeps log finite (|z| <= 6.77); the angle uses the top 24 bits.
+// u1 = (a >> 1) * 2^-31 + 2^-32 lies in (0, 1], so log u1 is finite (|z| <= 6.66).
 DDRS_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
-  const float u1 = static_cast<float>(a) * 2.3283064365386963e-10f + 1.16415321826934814e-10f;
-  const float t = static_cast<float>(b >> 8) * 5.9604644775390625e-8f;
+  const float u1 = static_cast<float>(static_cast<int32_t>(a >> 1)) * 4.656612873077392578e-10f +
+                   2.3283064365386963e-10f;
   const float r = sqrtf(-2.0f * log_unit(u1));
   float c, s;
-  sincos_turns(t, &c, &s);
+  sincos_turns(b, &c, &s);
   *z0 = r * c;
   *z1 = r * s;
 }

@@ -89,48 +89,51 @@ class VoteSampler:
             )
         return logits
 
+    def _chunks(self, phases: Sequence[_Phase]):
+        """Per forward batch: (rows, [(phase, first row within the phase, rows, offset in the batch)])."""
+        B = self.x.shape[0]
+        pending = [(k, 0, B * p.samples) for k, p in enumerate(phases)]
+        batch, segments, filled = [], [], 0
+        for k, row0, total in pending:
+            while row0 < total:
+                take = min(self.batch_size - filled, total - row0)
+                segments.append((k, row0, take, filled))
+                filled += take
+                row0 += take
+                if filled == self.batch_size:
+                    batch.append((filled, segments))
+                    segments, filled = [], 0
+        if filled:
+            batch.append((filled, segments))
+        return batch
+
     def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:
         """Hard vote counts (B, C) per phase."""
         B = self.x.shape[0]
-        bounds = np.cumsum([0] + [B * p.samples for p in phases])
-        total = int(bounds[-1])
         results: list[torch.Tensor | None] = [None] * len(phases)
         if B == 0:
             return [torch.zeros((0, self.num_classes or 0), dtype=torch.int64) for _ in phases]
+        chunks = self._chunks(phases)
         if self._buffer is None:
-            rows = min(self.batch_size, total)
+            rows = max(rows for rows, _ in chunks)
             self._buffer = torch.empty((rows, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+        perturb, vote = torch.ops.ddrs_ext.perturb_gaussian_out, torch.ops.ddrs_ext.count_votes_
+        x, sigma, stream, seed = self.x, self.sigma, self.stream, ops.as_signed64(self.seed)
         with torch.inference_mode():
-            start = 0
-            while start < total:
-                rows = min(self.batch_size, total - start)
-                segments = []  # (phase index, first row within that phase, rows, offset in the buffer)
-                at = start
-                while at < start + rows:
-                    k = int(np.searchsorted(bounds, at, side="right")) - 1
-                    seg = min(start + rows, int(bounds[k + 1])) - at
-                    segments.append((k, at - int(bounds[k]), seg, at - start))
-                    at += seg
+            for rows, segments in chunks:
                 batch = self._buffer[:rows]
                 for k, row0, seg, off in segments:
-                    ops.perturb_gaussian_out(
-                        self.x,
-                        self.sigma,
-                        self.stream,
-                        self.seed,
-                        phases[k].sample_offset,
-                        phases[k].samples,
-                        row0,
-                        batch[off : off + seg],
-                    )
+                    phase = phases[k]
+                    out = batch if seg == rows else batch[off : off + seg]
+                    perturb(x, sigma, stream, seed, phase.sample_offset, phase.samples, row0, out, None)
                 logits = self._check_logits(self.model(batch), rows)
                 for k, row0, seg, off in segments:
                     if results[k] is None:
                         results[k] = torch.zeros(
                             (B, self.num_classes), dtype=torch.int64, device=logits.device
                         )
-                    ops.count_votes_(logits[off : off + seg], row0, phases[k].samples, results[k])
-                start += rows
+                    part = logits if seg == rows else logits[off : off + seg]
+                    vote(part, row0, phases[k].samples, results[k])
         return [r.cpu() for r in results]
 
 

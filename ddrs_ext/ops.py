@@ -16,7 +16,7 @@ _loader.load()
 _ops = torch.ops.ddrs_ext
 
 
-def _as_signed64(seed: int) -> int:
+def as_signed64(seed: int) -> int:
     """The op schema carries int64; seeds are unsigned 64-bit keys."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
@@ -46,7 +46,7 @@ def perturb_gaussian(
         x,
         sigma,
         stream,
-        _as_signed64(seed),
+        as_signed64(seed),
         sample_offset,
         samples_per_input,
         row_start,
@@ -68,7 +68,7 @@ def perturb_gaussian_out(
 ) -> None:
     """Like :func:`perturb_gaussian`, writing ``out.shape[0]`` rows into a reused buffer."""
     _ops.perturb_gaussian_out(
-        x, sigma, stream, _as_signed64(seed), sample_offset, samples_per_input, row_start, out, sq_norm
+        x, sigma, stream, as_signed64(seed), sample_offset, samples_per_input, row_start, out, sq_norm
     )
 
 
@@ -113,7 +113,7 @@ def _count_votes__fake(logits, row_start, samples_per_input, counts):
 
 def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
     """Raw Philox4x32-10 output words (N, 4) int64 for counters (N, 4) and key ``seed``."""
-    return _ops.philox4x32_10(counters, _as_signed64(seed))
+    return _ops.philox4x32_10(counters, as_signed64(seed))
 
 
 @torch.library.register_fake("ddrs_ext::philox4x32_10")

@@ -46,20 +46,20 @@ def _log_unit(u: torch.Tensor) -> torch.Tensor:
     return (e * ln2_hi + (2.0 * s) * series) + e * ln2_lo
 
 
-def _sincos_turns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v = t * 4.0
-    k = torch.floor(v + 0.5)
-    a = (v - k) * _f32(1.57079632679489662)
-    a2 = a * a
-    s = _f32(1 / 362880)
-    for coef in (-1 / 5040, 1 / 120, -1 / 6):
-        s = _f32(coef) + a2 * s
-    s = a * (1.0 + a2 * s)
-    c = _f32(-1 / 3628800)
-    for coef in (1 / 40320, -1 / 720, 1 / 24, -0.5):
-        c = _f32(coef) + a2 * c
-    c = 1.0 + a2 * c
-    q = k.to(torch.int64) & 3
+def _sincos_turns(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    v = b >> 8
+    k = (v + (1 << 21)) >> 22
+    f = (v - k * (1 << 22)).to(torch.float32) * _f32(2.0**-22)
+    f2 = f * f
+    s = _f32(0.000160441184787159560)
+    for coef in (-0.00468175413531868810, 0.0796926262461670451, -0.645964097506246254, 1.57079632679489662):
+        s = _f32(coef) + f2 * s
+    s = f * s
+    c = _f32(-0.0000252020423730606054)
+    for coef in (0.000919260274839426020, -0.0208634807633529609, 0.253669507901048014, -1.23370055013616983):
+        c = _f32(coef) + f2 * c
+    c = 1.0 + f2 * c
+    q = k & 3
     odd = (q & 1) == 1
     x, y = torch.where(odd, s, c), torch.where(odd, c, s)
     x = torch.where((q == 1) | (q == 2), -x, x)
@@ -68,11 +68,11 @@ def _sincos_turns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    u1 = a.to(torch.float32) * _f32(2.0**-32) + _f32(2.0**-33)
-    t = (b >> 8).to(torch.float32) * _f32(2.0**-24)
+    """Two standard normals (float32) from two int64 tensors of uint32 words."""
+    u1 = (a >> 1).to(torch.float32) * _f32(2.0**-31) + _f32(2.0**-32)
     # Correctly rounded float32 sqrt (torch's float32 kernel may be off by an ulp).
     r = torch.sqrt((-2.0 * _log_unit(u1)).to(torch.float64)).to(torch.float32)
-    c, s = _sincos_turns(t)
+    c, s = _sincos_turns(b)
     return r * c, r * s
 
 

@@ -13,6 +13,8 @@
 #include "../checks.h"
 #include "../philox.h"
 
+#define DDRS_INLINE inline __attribute__((always_inline))
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DDRS_X86 1
 #include <immintrin.h>
@@ -23,21 +25,34 @@
 namespace ddrs {
 namespace {
 
-// Elements per work item: large enough to amortise the bookkeeping, small
-// enough that its Gaussians stay in L1 between generation and use.
-constexpr int64_t kTile = 2048;
+// Counter blocks (4 Gaussians each) per work item: enough to amortise the
+// bookkeeping, few enough that the item's Gaussians stay in L1.
+constexpr int64_t kItemBlocks = 512;
+// Rows longer than this many elements are cut into tiles of exactly this size;
+// ||eps||^2 is summed tile by tile, so its rounding never depends on chunking.
+constexpr int64_t kTile = 4 * kItemBlocks;
 
-// Gaussians of counter blocks [block0, block0 + nblocks) of (stream, sample) into
-// out[0 .. 4 * nblocks). Two implementations with bit-identical results (integer
-// Philox is exact; the float maths has no FMA contraction, see philox.h).
-void fill_gaussian_generic(PhiloxKey key, uint32_t stream, uint64_t sample, uint32_t block0,
-                           int64_t nblocks, float* __restrict__ out) {
-  for (int64_t q = 0; q < nblocks; ++q) {
-    const Gauss4 g = gaussian_block(key, stream, sample, block0 + static_cast<uint32_t>(q));
-    out[4 * q + 0] = g.z0;
-    out[4 * q + 1] = g.z1;
-    out[4 * q + 2] = g.z2;
-    out[4 * q + 3] = g.z3;
+// The counters of up to kItemBlocks Philox blocks, one array per counter word.
+struct Counters {
+  alignas(32) uint32_t c0[kItemBlocks];
+  alignas(32) uint32_t c1[kItemBlocks];
+  alignas(32) uint32_t c2[kItemBlocks];
+  alignas(32) uint32_t c3[kItemBlocks];
+};
+
+// The Gaussians of up to kItemBlocks blocks, word by word: z[w][i] is word w of block i.
+struct Gauss {
+  alignas(32) float z[4][kItemBlocks];
+};
+
+// Gaussians of blocks [0, n) of `ctr` into g.z[word][i]. Two implementations
+// with bit-identical results (integer Philox is exact; the float maths has no
+// FMA contraction, see philox.h).
+void gaussians_generic(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Words4 w = philox4x32_10(ctr.c0[i], ctr.c1[i], ctr.c2[i], ctr.c3[i], key);
+    box_muller(w.w0, w.w1, &g.z[0][i], &g.z[1][i]);
+    box_muller(w.w2, w.w3, &g.z[2][i], &g.z[3][i]);
   }
 }
 
@@ -53,65 +68,49 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m25
 
 // GCC's own vectorisation of philox4x32_10 spends most of its time shuffling
 // 64-bit products; this keeps four 8-lane Philox streams in flight instead
-// (enough independent work to hide the multiply latency).
-__attribute__((target("avx2"))) void fill_gaussian_avx2(PhiloxKey key, uint32_t stream, uint64_t sample,
-                                                        uint32_t block0, int64_t nblocks,
-                                                        float* __restrict__ out) {
-  constexpr int kLanes = 8, kUnroll = 4, kStep = kLanes * kUnroll, kChunk = 512;
-  alignas(32) uint32_t w[4][kChunk];
-  alignas(32) float z[4][kChunk];
+// (enough independent work to hide the multiply latency). Box-Muller is left to
+// the compiler, which vectorises it in this AVX2 function.
+__attribute__((target("avx2"))) void gaussians_avx2(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+  constexpr int kLanes = 8, kUnroll = 4, kStep = kLanes * kUnroll;
+  alignas(32) uint32_t w[4][kItemBlocks];
   const __m256i M0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i M1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i C1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(sample)));
-  const __m256i C2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(sample >> 32)));
-  const __m256i C3 = _mm256_set1_epi32(static_cast<int>(stream));
-  for (int64_t base = 0; base < nblocks; base += kChunk) {
-    const int64_t n = std::min<int64_t>(kChunk, nblocks - base);
-    for (int64_t q = 0; q < n; q += kStep) {  // may run past n into the slack of w
-      __m256i c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
+  for (int64_t q = 0; q < n; q += kStep) {  // may run past n into the slack of the arrays
+    __m256i c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = q + kLanes * u;
+      c0[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctr.c0 + at));
+      c1[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctr.c1 + at));
+      c2[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctr.c2 + at));
+      c3[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctr.c3 + at));
+    }
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i K0 = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i K1 = _mm256_set1_epi32(static_cast<int>(k1));
       for (int u = 0; u < kUnroll; ++u) {
-        const uint32_t first = block0 + static_cast<uint32_t>(base + q + kLanes * u);
-        c0[u] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), lane);
-        c1[u] = C1;
-        c2[u] = C2;
-        c3[u] = C3;
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo8(c0[u], M0, &hi0, &lo0);
+        mulhilo8(c2[u], M1, &hi1, &lo1);
+        c0[u] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[u]), K0);
+        c1[u] = lo1;
+        c2[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[u]), K1);
+        c3[u] = lo0;
       }
-      uint32_t k0 = key.k0, k1 = key.k1;
-      for (int round = 0; round < 10; ++round) {
-        const __m256i K0 = _mm256_set1_epi32(static_cast<int>(k0));
-        const __m256i K1 = _mm256_set1_epi32(static_cast<int>(k1));
-        for (int u = 0; u < kUnroll; ++u) {
-          __m256i hi0, lo0, hi1, lo1;
-          mulhilo8(c0[u], M0, &hi0, &lo0);
-          mulhilo8(c2[u], M1, &hi1, &lo1);
-          c0[u] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[u]), K0);
-          c1[u] = lo1;
-          c2[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[u]), K1);
-          c3[u] = lo0;
-        }
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-      }
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t at = q + kLanes * u;
-        _mm256_store_si256(reinterpret_cast<__m256i*>(&w[0][at]), c0[u]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(&w[1][at]), c1[u]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(&w[2][at]), c2[u]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(&w[3][at]), c3[u]);
-      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
     }
-    for (int64_t q = 0; q < n; ++q) {  // vectorised by the compiler
-      box_muller(w[0][q], w[1][q], &z[0][q], &z[1][q]);
-      box_muller(w[2][q], w[3][q], &z[2][q], &z[3][q]);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = q + kLanes * u;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[0][at]), c0[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[1][at]), c1[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[2][at]), c2[u]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&w[3][at]), c3[u]);
     }
-    float* o = out + 4 * base;
-    for (int64_t q = 0; q < n; ++q) {
-      o[4 * q + 0] = z[0][q];
-      o[4 * q + 1] = z[1][q];
-      o[4 * q + 2] = z[2][q];
-      o[4 * q + 3] = z[3][q];
-    }
+  }
+  for (int64_t i = 0; i < n; ++i) {  // vectorised by the compiler
+    box_muller(w[0][i], w[1][i], &g.z[0][i], &g.z[1][i]);
+    box_muller(w[2][i], w[3][i], &g.z[2][i], &g.z[3][i]);
   }
 }
 
@@ -124,52 +123,206 @@ bool use_avx2() {
 }
 #endif
 
-void fill_gaussian(PhiloxKey key, uint32_t stream, uint64_t sample, uint32_t block0, int64_t nblocks,
-                   float* out) {
-#if DDRS_X86
-  if (use_avx2()) return fill_gaussian_avx2(key, stream, sample, block0, nblocks, out);
-#endif
-  fill_gaussian_generic(key, stream, sample, block0, nblocks, out);
+// out[j] = x[j] + sigma * z[j] for j < len (z in element order).
+template <typename scalar_t>
+DDRS_INLINE void write_row(const scalar_t* __restrict__ x, double sigma, const float* __restrict__ z, int64_t len,
+                           scalar_t* __restrict__ out, double* sq_norm_partial) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(sigma);
+  for (int64_t j = 0; j < len; ++j) {
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) + s * static_cast<opmath_t>(z[j]));
+  }
+  if (sq_norm_partial != nullptr) {
+    double acc = 0.0;
+    for (int64_t j = 0; j < len; ++j) acc += static_cast<double>(z[j]) * z[j];
+    *sq_norm_partial = acc;
+  }
 }
+
+// The same from word-major Gaussians: eps[j] = word j % 4 of block i0 + j / 4.
+// Interleaving while writing saves a pass on long rows.
+template <typename scalar_t>
+DDRS_INLINE void write_row(const scalar_t* __restrict__ x, double sigma, const Gauss& g, int64_t i0,
+                           int64_t len, scalar_t* __restrict__ out, double* sq_norm_partial) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(sigma);
+  const float* __restrict__ z0 = g.z[0] + i0;
+  const float* __restrict__ z1 = g.z[1] + i0;
+  const float* __restrict__ z2 = g.z[2] + i0;
+  const float* __restrict__ z3 = g.z[3] + i0;
+  const int64_t full = len / 4;
+  for (int64_t q = 0; q < full; ++q) {  // vectorised, interleaving the four words
+    out[4 * q + 0] = static_cast<scalar_t>(static_cast<opmath_t>(x[4 * q + 0]) + s * static_cast<opmath_t>(z0[q]));
+    out[4 * q + 1] = static_cast<scalar_t>(static_cast<opmath_t>(x[4 * q + 1]) + s * static_cast<opmath_t>(z1[q]));
+    out[4 * q + 2] = static_cast<scalar_t>(static_cast<opmath_t>(x[4 * q + 2]) + s * static_cast<opmath_t>(z2[q]));
+    out[4 * q + 3] = static_cast<scalar_t>(static_cast<opmath_t>(x[4 * q + 3]) + s * static_cast<opmath_t>(z3[q]));
+  }
+  const float* words[4] = {z0, z1, z2, z3};
+  for (int64_t j = 4 * full; j < len; ++j) {
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) + s * static_cast<opmath_t>(words[j & 3][full]));
+  }
+  if (sq_norm_partial != nullptr) {
+    double acc = 0.0;  // in element order, whatever the layout
+    for (int64_t j = 0; j < len; ++j) {
+      const double v = words[j & 3][j >> 2];
+      acc += v * v;
+    }
+    *sq_norm_partial = acc;
+  }
+}
+
+// Walks rows g = row_start + r of the virtual batch in order, tracking input
+// b = g / m and sample k = g % m without a division per row.
+class RowCursor {
+ public:
+  RowCursor(const int64_t* stream, int64_t sample_offset, int64_t m, int64_t g)
+      : stream_(stream), offset_(static_cast<uint64_t>(sample_offset)), m_(m), b_(g / m), k_(g % m) {}
+  int64_t input() const { return b_; }
+  uint32_t stream() const { return static_cast<uint32_t>(stream_[b_]); }
+  uint64_t sample() const { return offset_ + static_cast<uint64_t>(k_); }
+  void next() {
+    if (++k_ == m_) {
+      k_ = 0;
+      ++b_;
+    }
+  }
+
+ private:
+  const int64_t* stream_;
+  uint64_t offset_;
+  int64_t m_, b_, k_;
+};
+
+template <typename scalar_t>
+struct Job {
+  const scalar_t* x;
+  const double* sigma;
+  const int64_t* stream;
+  PhiloxKey key;
+  int64_t sample_offset, m, row_start, num_rows, D;
+  scalar_t* out;
+  double* sq_norm;  // per row (short rows) or per (row, tile) (long rows); may be null
+};
+
+template <bool kAvx2>
+DDRS_INLINE void gaussians(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+#if DDRS_X86
+  if constexpr (kAvx2) return gaussians_avx2(key, ctr, n, g);
+#endif
+  gaussians_generic(key, ctr, n, g);
+}
+
+// Short rows: each work item takes whole rows, as many as fill its blocks.
+template <typename scalar_t, bool kAvx2>
+DDRS_INLINE void short_row_items(const Job<scalar_t>& job, int64_t rows_per_item, int64_t begin, int64_t end) {
+  const int64_t D = job.D, blocks_per_row = (D + 3) / 4;
+  Counters ctr;
+  Gauss g;
+  alignas(64) float z[4 * kItemBlocks];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t r0 = item * rows_per_item, r1 = std::min(job.num_rows, r0 + rows_per_item);
+    RowCursor cursor(job.stream, job.sample_offset, job.m, job.row_start + r0);
+    for (int64_t r = r0; r < r1; ++r, cursor.next()) {
+      const uint64_t sample = cursor.sample();
+      const uint32_t lo = static_cast<uint32_t>(sample), hi = static_cast<uint32_t>(sample >> 32);
+      const uint32_t st = cursor.stream();
+      const int64_t at = (r - r0) * blocks_per_row;
+      for (int64_t q = 0; q < blocks_per_row; ++q) {
+        ctr.c0[at + q] = static_cast<uint32_t>(q);
+        ctr.c1[at + q] = lo;
+        ctr.c2[at + q] = hi;
+        ctr.c3[at + q] = st;
+      }
+    }
+    const int64_t n = (r1 - r0) * blocks_per_row;
+    gaussians<kAvx2>(job.key, ctr, n, g);
+    // Short rows: one interleaving pass over the item beats one per row.
+    for (int64_t i = 0; i < n; ++i) {
+      z[4 * i + 0] = g.z[0][i];
+      z[4 * i + 1] = g.z[1][i];
+      z[4 * i + 2] = g.z[2][i];
+      z[4 * i + 3] = g.z[3][i];
+    }
+    RowCursor rows(job.stream, job.sample_offset, job.m, job.row_start + r0);
+    for (int64_t r = r0; r < r1; ++r, rows.next()) {
+      const int64_t b = rows.input();
+      write_row(job.x + b * D, job.sigma[b], z + 4 * (r - r0) * blocks_per_row, D, job.out + r * D,
+                job.sq_norm != nullptr ? job.sq_norm + r : nullptr);
+    }
+  }
+}
+
+// Long rows: one work item per (row, tile).
+template <typename scalar_t, bool kAvx2>
+DDRS_INLINE void long_row_items(const Job<scalar_t>& job, int64_t tiles, int64_t begin, int64_t end) {
+  Counters ctr;
+  Gauss g;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t r = item / tiles, t = item % tiles;
+    const RowCursor row(job.stream, job.sample_offset, job.m, job.row_start + r);
+    const uint64_t sample = row.sample();
+    const int64_t j0 = t * kTile, len = std::min(kTile, job.D - j0);
+    const int64_t n = (len + 3) / 4;
+    for (int64_t q = 0; q < n; ++q) {
+      ctr.c0[q] = static_cast<uint32_t>(j0 / 4 + q);
+      ctr.c1[q] = static_cast<uint32_t>(sample);
+      ctr.c2[q] = static_cast<uint32_t>(sample >> 32);
+      ctr.c3[q] = row.stream();
+    }
+    gaussians<kAvx2>(job.key, ctr, n, g);
+    const int64_t b = row.input();
+    write_row(job.x + b * job.D + j0, job.sigma[b], g, 0, len, job.out + r * job.D + j0,
+              job.sq_norm != nullptr ? job.sq_norm + item : nullptr);
+  }
+}
+
+// The item loops compiled twice, so that the counter set-up, Box-Muller and the
+// final x + sigma * z also use AVX2 where the CPU has it.
+template <typename scalar_t>
+void run_items(const Job<scalar_t>& job, bool short_rows, int64_t per, int64_t begin, int64_t end) {
+  if (short_rows) {
+    short_row_items<scalar_t, false>(job, per, begin, end);
+  } else {
+    long_row_items<scalar_t, false>(job, per, begin, end);
+  }
+}
+
+#if DDRS_X86
+template <typename scalar_t>
+__attribute__((target("avx2"))) void run_items_avx2(const Job<scalar_t>& job, bool short_rows, int64_t per,
+                                                    int64_t begin, int64_t end) {
+  if (short_rows) {
+    short_row_items<scalar_t, true>(job, per, begin, end);
+  } else {
+    long_row_items<scalar_t, true>(job, per, begin, end);
+  }
+}
+#endif
 
 template <typename scalar_t>
 void perturb_rows(const scalar_t* x, const double* sigma, const int64_t* stream, uint64_t seed,
                   int64_t sample_offset, int64_t m, int64_t row_start, int64_t num_rows, int64_t D,
                   scalar_t* out, double* sq_norm) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const PhiloxKey key = philox_key(seed);
-  const int64_t tiles = (D + kTile - 1) / kTile;
-  const int64_t items = num_rows * tiles;
-  std::vector<double> partial(sq_norm != nullptr ? items : 0);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::min(D, kTile));
+  Job<scalar_t> job{x, sigma, stream, philox_key(seed), sample_offset, m, row_start, num_rows, D, out, sq_norm};
+  const int64_t blocks_per_row = (D + 3) / 4;
+  const bool short_rows = blocks_per_row <= kItemBlocks;
+  // Short rows: rows per item; long rows: tiles per row.
+  const int64_t per = short_rows ? kItemBlocks / blocks_per_row : (D + kTile - 1) / kTile;
+  const int64_t items = short_rows ? (num_rows + per - 1) / per : num_rows * per;
+  std::vector<double> partial(sq_norm != nullptr && !short_rows ? items : 0);
+  if (!partial.empty()) job.sq_norm = partial.data();
+  const int64_t grain = short_rows ? std::max<int64_t>(1, 16 / per) : 8;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float z[kTile];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / tiles, t = item % tiles;
-      const int64_t g = row_start + r;
-      const int64_t b = g / m;
-      const uint64_t sample = static_cast<uint64_t>(sample_offset) + static_cast<uint64_t>(g % m);
-      const int64_t j0 = t * kTile, len = std::min(kTile, D - j0);
-      fill_gaussian(key, static_cast<uint32_t>(stream[b]), sample, static_cast<uint32_t>(j0 / 4),
-                    (len + 3) / 4, z);
-      const scalar_t* xb = x + b * D + j0;
-      scalar_t* o = out + r * D + j0;
-      const opmath_t s = static_cast<opmath_t>(sigma[b]);
-      for (int64_t j = 0; j < len; ++j) {
-        o[j] = static_cast<scalar_t>(static_cast<opmath_t>(xb[j]) + s * static_cast<opmath_t>(z[j]));
-      }
-      if (sq_norm != nullptr) {
-        double acc = 0.0;
-        for (int64_t j = 0; j < len; ++j) acc += static_cast<double>(z[j]) * z[j];
-        partial[item] = acc;
-      }
-    }
+#if DDRS_X86
+    if (use_avx2()) return run_items_avx2(job, short_rows, per, begin, end);
+#endif
+    run_items(job, short_rows, per, begin, end);
   });
-  if (sq_norm != nullptr) {
+  if (!partial.empty()) {
     // Fixed summation order over tiles: the result does not depend on threads.
     for (int64_t r = 0; r < num_rows; ++r) {
       double acc = 0.0;
-      for (int64_t t = 0; t < tiles; ++t) acc += partial[r * tiles + t];
+      for (int64_t t = 0; t < per; ++t) acc += partial[r * per + t];
       sq_norm[r] = acc;
     }
   }

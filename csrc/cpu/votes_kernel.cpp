@@ -16,9 +16,27 @@ namespace ddrs {
 namespace {
 
 template <typename scalar_t>
+bool all_finite(const scalar_t* v, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {  // vectorised: no early exit
+    const acc_t d = static_cast<acc_t>(v[i]) - static_cast<acc_t>(v[i]);
+    bad |= !(d == acc_t(0));
+  }
+  return bad == 0;
+}
+
+// Argmax class of every row into cls; returns the first row holding a NaN or
+// Inf, or `rows` if there is none.
+template <typename scalar_t>
 int64_t argmax_rows(const scalar_t* logits, int64_t rows, int64_t C, int32_t* cls) {
+  using acc_t = at::opmath_type<scalar_t>;
   std::atomic<int64_t> first_bad{rows};
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+    if (all_finite(logits + begin * C, (end - begin) * C)) {
+      for (int64_t r = begin; r < end; ++r) cls[r] = finite_row_argmax<scalar_t, acc_t>(logits + r * C, C);
+      return;
+    }
     for (int64_t r = begin; r < end; ++r) {
       const int32_t c = row_argmax(logits + r * C, C);
       cls[r] = c;
@@ -46,8 +64,14 @@ void count_votes_cpu_(const at::Tensor& logits, int64_t row_start, int64_t sampl
   });
   if (bad < rows) fail_non_finite(bad, row_start, samples_per_input);
   int64_t* cnt = counts.mutable_data_ptr<int64_t>();
+  // Walk the inputs alongside the rows rather than dividing per row.
+  int64_t b = row_start / samples_per_input, k = row_start % samples_per_input;
   for (int64_t r = 0; r < rows; ++r) {
-    cnt[((row_start + r) / samples_per_input) * C + cls[r]] += 1;
+    cnt[b * C + cls[r]] += 1;
+    if (++k == samples_per_input) {
+      k = 0;
+      ++b;
+    }
   }
 }
 
