@@ -177,11 +177,18 @@ def test_votes_ties_go_to_lowest_class():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_votes_non_finite_names_the_input(bad, dtype):
-    logits = torch.zeros(12, 3, dtype=dtype)
-    logits[8, 2] = bad  # row 8 with 4 samples per input: input 2, sample 0; row_start 3 -> input 2 (11)
-    with pytest.raises(ValueError, match=r"input 2 \(noise sample 3"):
-        ops.count_votes(logits, 3, 4, 4)
+@pytest.mark.parametrize("row", [1, 8, 17])  # inside and after the first groups of eight rows
+def test_votes_non_finite_names_the_input(bad, dtype, row):
+    logits = torch.zeros(20, 3, dtype=dtype)
+    logits[row, 2] = bad
+    logits[19, 0] = bad  # a later bad row must not hide the first one
+    g = row + 3  # row_start 3, 4 samples per input
+    with pytest.raises(ValueError, match=rf"input {g // 4} \(noise sample {g % 4}, logits row {row}\)"):
+        ops.count_votes(logits, 3, 4, 6)
+    counts = torch.zeros(6, 3, dtype=torch.int64)
+    with pytest.raises(ValueError):
+        ops.count_votes_(logits, 3, 4, counts)
+    assert counts.sum() == 0  # nothing is counted from a batch with a bad row
 
 
 def test_votes_bad_arguments():
