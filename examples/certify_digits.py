@@ -4,7 +4,7 @@ Trains a small MLP with Gaussian noise augmentation for a few seconds, then cert
 the test set with ddrs_ext.certify and prints certified accuracy at several L2 radii.
 Runs offline on a CPU in well under a minute:
 
-    python examples/certify_digits.py [--sigma 0.25] [--n 10000] [--count 200]
+    python examples/certify_digits.py [--sigma 0.25] [--n 100000] [--count 200]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     )
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--n0", type=int, default=100)
-    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--count", type=int, default=200, help="test images to certify")
     parser.add_argument("--epochs", type=int, default=20)
