@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -92,10 +93,87 @@ inline void check_votes_args(const at::Tensor& logits, int64_t row_start, int64_
                     B * samples_per_input, " rows of ", B, " inputs x ", samples_per_input, " samples");
 }
 
+inline void check_soft_votes_args(const at::Tensor& logits, const std::optional<at::Tensor>& dlogits,
+                                  const std::optional<at::Tensor>& sq_norm, int64_t row_start,
+                                  int64_t samples_per_input, int64_t dim, const at::Tensor& prob_sum,
+                                  const std::optional<at::Tensor>& deriv_sum,
+                                  const std::optional<at::Tensor>& score_total) {
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "soft_votes: logits must be floating point, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1,
+                    "soft_votes: logits must have shape (rows, num_classes), got ", logits.sizes());
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const auto f64_matrix = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(1) == C && t.is_contiguous() &&
+                          t.device() == logits.device(),
+                      "soft_votes: ", name, " must be a contiguous float64 (num_inputs, ", C,
+                      ") tensor on the logits' device");
+  };
+  f64_matrix(prob_sum, "prob_sum");
+  const int64_t B = prob_sum.size(0);
+  if (deriv_sum.has_value()) {
+    f64_matrix(*deriv_sum, "deriv_sum");
+    TORCH_CHECK_VALUE(deriv_sum->size(0) == B, "soft_votes: deriv_sum and prob_sum must have the same shape");
+    TORCH_CHECK_VALUE(dlogits.has_value() != sq_norm.has_value(),
+                      "soft_votes: deriv_sum needs exactly one of dlogits (forward-mode tangents) or sq_norm");
+  }
+  if (dlogits.has_value()) {
+    TORCH_CHECK_VALUE(deriv_sum.has_value(), "soft_votes: dlogits given without deriv_sum");
+    TORCH_CHECK_VALUE(at::isFloatingType(dlogits->scalar_type()) && dlogits->sizes() == logits.sizes() &&
+                          dlogits->device() == logits.device(),
+                      "soft_votes: dlogits must be a floating-point tensor shaped like logits");
+  }
+  if (sq_norm.has_value()) {
+    TORCH_CHECK_VALUE(sq_norm->scalar_type() == at::kDouble && sq_norm->dim() == 1 && sq_norm->size(0) == rows &&
+                          sq_norm->device() == logits.device(),
+                      "soft_votes: sq_norm must be a float64 tensor of shape (", rows, ",)");
+  }
+  if (score_total.has_value()) {
+    TORCH_CHECK_VALUE(sq_norm.has_value(), "soft_votes: score_total needs sq_norm");
+    TORCH_CHECK_VALUE(score_total->scalar_type() == at::kDouble && score_total->dim() == 1 &&
+                          score_total->size(0) == B && score_total->is_contiguous() &&
+                          score_total->device() == logits.device(),
+                      "soft_votes: score_total must be a contiguous float64 tensor of shape (", B, ",)");
+  }
+  TORCH_CHECK_VALUE(samples_per_input >= 1, "soft_votes: samples_per_input must be >= 1");
+  TORCH_CHECK_VALUE(row_start >= 0, "soft_votes: row_start must be >= 0");
+  TORCH_CHECK_VALUE(dim >= 0, "soft_votes: dim must be >= 0");
+  TORCH_CHECK_VALUE(B == 0 || samples_per_input <= INT64_MAX / B,
+                    "soft_votes: num_inputs * samples_per_input overflows int64");
+  TORCH_CHECK_VALUE(row_start + rows <= B * samples_per_input, "soft_votes: rows [", row_start, ", ",
+                    row_start + rows, ") lie outside the ", B * samples_per_input, " rows of ", B, " inputs x ",
+                    samples_per_input, " samples");
+}
+
+inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top2, const at::Tensor& dtop2,
+                                  const at::Tensor& bracket, double lr, double clip_lo, double clip_hi,
+                                  double sigma_min, double sigma_max, int64_t rule, double growth) {
+  TORCH_CHECK_VALUE(sigma.scalar_type() == at::kDouble && sigma.dim() == 1,
+                    "sigma_step: sigma must be a float64 tensor of shape (B,)");
+  const int64_t B = sigma.size(0);
+  for (const at::Tensor* t : {&top2, &dtop2, &bracket}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(0) == B && t->size(1) == 2 &&
+                          t->device() == sigma.device(),
+                      "sigma_step: top2, dtop2 and bracket must be float64 tensors of shape (", B,
+                      ", 2) on sigma's device");
+  }
+  TORCH_CHECK_VALUE(bracket.is_contiguous(), "sigma_step: bracket must be contiguous");
+  TORCH_CHECK_VALUE(0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0,
+                    "sigma_step: the clip range must satisfy 0 < clip_lo < clip_hi < 1, got (", clip_lo, ", ",
+                    clip_hi, ")");
+  TORCH_CHECK_VALUE(0.0 < sigma_min && sigma_min <= sigma_max && std::isfinite(sigma_max),
+                    "sigma_step: the sigma range must satisfy 0 < sigma_min <= sigma_max < inf");
+  TORCH_CHECK_VALUE(rule == 0 || rule == 1, "sigma_step: rule must be 0 (ascent) or 1 (bisect), got ", rule);
+  TORCH_CHECK_VALUE(rule != 0 || (std::isfinite(lr) && lr > 0.0), "sigma_step: lr must be finite and > 0");
+  TORCH_CHECK_VALUE(rule != 1 || (std::isfinite(growth) && growth > 1.0),
+                    "sigma_step: growth must be finite and > 1");
+}
+
 // Names the offending row after a kernel found a non-finite logit.
-[[noreturn]] inline void fail_non_finite(int64_t bad_row, int64_t row_start, int64_t samples_per_input) {
+[[noreturn]] inline void fail_non_finite(int64_t bad_row, int64_t row_start, int64_t samples_per_input,
+                                         const char* op = "count_votes") {
   const int64_t g = row_start + bad_row;
-  TORCH_CHECK_VALUE(false, "count_votes: the model returned NaN or Inf for input ", g / samples_per_input,
+  TORCH_CHECK_VALUE(false, op, ": the model returned NaN or Inf for input ", g / samples_per_input,
                     " (noise sample ", g % samples_per_input, ", logits row ", bad_row,
                     "); a NaN or Inf logit cannot be counted as a vote");
   abort();  // unreachable; TORCH_CHECK_VALUE throws

@@ -29,4 +29,19 @@ TORCH_LIBRARY(ddrs_ext, m) {
   m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
   m.def("count_votes(Tensor logits, int row_start, int samples_per_input, int num_inputs) -> Tensor");
   m.def("count_votes_(Tensor logits, int row_start, int samples_per_input, Tensor(a!) counts) -> ()");
+  // Soft votes for sigma optimisation, accumulated per input in row order (float64):
+  //   prob_sum[b] += p_r with p_r = softmax(logits[r]) (or logits[r] itself if probabilities);
+  //   deriv_sum[b] += dp_r, the forward-mode derivative of p_r along the tangent dlogits[r], or,
+  //   with sq_norm instead, += p_r * (sq_norm[r] - dim) (the score-function weight);
+  //   score_total[b] += sq_norm[r] - dim.
+  m.def(
+      "soft_votes_(Tensor logits, Tensor? dlogits, Tensor? sq_norm, int row_start, int samples_per_input, "
+      "int dim, bool probabilities, Tensor(a!) prob_sum, Tensor(b!)? deriv_sum, Tensor(c!)? score_total) -> ()");
+  // One data-dependent sigma step for every input (csrc/sigma.h): from the two largest mean
+  // probabilities top2 (B, 2) and their sigma-derivatives dtop2 (B, 2), returns (new sigma,
+  // surrogate radius, its derivative). rule 0: ascent with lr; rule 1: bisection with the
+  // per-input bracket (B, 2), updated in place.
+  m.def(
+      "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, float lr, float clip_lo, "
+      "float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
 }

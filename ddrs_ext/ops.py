@@ -119,3 +119,76 @@ def philox4x32_10(counters: torch.Tensor, seed: int) -> torch.Tensor:
 @torch.library.register_fake("ddrs_ext::philox4x32_10")
 def _philox_fake(counters, seed):
     return torch.empty_like(counters)
+
+
+def soft_votes_(
+    logits: torch.Tensor,
+    row_start: int,
+    samples_per_input: int,
+    prob_sum: torch.Tensor,
+    *,
+    dlogits: torch.Tensor | None = None,
+    sq_norm: torch.Tensor | None = None,
+    dim: int = 0,
+    probabilities: bool = False,
+    deriv_sum: torch.Tensor | None = None,
+    score_total: torch.Tensor | None = None,
+) -> None:
+    """Adds each row's class probabilities (softmax of ``logits``, or ``logits`` themselves when
+    ``probabilities``) into ``prob_sum[input]`` (float64, in row order).
+
+    With ``deriv_sum`` also adds either their forward-mode derivatives along the tangents
+    ``dlogits`` or their score-function weights ``p * (sq_norm - dim)``; ``score_total``
+    collects ``sq_norm - dim`` per input.
+    """
+    _ops.soft_votes_(
+        logits,
+        dlogits,
+        sq_norm,
+        row_start,
+        samples_per_input,
+        dim,
+        probabilities,
+        prob_sum,
+        deriv_sum,
+        score_total,
+    )
+
+
+def sigma_step(
+    sigma: torch.Tensor,
+    top2: torch.Tensor,
+    dtop2: torch.Tensor,
+    bracket: torch.Tensor,
+    *,
+    lr: float,
+    clip: tuple[float, float],
+    sigma_range: tuple[float, float],
+    rule: int,
+    growth: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sigma update for every input: returns (new sigma, surrogate radius, d radius / d sigma)."""
+    return _ops.sigma_step(
+        sigma, top2, dtop2, bracket, lr, clip[0], clip[1], sigma_range[0], sigma_range[1], rule, growth
+    )
+
+
+@torch.library.register_fake("ddrs_ext::soft_votes_")
+def _soft_votes_fake(
+    logits,
+    dlogits,
+    sq_norm,
+    row_start,
+    samples_per_input,
+    dim,
+    probabilities,
+    prob_sum,
+    deriv_sum,
+    score_total,
+):
+    return None
+
+
+@torch.library.register_fake("ddrs_ext::sigma_step")
+def _sigma_step_fake(sigma, top2, dtop2, bracket, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth):
+    return torch.empty_like(sigma), torch.empty_like(sigma), torch.empty_like(sigma)

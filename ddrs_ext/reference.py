@@ -118,3 +118,42 @@ def count_votes(logits, row_start, samples_per_input, num_inputs):
     counts = torch.zeros(num_inputs, logits.shape[1], dtype=torch.int64)
     counts.index_put_((b, cls), torch.ones_like(cls), accumulate=True)
     return counts
+
+
+def soft_votes(
+    logits,
+    row_start,
+    samples_per_input,
+    num_inputs,
+    *,
+    dlogits=None,
+    sq_norm=None,
+    dim=0,
+    probabilities=False,
+):
+    """Reference for ops.soft_votes_ from zero: returns (prob_sum, deriv_sum, score_total) in float64."""
+    logits = logits.cpu().double()
+    b = (row_start + torch.arange(logits.shape[0])) // samples_per_input
+    p = logits if probabilities else torch.softmax(logits, dim=1)
+    C = logits.shape[1]
+    prob_sum = torch.zeros(num_inputs, C, dtype=torch.float64).index_add_(0, b, p)
+    deriv = score_total = None
+    if dlogits is not None:
+        d = dlogits.cpu().double()
+        dp = d if probabilities else p * (d - (p * d).sum(1, keepdim=True))
+        deriv = torch.zeros(num_inputs, C, dtype=torch.float64).index_add_(0, b, dp)
+    elif sq_norm is not None:
+        s = sq_norm.cpu().double() - dim
+        deriv = torch.zeros(num_inputs, C, dtype=torch.float64).index_add_(0, b, p * s[:, None])
+        score_total = torch.zeros(num_inputs, dtype=torch.float64).index_add_(0, b, s)
+    return prob_sum, deriv, score_total
+
+
+def surrogate_radius(sigma, e_a, e_b, clip=(0.02, 0.98)):
+    """R(sigma) = sigma / 2 * (Phi^-1(clip E_A) - Phi^-1(clip E_B)) with torch ops (autograd-able)."""
+    normal = torch.distributions.Normal(
+        torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+    )
+    qa = normal.icdf(e_a.clamp(*clip))
+    qb = normal.icdf(e_b.clamp(*clip))
+    return sigma / 2 * (qa - qb)
