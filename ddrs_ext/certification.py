@@ -41,6 +41,28 @@ class CertifyResult:
     seed: int
 
 
+def plan_chunks(num_inputs: int, samples: Sequence[int], batch_size: int):
+    """Cuts the virtual batch of every phase (``num_inputs * samples[k]`` rows each, one after the
+    other) into forward batches of at most ``batch_size`` rows.
+
+    Returns per batch ``(rows, [(phase, first row within the phase, rows, offset in the batch)])``.
+    """
+    batches, segments, filled = [], [], 0
+    for k, m in enumerate(samples):
+        row0, total = 0, num_inputs * m
+        while row0 < total:
+            take = min(batch_size - filled, total - row0)
+            segments.append((k, row0, take, filled))
+            filled += take
+            row0 += take
+            if filled == batch_size:
+                batches.append((filled, segments))
+                segments, filled = [], 0
+    if filled:
+        batches.append((filled, segments))
+    return batches
+
+
 @dataclass
 class _Phase:
     sample_offset: int
@@ -89,31 +111,13 @@ class VoteSampler:
             )
         return logits
 
-    def _chunks(self, phases: Sequence[_Phase]):
-        """Per forward batch: (rows, [(phase, first row within the phase, rows, offset in the batch)])."""
-        B = self.x.shape[0]
-        pending = [(k, 0, B * p.samples) for k, p in enumerate(phases)]
-        batch, segments, filled = [], [], 0
-        for k, row0, total in pending:
-            while row0 < total:
-                take = min(self.batch_size - filled, total - row0)
-                segments.append((k, row0, take, filled))
-                filled += take
-                row0 += take
-                if filled == self.batch_size:
-                    batch.append((filled, segments))
-                    segments, filled = [], 0
-        if filled:
-            batch.append((filled, segments))
-        return batch
-
     def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:
         """Hard vote counts (B, C) per phase."""
         B = self.x.shape[0]
         results: list[torch.Tensor | None] = [None] * len(phases)
         if B == 0:
             return [torch.zeros((0, self.num_classes or 0), dtype=torch.int64) for _ in phases]
-        chunks = self._chunks(phases)
+        chunks = plan_chunks(B, [p.samples for p in phases], self.batch_size)
         if self._buffer is None:
             rows = max(rows for rows, _ in chunks)
             self._buffer = torch.empty((rows, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)

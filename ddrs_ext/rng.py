@@ -17,6 +17,8 @@ SAMPLE_SPACE = 1 << 40  # sample indices available to each phase
 PHASE_SELECTION = 0 * SAMPLE_SPACE  # certify, step 1 (n0 samples)
 PHASE_ESTIMATION = 1 * SAMPLE_SPACE  # certify, step 2 (n samples)
 PHASE_PREDICT = 2 * SAMPLE_SPACE  # predict (n samples)
+PHASE_SIGMA = 3 * SAMPLE_SPACE  # optimize_sigma: iteration t uses [t * m, (t + 1) * m)
+PHASE_SURROGATE = 4 * SAMPLE_SPACE  # surrogate_radius
 MAX_STREAM = 2**32
 
 

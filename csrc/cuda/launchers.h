@@ -47,6 +47,26 @@ cudaError_t launch_count_votes(DType dtype, const void* logits, int64_t rows, in
                                int64_t row_start, int64_t m, int64_t* counts, int32_t* cls,
                                int64_t* first_bad, cudaStream_t cu_stream);
 
+// Soft votes (see ops.cpp) for the `rows` rows of the contiguous (rows, C) logits
+// (and tangents dlogits of the same dtype, may be null; sq_norm may be null):
+// prob_sum, deriv_sum, score_total ((B, C), (B, C), (B,) float64, the last two may
+// be null) get the rows of each input added in row order, unless some row has a
+// NaN/Inf logit or tangent: then nothing is added and *first_bad (device memory,
+// which the caller sets to `rows`) ends up holding the lowest such row. `stats` is
+// scratch for 3 * rows doubles.
+cudaError_t launch_soft_votes(DType dtype, const void* logits, const void* dlogits, const double* sq_norm,
+                              int64_t rows, int64_t C, int64_t row_start, int64_t m, int64_t dim,
+                              bool probabilities, double* prob_sum, double* deriv_sum, double* score_total,
+                              double* stats, int64_t* first_bad, cudaStream_t cu_stream);
+
+// ddrs::sigma_step (sigma.h) for each of the B inputs: sigma (B,), top2, dtop2 and
+// bracket (B, 2), all contiguous float64; bracket is updated in place, next,
+// radius and grad (B,) are written. rule is a StepRule.
+cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, int64_t B, double lr,
+                              double clip_lo, double clip_hi, double sigma_min, double sigma_max, int64_t rule,
+                              double growth, double* bracket, double* next, double* radius, double* grad,
+                              cudaStream_t cu_stream);
+
 #if defined(__CUDACC__)
 // Device-side element types, shared by the .cu files. The half types wrap
 // __half / __nv_bfloat16 with explicit conversions so that the shared headers'

@@ -1,5 +1,5 @@
 // CUDA implementations of the ddrs_ext ops: the torch glue around the kernels of
-// noise_kernel.cu and votes_kernel.cu. Same checks (checks.h) and the same
+// noise_kernel.cu, votes_kernel.cu and sigma_kernel.cu. Same checks (checks.h) and the same
 // results as the CPU kernels in csrc/cpu/.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -121,6 +121,59 @@ at::Tensor count_votes_cuda(const at::Tensor& logits, int64_t row_start, int64_t
   return counts;
 }
 
+void soft_votes_cuda_(const at::Tensor& logits, const std::optional<at::Tensor>& dlogits,
+                      const std::optional<at::Tensor>& sq_norm, int64_t row_start, int64_t samples_per_input,
+                      int64_t dim, bool probabilities, const at::Tensor& prob_sum,
+                      const std::optional<at::Tensor>& deriv_sum, const std::optional<at::Tensor>& score_total) {
+  check_soft_votes_args(logits, dlogits, sq_norm, row_start, samples_per_input, dim, prob_sum, deriv_sum,
+                        score_total);
+  TORCH_INTERNAL_ASSERT(logits.is_cuda());
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  if (rows == 0) return;
+  const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const at::Tensor lc = logits.contiguous();
+  // As on the CPU, the tangents are read in the logits' dtype.
+  const at::Tensor dc = dlogits.has_value() ? dlogits->to(logits.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor sc = sq_norm.has_value() ? sq_norm->contiguous() : at::Tensor();
+  at::Tensor stats = at::empty({3 * rows}, logits.options().dtype(at::kDouble));
+  at::Tensor first_bad = at::full({1}, rows, logits.options().dtype(at::kLong));
+  const cuda::DType dtype = kernel_dtype(lc.scalar_type(), "soft_votes_cuda");
+  C10_CUDA_CHECK(cuda::launch_soft_votes(
+      dtype, lc.const_data_ptr(), dc.defined() ? dc.const_data_ptr() : nullptr,
+      sc.defined() ? sc.const_data_ptr<double>() : nullptr, rows, C, row_start, samples_per_input, dim,
+      probabilities, prob_sum.mutable_data_ptr<double>(),
+      deriv_sum.has_value() ? deriv_sum->mutable_data_ptr<double>() : nullptr,
+      score_total.has_value() ? score_total->mutable_data_ptr<double>() : nullptr, stats.mutable_data_ptr<double>(),
+      first_bad.mutable_data_ptr<int64_t>(), cu_stream));
+  // Unlike the CPU kernel, which may have added other inputs' rows by then, the
+  // kernels leave every sum untouched when a row is bad.
+  const int64_t bad = first_bad.item<int64_t>();
+  if (bad < rows) fail_non_finite(bad, row_start, samples_per_input, "soft_votes");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor& sigma, const at::Tensor& top2,
+                                                               const at::Tensor& dtop2, const at::Tensor& bracket,
+                                                               double lr, double clip_lo, double clip_hi,
+                                                               double sigma_min, double sigma_max, int64_t rule,
+                                                               double growth) {
+  check_sigma_step_args(sigma, top2, dtop2, bracket, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+  TORCH_INTERNAL_ASSERT(sigma.is_cuda());
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const int64_t B = sigma.size(0);
+  at::Tensor next = at::empty({B}, sigma.options()), radius = at::empty({B}, sigma.options()),
+             grad = at::empty({B}, sigma.options());
+  if (B == 0) return {next, radius, grad};
+  const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(sigma.device().index()).stream();
+  const at::Tensor s = sigma.contiguous(), e = top2.contiguous(), de = dtop2.contiguous();
+  C10_CUDA_CHECK(cuda::launch_sigma_step(s.const_data_ptr<double>(), e.const_data_ptr<double>(),
+                                         de.const_data_ptr<double>(), B, lr, clip_lo, clip_hi, sigma_min, sigma_max,
+                                         rule, growth, bracket.mutable_data_ptr<double>(),
+                                         next.mutable_data_ptr<double>(), radius.mutable_data_ptr<double>(),
+                                         grad.mutable_data_ptr<double>(), cu_stream));
+  return {next, radius, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CUDA, m) {
@@ -128,6 +181,8 @@ TORCH_LIBRARY_IMPL(ddrs_ext, CUDA, m) {
   m.impl("perturb_gaussian_out", &perturb_gaussian_out_cuda);
   m.impl("count_votes", &count_votes_cuda);
   m.impl("count_votes_", &count_votes_cuda_);
+  m.impl("soft_votes_", &soft_votes_cuda_);
+  m.impl("sigma_step", &sigma_step_cuda);
 }
 
 }  // namespace ddrs

@@ -1,0 +1,409 @@
+"""Memory-based certification: certified answers checked against the ones given before.
+
+With a sigma chosen per input, each certificate is valid for the smoothed classifier *at that
+sigma*, and two inputs certified at different sigmas can claim overlapping balls for different
+classes. Alfarra et al. (UAI 2022) restore soundness by remembering the certified inputs and
+adjusting every new answer so that no two remembered balls of different classes overlap
+(DESIGN.md section 2).
+
+All decisions go through ``gap_j = d_j - R_j`` over the earlier entries ``j`` whose class differs
+from the query's, ``d_j = ||x - x_j||_2`` in float64: with ``m = min_j gap_j`` (first ``j`` on
+ties), ``m < 0`` means ``x`` lies inside ``j``'s ball (the most negative gap is the deepest
+ball) and the answer becomes ``(c_j, -m)``; otherwise the radius becomes ``min(R, m)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddrs_ext._validate import check_inputs
+from ddrs_ext.certification import ABSTAIN, CertifyResult
+
+__all__ = ["CertificationMemory"]
+
+_FORMAT = "ddrs_ext.CertificationMemory"
+_VERSION = 1
+_MIN_CAPACITY = 16
+# Queries handled together; their (Q, Q) distances are walked on the CPU in query order.
+_QUERY_BLOCK = 1024
+# Upper bound, in float64 elements, on one (queries, stored entries) tile of distances.
+_TILE_ELEMENTS = 1 << 21
+# cdist's direct kernel computes each distance from the coordinate differences, so a pair's
+# distance is accurate to float64 rounding and bitwise the same whichever batch it sits in
+# (the ||a||^2 + ||b||^2 - 2ab form cancels catastrophically for nearby points).
+_DIRECT = "donot_use_mm_for_euclid_dist"
+
+
+def _flat64(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, D) float64; exact for every float dtype."""
+    return (x.flatten(1) if x.dim() > 1 else x[:, None]).to(torch.float64)
+
+
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L2 distances (len(a), len(b)) between rows of two float64 matrices."""
+    return torch.cdist(a, b, compute_mode=_DIRECT)
+
+
+class CertificationMemory:
+    """Remembers certified inputs and makes later certificates consistent with them.
+
+    Each stored entry is an input ``x_j`` with its certified class ``c_j`` and L2 radius
+    ``R_j``, in query order. ``adjust`` compares every new certified answer ``(x, c, R)`` with
+    the stored entries of other classes, at distances ``d_j = ||x - x_j||_2``:
+
+    - if ``x`` lies inside such a ball (``d_j < R_j``), the answer becomes ``(c_j, R_j - d_j)``
+      for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry);
+    - otherwise the radius shrinks to ``min(R, min_j (d_j - R_j))``.
+
+    The adjusted answer is stored; abstentions (``ABSTAIN``) pass through unchanged and are
+    not stored. Hence no two stored balls of different classes overlap:
+    ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to float64 rounding of the
+    distances (relative error of order ``1e-15 * sqrt(D)`` for ``D`` elements per input).
+
+    Distances are computed in float64 on the memory's device; the stored inputs keep their
+    dtype (promoted, exactly, when inputs of a wider float dtype arrive).
+
+    Args:
+        device: where stored inputs live and distances are computed; ``None`` takes the
+            device of the first inputs. Later inputs are moved to it.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(
+                f"device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
+                f"got {type(device).__name__}"
+            )
+        self._device = None if device is None else torch.device(device)
+        self._shape: tuple[int, ...] | None = None  # per-input shape, fixed by the first inputs
+        self._x: torch.Tensor | None = None  # (capacity, *shape), rows [0, size) in use
+        self._prediction: torch.Tensor | None = None  # (capacity,) int64
+        self._radius: torch.Tensor | None = None  # (capacity,) float64
+        self._size = 0
+
+    def __len__(self) -> int:
+        """The number of stored (certified) entries."""
+        return self._size
+
+    def __repr__(self) -> str:
+        dtype = None if self._x is None else self._x.dtype
+        return (
+            f"CertificationMemory({self._size} entries, input shape {self._shape}, "
+            f"dtype {dtype}, device {self._device})"
+        )
+
+    # ----------------------------------------------------------------------------- adjusting
+
+    @torch.no_grad()
+    def adjust(
+        self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjusts a batch of certified answers against the memory and stores them.
+
+        The ``B`` queries are processed in order: query ``i`` sees every entry stored before
+        it, including those stored by queries ``< i`` of this call. Results equal those of
+        ``B`` calls with one query each, bit for bit.
+
+        Args:
+            x: ``(B, ...)`` floating-point inputs, all finite, with the per-input shape of the
+                inputs this memory has seen.
+            prediction: ``(B,)`` integer certified classes, ``ABSTAIN`` (-1) for abstentions.
+            radius: ``(B,)`` certified L2 radii, finite and ``>= 0`` (0 where abstaining).
+
+        Returns:
+            ``(prediction, radius)``: the adjusted ``(B,)`` int64 classes and ``(B,)`` float64
+            radii, on the CPU.
+        """
+        x, prediction, radius = self._check_queries(x, prediction, radius)
+        certified = (prediction != ABSTAIN).nonzero().flatten()
+        for start in range(0, certified.numel(), _QUERY_BLOCK):
+            rows = certified[start : start + _QUERY_BLOCK]
+            new_class, new_radius = self._adjust_block(x[rows.to(x.device)], prediction[rows], radius[rows])
+            prediction[rows] = torch.from_numpy(new_class)
+            radius[rows] = torch.from_numpy(new_radius)
+        return prediction, radius
+
+    def adjust_result(self, x: torch.Tensor, result: CertifyResult) -> CertifyResult:
+        """``adjust`` applied to a ``CertifyResult`` for the inputs ``x``.
+
+        Returns a copy of ``result`` whose ``prediction`` and ``radius`` are the adjusted ones;
+        ``p_lower``, ``counts``, ``sigma`` and ``seed`` are kept (the same tensors).
+        """
+        if not isinstance(result, CertifyResult):
+            raise TypeError(
+                "result must be the CertifyResult returned by ddrs_ext.certify, got "
+                f"{type(result).__name__}; for plain tensors use adjust(x, prediction, radius)"
+            )
+        prediction, radius = self.adjust(x, result.prediction, result.radius)
+        return dataclasses.replace(result, prediction=prediction, radius=radius)
+
+    def _adjust_block(
+        self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Adjusts certified queries in order, then stores them; returns their new answers."""
+        flat = _flat64(x)
+        gap, gap_class = self._smallest_gap_to_stored(flat, prediction)
+        # Gaps among the block's own queries depend on the adjusted answers of the earlier
+        # ones, so this part is walked sequentially, with numpy on rows of one matrix.
+        distance = _pairwise_distances(flat, flat).cpu().numpy()
+        classes = prediction.numpy().copy()
+        radii = radius.numpy().copy()
+        for i in range(classes.shape[0]):
+            m, m_class = gap[i], gap_class[i]
+            if i:
+                g = distance[i, :i] - radii[:i]
+                g[classes[:i] == classes[i]] = math.inf
+                k = int(g.argmin())  # first minimum: the earliest entry on ties
+                if g[k] < m:  # strict: earlier (stored) entries win ties
+                    m, m_class = g[k], classes[k]
+            if m < 0:  # inside the ball of an entry of another class
+                classes[i], radii[i] = m_class, -m  # -(d - R) == R - d exactly in IEEE arithmetic
+            elif m < radii[i]:
+                radii[i] = m
+        self._append(x, classes, radii)
+        return classes, radii
+
+    def _smallest_gap_to_stored(
+        self, flat: torch.Tensor, prediction: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: min over stored entries of other classes of d - R (inf if none), and its class."""
+        q = flat.shape[0]
+        best = torch.full((q,), math.inf, dtype=torch.float64, device=flat.device)
+        best_class = torch.full((q,), ABSTAIN, dtype=torch.int64, device=flat.device)
+        if self._size and q:
+            own_class = prediction.to(flat.device)[:, None]
+            step = max(1, _TILE_ELEMENTS // q)
+            for start in range(0, self._size, step):
+                stop = min(start + step, self._size)
+                points = _flat64(self._x[start:stop])
+                classes = self._prediction[start:stop]
+                gap = _pairwise_distances(flat, points) - self._radius[start:stop]
+                gap.masked_fill_(classes[None, :] == own_class, math.inf)
+                index = gap.argmin(dim=1)  # first minimum: the earliest entry on ties
+                value = gap.gather(1, index[:, None])[:, 0]
+                smaller = value < best  # strict: earlier tiles win ties
+                best = torch.where(smaller, value, best)
+                best_class = torch.where(smaller, classes[index], best_class)
+        return best.cpu().numpy(), best_class.cpu().numpy()
+
+    def _append(self, x: torch.Tensor, prediction: np.ndarray, radius: np.ndarray) -> None:
+        """Stores rows of x with their answers, growing the buffers by doubling."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        need = self._size + n
+        dtype = x.dtype if self._x is None else torch.promote_types(self._x.dtype, x.dtype)
+        capacity = 0 if self._x is None else self._x.shape[0]
+        if need > capacity or dtype != self._x.dtype:
+            self._reallocate(max(need, 2 * capacity if need > capacity else capacity, _MIN_CAPACITY), dtype)
+        self._x[self._size : need] = x  # exact: dtype is at least as wide as x's
+        self._prediction[self._size : need] = torch.from_numpy(prediction)
+        self._radius[self._size : need] = torch.from_numpy(radius)
+        self._size = need
+
+    def _reallocate(self, capacity: int, dtype: torch.dtype) -> None:
+        x = torch.empty((capacity, *self._shape), dtype=dtype, device=self._device)
+        prediction = torch.empty(capacity, dtype=torch.int64, device=self._device)
+        radius = torch.empty(capacity, dtype=torch.float64, device=self._device)
+        if self._size:
+            x[: self._size] = self._x[: self._size]
+            prediction[: self._size] = self._prediction[: self._size]
+            radius[: self._size] = self._radius[: self._size]
+        self._x, self._prediction, self._radius = x, prediction, radius
+
+    # ----------------------------------------------------------------------------- checks
+
+    def _check_queries(
+        self, x: Any, prediction: Any, radius: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated (x on the memory's device, prediction int64 CPU copy, radius float64 CPU copy)."""
+        x = check_inputs(x)
+        batch = x.shape[0]
+        shape = tuple(x.shape[1:])
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(
+                f"x must have per-input shape {self._shape}, the shape of the inputs this memory already "
+                f"holds, got {shape} (x of shape {tuple(x.shape)}); use one memory per input shape"
+            )
+        prediction = _as_vector(prediction, "prediction", batch)
+        if prediction.dtype.is_floating_point or prediction.is_complex() or prediction.dtype == torch.bool:
+            raise TypeError(
+                f"prediction must hold integer class indices, got dtype {prediction.dtype}; "
+                "pass e.g. prediction.long()"
+            )
+        prediction = prediction.to(device="cpu", dtype=torch.int64, copy=True)
+        bad = prediction < ABSTAIN
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"prediction must be a class index >= 0 or ABSTAIN ({ABSTAIN}); "
+                f"input {i} has {int(prediction[i])}"
+            )
+        radius = _as_vector(radius, "radius", batch)
+        if radius.is_complex() or radius.dtype == torch.bool:
+            raise TypeError(f"radius must hold real numbers, got dtype {radius.dtype}")
+        radius = radius.to(device="cpu", dtype=torch.float64, copy=True)
+        ok = torch.isfinite(radius) & (radius >= 0)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
+            raise ValueError(
+                f"radius must be finite and >= 0 for every input; input {i} has {float(radius[i])}"
+            )
+        ghost = (prediction == ABSTAIN) & (radius > 0)
+        if bool(ghost.any()):
+            i = int(ghost.nonzero()[0, 0])
+            raise ValueError(
+                f"input {i} abstains (prediction {ABSTAIN}) but has radius {float(radius[i])}; an abstention "
+                "certifies nothing, so its radius must be 0"
+            )
+        if self._device is None:
+            self._device = x.device
+        if self._shape is None:
+            self._shape = shape
+        return x.to(self._device), prediction, radius
+
+    # ----------------------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored entries as a dict of plain values and tensors (copies, on the memory's device).
+
+        Keys: ``format``, ``version``, ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the
+        stored dtype, or None when nothing is stored), ``prediction`` ((N,) int64), ``radius``
+        ((N,) float64).
+        """
+        n = self._size
+        empty = self._x is None
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "input_shape": None if self._shape is None else list(self._shape),
+            "x": None if empty else self._x[:n].clone(),
+            "prediction": torch.zeros(0, dtype=torch.int64) if empty else self._prediction[:n].clone(),
+            "radius": torch.zeros(0, dtype=torch.float64) if empty else self._radius[:n].clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replaces the memory's entries with those of ``state`` (from ``state_dict``).
+
+        The tensors go to this memory's device; a memory created with ``device=None`` takes
+        the device of ``state``'s tensors.
+        """
+        shape, x, prediction, radius = _check_state(state)
+        n = prediction.shape[0]
+        if self._device is None and x is not None:
+            self._device = x.device
+        self._shape = shape
+        self._x = self._prediction = self._radius = None
+        self._size = 0
+        if x is not None:
+            self._reallocate(max(n, _MIN_CAPACITY), x.dtype)
+            self._x[:n] = x
+            self._prediction[:n] = prediction
+            self._radius[:n] = radius
+            self._size = n
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes ``state_dict()`` to ``path`` with ``torch.save``."""
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: Any = None) -> CertificationMemory:
+        """Reads a memory written by ``save``; ``map_location`` as in ``torch.load``.
+
+        The memory lives on the device its tensors are loaded to.
+        """
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except OSError:
+            raise
+        except Exception as err:  # unpickling errors have many types; all mean "not ours"
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a saved CertificationMemory: torch.load failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
+        memory = cls()
+        try:
+            memory.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(path)!r}: {err}") from None
+        return memory
+
+
+def _as_vector(value: Any, name: str, batch: int) -> torch.Tensor:
+    """value as a detached (batch,) tensor, or a clear error."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{name} must be a tensor of shape ({batch},), got {type(value).__name__}"
+            ) from None
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(
+            f"{name} must have shape ({batch},), one value per input of x, got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def _check_state(
+    state: Any,
+) -> tuple[tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        got = (
+            f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
+        )
+        raise ValueError(
+            "not a CertificationMemory state: expected the dict that CertificationMemory.state_dict() "
+            f"returns (with format {_FORMAT!r}), got {got}"
+        )
+    version = state.get("version")
+    if version != _VERSION:
+        raise ValueError(
+            f"unknown CertificationMemory state version {version!r}; this ddrs_ext reads version "
+            f"{_VERSION} (a newer ddrs_ext may have written it)"
+        )
+
+    def damaged(problem: str) -> ValueError:
+        return ValueError(f"CertificationMemory state is damaged: {problem}")
+
+    missing = {"input_shape", "x", "prediction", "radius"} - state.keys()
+    if missing:
+        raise damaged(f"it lacks {sorted(missing)}")
+    shape, x, prediction, radius = state["input_shape"], state["x"], state["prediction"], state["radius"]
+    if shape is not None:
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise damaged(f"input_shape is {shape!r}, not a list of sizes")
+        shape = tuple(shape)
+    for name, value, dtype in (("prediction", prediction, torch.int64), ("radius", radius, torch.float64)):
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != 1:
+            raise damaged(f"{name} is not a 1-d {dtype} tensor")
+    n = prediction.shape[0]
+    if radius.shape[0] != n:
+        raise damaged(f"{n} predictions but {radius.shape[0]} radii")
+    if x is None:
+        if n:
+            raise damaged(f"{n} entries but no inputs x")
+    elif (
+        not isinstance(x, torch.Tensor)
+        or not x.is_floating_point()
+        or x.dim() < 1
+        or x.shape[0] != n
+        or tuple(x.shape[1:]) != shape
+    ):
+        raise damaged(f"x is not a float tensor of shape ({n}, *input_shape) with input_shape {shape}")
+    if n and not bool((prediction >= 0).all()):
+        raise damaged("a stored class is negative")
+    if n and not bool((torch.isfinite(radius) & (radius >= 0)).all()):
+        raise damaged("a stored radius is negative or not finite")
+    return shape, x, prediction, radius
