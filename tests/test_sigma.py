@@ -210,9 +210,10 @@ def test_opcheck_sigma_ops():
 class Stripes(torch.nn.Module):
     """Two classes in alternating stripes across the direction w: logits (0, beta * cos(pi * w.x / width)).
 
-    Under noise w.(x + sigma eps) = t + sigma ||w|| Z, so E_1(sigma) = E[sigmoid(beta cos(pi (t + sigma ||w|| Z)
-    / width))] is a one-dimensional Gaussian integral, and the surrogate and its optimum follow by
-    quadrature. Far-reaching noise averages the stripes out, so every point has an interior optimum.
+    Under noise w.(x + sigma eps) = t + sigma ||w|| Z, so
+    E_1(sigma) = E[sigmoid(beta cos(pi (t + sigma ||w|| Z) / width))] is a one-dimensional Gaussian
+    integral, and the surrogate and its optimum follow by quadrature. Far-reaching noise averages
+    the stripes out, so every point has an interior optimum.
     """
 
     def __init__(self, dim=8, width=2.0, beta=6.0, seed=0):
