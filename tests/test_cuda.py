@@ -244,6 +244,235 @@ def test_votes_bad_arguments():
         ops.count_votes_(torch.zeros(4, 3, device=DEVICE), 0, 2, torch.zeros(2, 3, dtype=torch.int64))
 
 
+# ---------------------------------------------------------------- soft_votes_
+
+# name: (dlogits, sq_norm, deriv_sum, score_total, probabilities)
+SOFT_MODES = {
+    "plain": (False, False, False, False, False),
+    "tangent": (True, False, True, False, False),
+    "score": (False, True, True, True, False),
+    "probs-tangent": (True, False, True, False, True),
+    "probs-score": (False, True, True, True, True),
+}
+SOFT_DIM = 30
+
+
+def _soft_inputs(rows, C, dtype, mode, seed=0):
+    """CPU tensors: logits (one constant row), float32 tangents (the op reads them in the logits' dtype),
+    sq_norm."""
+    with_d, with_sq, _, _, probs = SOFT_MODES[mode]
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(rows, C, generator=g, dtype=torch.float64)
+    if probs:
+        logits = torch.softmax(logits, 1)
+    logits = logits.to(dtype)
+    if rows > 3:
+        logits[1] = logits[1, 0]
+    d = torch.randn(rows, C, generator=g) if with_d else None
+    sq = torch.rand(rows, generator=g, dtype=torch.float64) * 2 * SOFT_DIM if with_sq else None
+    return logits, d, sq
+
+
+def _soft_sums(B, C, mode, device, seed=1):
+    """Non-zero starting sums (the op accumulates)."""
+    _, _, with_ds, with_st, _ = SOFT_MODES[mode]
+    g = torch.Generator().manual_seed(seed)
+    ps = torch.rand(B, C, generator=g, dtype=torch.float64)
+    ds = torch.rand(B, C, generator=g, dtype=torch.float64) if with_ds else None
+    st = torch.rand(B, generator=g, dtype=torch.float64) if with_st else None
+    return [None if t is None else t.to(device) for t in (ps, ds, st)]
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
+def _soft_votes(logits, d, sq, row_start, m, mode, sums, splits=None):
+    """ops.soft_votes_ over the rows in chunks of `splits` rows (one call by default)."""
+    probs = SOFT_MODES[mode][4]
+    ps, ds, st = sums
+    start = 0
+    for rows in splits or [logits.shape[0]]:
+        end = start + rows
+        ops.soft_votes_(
+            logits[start:end],
+            row_start + start,
+            m,
+            ps,
+            dlogits=None if d is None else d[start:end],
+            sq_norm=None if sq is None else sq[start:end],
+            dim=SOFT_DIM,
+            probabilities=probs,
+            deriv_sum=ds,
+            score_total=st,
+        )
+        start = end
+    return sums
+
+
+def _assert_sums_close(got, expected, m):
+    # float64 sums of m terms each at most a few units: CUDA's exp and the warp's
+    # summation order differ from the CPU's by an ulp or so per term.
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-12, atol=1e-13 * m * SOFT_DIM)
+
+
+@pytest.mark.parametrize("mode", list(SOFT_MODES))
+@pytest.mark.parametrize("C", [1, 3, 10, 33, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_votes_matches_reference_and_cpu(dtype, C, mode):
+    rows, m, row_start = 23, 5, 2  # partial first and last inputs
+    B = (row_start + rows + m - 1) // m
+    logits, d, sq = _soft_inputs(rows, C, dtype, mode)
+    got = _soft_votes(
+        logits.to(DEVICE), _to(d, DEVICE), _to(sq, DEVICE), row_start, m, mode, _soft_sums(B, C, mode, DEVICE)
+    )
+    assert got[0].is_cuda
+    cpu = _soft_votes(logits, d, sq, row_start, m, mode, _soft_sums(B, C, mode, "cpu"))
+    _assert_sums_close(got, cpu, m)
+    # From zero against the reference (whose tangents are the dtype-rounded ones the op reads).
+    zeros = [None if t is None else torch.zeros_like(t) for t in got]
+    got = _soft_votes(logits.to(DEVICE), _to(d, DEVICE), _to(sq, DEVICE), row_start, m, mode, zeros)
+    expected = reference.soft_votes(
+        logits,
+        row_start,
+        m,
+        B,
+        dlogits=None if d is None else d.to(dtype),
+        sq_norm=sq,
+        dim=SOFT_DIM,
+        probabilities=SOFT_MODES[mode][4],
+    )
+    _assert_sums_close(got, expected, m)
+
+
+@pytest.mark.parametrize("mode", ["tangent", "score"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_votes_deterministic_across_chunkings(dtype, mode):
+    """No floating-point atomics: the same bits however the rows are split, and run after run."""
+    rows, m, C = 300, 70, 37
+    logits, d, sq = _soft_inputs(rows, C, dtype, mode, seed=2)
+    logits, d, sq = logits.to(DEVICE), _to(d, DEVICE), _to(sq, DEVICE)
+    B = (rows + m - 1) // m
+    whole = _soft_votes(logits, d, sq, 0, m, mode, _soft_sums(B, C, mode, DEVICE))
+    for splits in [[300], [1] * 300, [69, 2, 229], [150, 150], [7] * 42 + [6]]:
+        got = _soft_votes(logits, d, sq, 0, m, mode, _soft_sums(B, C, mode, DEVICE), splits)
+        for a, b in zip(got, whole):
+            if a is not None:
+                _assert_same_bits(a, b)
+
+
+def test_soft_votes_long_rows_many_inputs():
+    """Rows longer than a warp (several classes per lane), more inputs than one grid covers."""
+    rows, m, C = 6000, 3, 1500
+    logits, d, sq = _soft_inputs(rows, C, torch.float32, "tangent", seed=3)
+    B = rows // m
+    got = _soft_votes(
+        logits.to(DEVICE), d.to(DEVICE), None, 0, m, "tangent", _soft_sums(B, C, "tangent", DEVICE)
+    )
+    cpu = _soft_votes(logits, d, None, 0, m, "tangent", _soft_sums(B, C, "tangent", "cpu"))
+    _assert_sums_close(got, cpu, m)
+
+
+def test_soft_votes_score_total_without_deriv_sum():
+    """score_total collects sq_norm - dim whether or not deriv_sum is given (the schema's contract)."""
+    logits, _, sq = _soft_inputs(12, 4, torch.float32, "score")
+    st = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+    ops.soft_votes_(
+        logits.to(DEVICE),
+        0,
+        4,
+        torch.zeros(3, 4, dtype=torch.float64, device=DEVICE),
+        sq_norm=sq.to(DEVICE),
+        dim=SOFT_DIM,
+        score_total=st,
+    )
+    _, _, expected = reference.soft_votes(logits, 0, 4, 3, sq_norm=sq, dim=SOFT_DIM)
+    torch.testing.assert_close(st.cpu(), expected, rtol=1e-14, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_tangents", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_votes_non_finite_names_the_input(dtype, bad, in_tangents):
+    logits, d, _ = _soft_inputs(12, 3, dtype, "tangent")
+    target = d if in_tangents else logits
+    target[8, 2] = bad  # row 8 with row_start 3 is virtual row 11: input 2, noise sample 3
+    target[10, 0] = bad  # a later bad row: the lowest one is named
+    sums = _soft_sums(4, 3, "tangent", DEVICE)
+    before = [t.clone() for t in sums if t is not None]
+    with pytest.raises(ValueError, match=r"soft_votes: .*input 2 \(noise sample 3, logits row 8\)"):
+        _soft_votes(logits.to(DEVICE), d.to(DEVICE), None, 3, 4, "tangent", sums)
+    # Unlike the CPU kernel, the CUDA one adds nothing when a row is bad.
+    for a, b in zip([t for t in sums if t is not None], before):
+        _assert_same_bits(a, b)
+
+
+def test_soft_votes_empty_and_bad_arguments():
+    ps = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE)
+    ops.soft_votes_(torch.zeros(0, 3, device=DEVICE), 4, 2, ps)
+    assert ps.abs().sum().item() == 0
+    with pytest.raises(ValueError, match="outside"):
+        ops.soft_votes_(torch.zeros(5, 3, device=DEVICE), 0, 2, ps)
+    with pytest.raises(ValueError, match="device"):
+        ops.soft_votes_(torch.zeros(4, 3, device=DEVICE), 0, 2, ps.cpu())
+    with pytest.raises(ValueError, match="deriv_sum"):
+        ops.soft_votes_(torch.zeros(4, 3, device=DEVICE), 0, 2, ps, dlogits=torch.zeros(4, 3, device=DEVICE))
+
+
+# ---------------------------------------------------------------- sigma_step
+
+
+def _sigma_inputs(B, seed=0, with_nan=True):
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.rand(B, generator=g, dtype=torch.float64) * 2 + 0.05
+    top = torch.rand(B, 2, generator=g, dtype=torch.float64)
+    top2 = torch.stack([top.max(1).values, top.min(1).values], 1)
+    top2[: B // 8, 0] = 1.0  # clipped above
+    top2[B // 8 : B // 4, 1] = 0.0  # clipped below
+    top2[B // 4 : B // 4 + 3] = 0.5
+    if with_nan:
+        top2[B // 2, 0] = float("nan")
+    dtop2 = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    bracket = torch.zeros(B, 2, dtype=torch.float64)
+    bracket[::3, 0] = sigma[::3] / 2
+    bracket[::5, 1] = sigma[::5] * 2
+    return sigma, top2, dtop2, bracket
+
+
+@pytest.mark.parametrize("rule", [0, 1])
+@pytest.mark.parametrize("B", [1, 37, 5000])
+def test_sigma_step_matches_cpu(B, rule):
+    sigma, top2, dtop2, bracket = _sigma_inputs(B)
+    kwargs = {"lr": 0.1, "clip": (0.02, 0.98), "sigma_range": (0.01, 3.0), "rule": rule, "growth": 1.7}
+    cuda_bracket = bracket.to(DEVICE)
+    got = ops.sigma_step(sigma.to(DEVICE), top2.to(DEVICE), dtop2.to(DEVICE), cuda_bracket, **kwargs)
+    cpu_bracket = bracket.clone()
+    expected = ops.sigma_step(sigma, top2, dtop2, cpu_bracket, **kwargs)
+    # The same double maths on both sides (csrc/sigma.h); erfc, exp and log may differ by an ulp.
+    for a, b in zip(got, expected):
+        assert a.is_cuda and a.dtype == torch.float64
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-13, atol=1e-13, equal_nan=True)
+    _assert_same_bits(cuda_bracket, cpu_bracket)  # only ever set to an input sigma
+
+
+def test_sigma_step_non_contiguous_and_empty():
+    sigma, top2, dtop2, bracket = _sigma_inputs(10)
+    kwargs = {"lr": 0.1, "clip": (0.02, 0.98), "sigma_range": (0.01, 3.0), "rule": 1, "growth": 1.7}
+    top2_t = top2.t().contiguous().to(DEVICE).t()  # (B, 2) with strides (1, B)
+    got = ops.sigma_step(sigma.to(DEVICE), top2_t, dtop2.to(DEVICE), bracket.to(DEVICE), **kwargs)
+    expected = ops.sigma_step(sigma, top2, dtop2, bracket.clone(), **kwargs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-13, atol=1e-13, equal_nan=True)
+    empty = torch.zeros(0, 2, dtype=torch.float64, device=DEVICE)
+    out = ops.sigma_step(
+        torch.zeros(0, dtype=torch.float64, device=DEVICE), empty, empty, empty.clone(), **kwargs
+    )
+    assert all(t.shape == (0,) and t.is_cuda for t in out)
+
+
 # ---------------------------------------------------------------- opcheck
 
 
@@ -276,10 +505,37 @@ def test_opcheck_cuda():
         torch.ops.ddrs_ext.count_votes_.default,
         (logits, 0, 4, torch.zeros(3, 4, dtype=torch.int64, device=DEVICE)),
     )
+    soft, d, _ = _soft_inputs(12, 4, torch.float32, "tangent")
+    soft, d = soft.to(DEVICE), d.to(DEVICE)
+    sq = torch.rand(12, dtype=torch.float64, device=DEVICE) * 60
+
+    def f64(*shape):
+        return torch.zeros(*shape, dtype=torch.float64, device=DEVICE)
+
+    for args in [
+        (soft, d, None, 2, 5, 0, False, f64(3, 4), f64(3, 4), None),
+        (soft, None, sq, 2, 5, 7, False, f64(3, 4), f64(3, 4), f64(3)),
+        (soft, None, None, 0, 4, 0, False, f64(3, 4), None, None),
+    ]:
+        torch.library.opcheck(torch.ops.ddrs_ext.soft_votes_.default, args)
+    # No NaN: opcheck compares NaN outputs as unequal.
+    sigma, top2, dtop2, bracket = (t.to(DEVICE) for t in _sigma_inputs(9, with_nan=False))
+    for rule in (0, 1):
+        torch.library.opcheck(
+            torch.ops.ddrs_ext.sigma_step.default,
+            (sigma, top2, dtop2, bracket.clone(), 0.1, 0.02, 0.98, 0.01, 3.0, rule, 1.5),
+        )
 
 
 def test_cuda_kernels_registered():
-    for op in ("perturb_gaussian", "perturb_gaussian_out", "count_votes", "count_votes_"):
+    for op in (
+        "perturb_gaussian",
+        "perturb_gaussian_out",
+        "count_votes",
+        "count_votes_",
+        "soft_votes_",
+        "sigma_step",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddrs_ext::{op}", "CUDA"), op
 
 

@@ -72,6 +72,16 @@ def test_soft_votes_chunking_is_bitwise_reproducible():
         assert torch.equal(prob, results[0][0]) and torch.equal(deriv, results[0][1])
 
 
+def test_soft_votes_score_total_without_deriv_sum():
+    g = torch.Generator().manual_seed(5)
+    logits, sq = torch.randn(9, 4, generator=g), torch.rand(9, generator=g, dtype=torch.float64) * 5
+    prob, total = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    ops.soft_votes_(logits, 0, 3, prob, sq_norm=sq, dim=2, score_total=total)
+    ref_prob, _, ref_total = reference.soft_votes(logits, 0, 3, 3, sq_norm=sq, dim=2)
+    torch.testing.assert_close(prob, ref_prob, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(total, ref_total, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_soft_votes_non_finite_names_the_input(bad):
     logits = torch.zeros(12, 3)

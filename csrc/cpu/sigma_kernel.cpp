@@ -48,6 +48,7 @@ int64_t accumulate_input(const scalar_t* logits, const scalar_t* dlogits, const 
       for (int64_t c = 0; c < C; ++c) p[c] /= total;
     }
     for (int64_t c = 0; c < C; ++c) prob_sum[c] += p[c];
+    if (score_total != nullptr) *score_total += sq_norm[r] - dim;
     if (deriv_sum == nullptr) continue;
     if (dlogits != nullptr) {
       const scalar_t* d = dlogits + r * C;
@@ -62,7 +63,6 @@ int64_t accumulate_input(const scalar_t* logits, const scalar_t* dlogits, const 
     } else {
       const double s = sq_norm[r] - dim;
       for (int64_t c = 0; c < C; ++c) deriv_sum[c] += p[c] * s;
-      if (score_total != nullptr) *score_total += s;
     }
   }
   return r1;
