@@ -146,7 +146,7 @@ inline void check_soft_votes_args(const at::Tensor& logits, const std::optional<
 }
 
 inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top2, const at::Tensor& dtop2,
-                                  const at::Tensor& bracket, double lr, double clip_lo, double clip_hi,
+                                  const at::Tensor& bracket, const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                   double sigma_min, double sigma_max, int64_t rule, double growth) {
   TORCH_CHECK_VALUE(sigma.scalar_type() == at::kDouble && sigma.dim() == 1,
                     "sigma_step: sigma must be a float64 tensor of shape (B,)");
@@ -158,6 +158,11 @@ inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top
                       ", 2) on sigma's device");
   }
   TORCH_CHECK_VALUE(bracket.is_contiguous(), "sigma_step: bracket must be contiguous");
+  if (beyond.has_value()) {
+    TORCH_CHECK_VALUE(beyond->scalar_type() == at::kBool && beyond->dim() == 1 && beyond->size(0) == B &&
+                          beyond->device() == sigma.device(),
+                      "sigma_step: beyond must be a bool tensor of shape (", B, ",) on sigma's device");
+  }
   TORCH_CHECK_VALUE(0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0,
                     "sigma_step: the clip range must satisfy 0 < clip_lo < clip_hi < 1, got (", clip_lo, ", ",
                     clip_hi, ")");

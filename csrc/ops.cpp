@@ -40,8 +40,9 @@ TORCH_LIBRARY(ddrs_ext, m) {
   // One data-dependent sigma step for every input (csrc/sigma.h): from the two largest mean
   // probabilities top2 (B, 2) and their sigma-derivatives dtop2 (B, 2), returns (new sigma,
   // surrogate radius, its derivative). rule 0: ascent with lr; rule 1: bisection with the
-  // per-input bracket (B, 2), updated in place.
+  // per-input bracket (B, 2), updated in place; beyond (B,) bool, optional, marks inputs whose
+  // current sigma the bisection must treat as past the optimum whatever the gradient says.
   m.def(
-      "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, float lr, float clip_lo, "
-      "float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
+      "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, Tensor? beyond, float lr, "
+      "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
 }

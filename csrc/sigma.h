@@ -59,9 +59,10 @@ DDRS_HD double clamp_to(double v, double lo, double hi) { return v < lo ? lo : (
 // de_a and de_b their derivatives in sigma. A clipped entry contributes no
 // derivative (like torch.clamp, whose gradient passes on the closed interval).
 // bracket = (lo, hi): sigmas known to lie below / above the optimum (0: none yet),
-// read and updated by the bisection rule only.
+// read and updated by the bisection rule only, which also takes `beyond` (treat this
+// sigma as above the optimum whatever the gradient) as an outside verdict.
 DDRS_HD SigmaStepOut sigma_step(double sigma, double e_a, double e_b, double de_a, double de_b,
-                                const SigmaStepParams& p, double* bracket) {
+                                const SigmaStepParams& p, double* bracket, bool beyond = false) {
   const double qa = normal_icdf(clamp_to(e_a, p.clip_lo, p.clip_hi));
   const double qb = normal_icdf(clamp_to(e_b, p.clip_lo, p.clip_hi));
   const bool free_a = e_a >= p.clip_lo && e_a <= p.clip_hi;
@@ -77,7 +78,7 @@ DDRS_HD SigmaStepOut sigma_step(double sigma, double e_a, double e_b, double de_
   } else {
     double& lo = bracket[0];
     double& hi = bracket[1];
-    if (out.grad > 0.0) {
+    if (out.grad > 0.0 && !beyond) {
       lo = sigma;
     } else {
       hi = sigma;

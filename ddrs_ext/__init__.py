@@ -6,6 +6,7 @@ result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
 
 from ddrs_ext import ops  # noqa: F401  (loads and registers the kernels first)
 from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
+from ddrs_ext.memory import CertificationMemory
 from ddrs_ext.sigma import PAPER_SETTINGS, SigmaStep, optimize_sigma, surrogate_radius
 from ddrs_ext.smooth import Smooth
 
@@ -14,6 +15,7 @@ __all__ = [
     "ABSTAIN",
     "PAPER_SETTINGS",
     "CertifyResult",
+    "CertificationMemory",
     "SigmaStep",
     "Smooth",
     "certify",

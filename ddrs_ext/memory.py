@@ -34,9 +34,13 @@ _MIN_CAPACITY = 16
 _QUERY_BLOCK = 1024
 # Upper bound, in float64 elements, on one (queries, stored entries) tile of distances.
 _TILE_ELEMENTS = 1 << 21
+# Stored inputs are converted to float64 and compared in slices of about this many elements
+# (2 MiB), so that a slice stays in cache while every query of a block is compared with it.
+_SLICE_ELEMENTS = 1 << 18
 # cdist's direct kernel computes each distance from the coordinate differences, so a pair's
-# distance is accurate to float64 rounding and bitwise the same whichever batch it sits in
-# (the ||a||^2 + ||b||^2 - 2ab form cancels catastrophically for nearby points).
+# distance is accurate to float64 rounding and bitwise the same whichever batch it sits in.
+# (||a||^2 + ||b||^2 - 2ab loses accuracy for nearby points far from the origin, and its
+# rounding depends on the matrix-multiply blocking, i.e. on the batch.)
 _DIRECT = "donot_use_mm_for_euclid_dist"
 
 
@@ -48,6 +52,27 @@ def _flat64(x: torch.Tensor) -> torch.Tensor:
 def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L2 distances (len(a), len(b)) between rows of two float64 matrices."""
     return torch.cdist(a, b, compute_mode=_DIRECT)
+
+
+def _slice_rows(flat: torch.Tensor) -> int:
+    """Rows of inputs like ``flat`` (B, D) in one cache-sized slice."""
+    return max(1, _SLICE_ELEMENTS // max(flat.shape[1], 1))
+
+
+def _earlier_distances(flat: torch.Tensor) -> np.ndarray:
+    """(Q, Q) float64 array whose entry [i, k] is the distance between rows i and k for k < i.
+
+    Entries with k >= i are not computed (they hold garbage): the walk over queries never reads them.
+    """
+    q = flat.shape[0]
+    if q < 2:
+        return np.empty((q, q))
+    distance = torch.empty((q, q), dtype=torch.float64, device=flat.device)
+    step = _slice_rows(flat)
+    for start in range(0, q, step):
+        stop = min(start + step, q)
+        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop])
+    return distance.cpu().numpy()
 
 
 class CertificationMemory:
@@ -63,8 +88,8 @@ class CertificationMemory:
 
     The adjusted answer is stored; abstentions (``ABSTAIN``) pass through unchanged and are
     not stored. Hence no two stored balls of different classes overlap:
-    ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to float64 rounding of the
-    distances (relative error of order ``1e-15 * sqrt(D)`` for ``D`` elements per input).
+    ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to the float64 rounding of
+    distances and differences: a relative shortfall of a few ulps (the tests allow ``1e-12``).
 
     Distances are computed in float64 on the memory's device; the stored inputs keep their
     dtype (promoted, exactly, when inputs of a wider float dtype arrive).
@@ -77,7 +102,7 @@ class CertificationMemory:
     def __init__(self, device: torch.device | str | None = None) -> None:
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(
-                f"device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
+                "device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
                 f"got {type(device).__name__}"
             )
         self._device = None if device is None else torch.device(device)
@@ -108,7 +133,8 @@ class CertificationMemory:
 
         The ``B`` queries are processed in order: query ``i`` sees every entry stored before
         it, including those stored by queries ``< i`` of this call. Results equal those of
-        ``B`` calls with one query each, bit for bit.
+        ``B`` calls with one query each (bit for bit: every distance is computed the same way
+        whichever batch it falls in).
 
         Args:
             x: ``(B, ...)`` floating-point inputs, all finite, with the per-input shape of the
@@ -149,9 +175,9 @@ class CertificationMemory:
         """Adjusts certified queries in order, then stores them; returns their new answers."""
         flat = _flat64(x)
         gap, gap_class = self._smallest_gap_to_stored(flat, prediction)
-        # Gaps among the block's own queries depend on the adjusted answers of the earlier
-        # ones, so this part is walked sequentially, with numpy on rows of one matrix.
-        distance = _pairwise_distances(flat, flat).cpu().numpy()
+        # Gaps to the block's own queries depend on the adjusted answers of the earlier ones,
+        # so this part is walked in query order: a few numpy operations on one row per query.
+        distance = _earlier_distances(flat)
         classes = prediction.numpy().copy()
         radii = radius.numpy().copy()
         for i in range(classes.shape[0]):
@@ -178,7 +204,7 @@ class CertificationMemory:
         best_class = torch.full((q,), ABSTAIN, dtype=torch.int64, device=flat.device)
         if self._size and q:
             own_class = prediction.to(flat.device)[:, None]
-            step = max(1, _TILE_ELEMENTS // q)
+            step = max(1, min(_TILE_ELEMENTS // q, _slice_rows(flat)))
             for start in range(0, self._size, step):
                 stop = min(start + step, self._size)
                 points = _flat64(self._x[start:stop])

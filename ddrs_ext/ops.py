@@ -161,15 +161,30 @@ def sigma_step(
     dtop2: torch.Tensor,
     bracket: torch.Tensor,
     *,
+    beyond: torch.Tensor | None = None,
     lr: float,
     clip: tuple[float, float],
     sigma_range: tuple[float, float],
     rule: int,
     growth: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sigma update for every input: returns (new sigma, surrogate radius, d radius / d sigma)."""
+    """One sigma update for every input: returns (new sigma, surrogate radius, d radius / d sigma).
+
+    ``beyond`` (bool, (B,)) marks inputs whose sigma the bisection rule must treat as past the
+    optimum whatever the gradient says."""
     return _ops.sigma_step(
-        sigma, top2, dtop2, bracket, lr, clip[0], clip[1], sigma_range[0], sigma_range[1], rule, growth
+        sigma,
+        top2,
+        dtop2,
+        bracket,
+        beyond,
+        lr,
+        clip[0],
+        clip[1],
+        sigma_range[0],
+        sigma_range[1],
+        rule,
+        growth,
     )
 
 
@@ -190,5 +205,7 @@ def _soft_votes_fake(
 
 
 @torch.library.register_fake("ddrs_ext::sigma_step")
-def _sigma_step_fake(sigma, top2, dtop2, bracket, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth):
+def _sigma_step_fake(
+    sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth
+):
     return torch.empty_like(sigma), torch.empty_like(sigma), torch.empty_like(sigma)

@@ -209,6 +209,7 @@ def optimize_sigma(
     growth: float = 2.0,
     clip: tuple[float, float] = (0.02, 0.98),
     sigma_range: tuple[float, float] = (1e-3, 10.0),
+    keep_prediction: bool = True,
     probabilities: bool = False,
     batch_size: int = 1000,
     seed: int | None = None,
@@ -236,6 +237,9 @@ def optimize_sigma(
     clip: the range ``E_A, E_B`` are clipped to (the published code uses (0.02, 0.98) and
     (0.001, 0.999)); a clipped value contributes no derivative.
     sigma_range: sigma never leaves ``[low, high]`` (the published code lets it go negative).
+    keep_prediction: (bisection only) treat a sigma at which the top class differs from the one
+    at ``sigma0`` as past the optimum. Without it the bracket can run away to a huge sigma where
+    the model calls pure noise one confident class (a large surrogate radius for a wrong class).
     probabilities: the model returns class probabilities rather than logits.
     seed, index: as for :func:`ddrs_ext.certify`; the noise of iteration ``t`` is sample indices
     ``[t * num_samples, (t + 1) * num_samples)`` of the optimisation phase, so results do not
@@ -265,8 +269,11 @@ def optimize_sigma(
         raise ValueError(
             f"sigma0 must lie inside sigma_range {sigma_range}; widen the range or change sigma0"
         )
+    if not isinstance(keep_prediction, bool):
+        raise TypeError(f"keep_prediction must be a bool, got {keep_prediction!r}")
     B = sampler.x.shape[0]
     bracket = torch.zeros(B, 2, dtype=torch.float64, device=sigma.device)
+    anchor = None
     steps = range(iterations)
     if progress:
         from tqdm.auto import tqdm
@@ -279,11 +286,17 @@ def optimize_sigma(
             mean, deriv = sampler.run(sigma, rng.PHASE_SIGMA + t * num_samples, num_samples, derivatives=True)
         top2, which = mean.topk(2, dim=1)
         dtop2 = deriv.gather(1, which)
+        beyond = None
+        if keep_prediction and rule == "bisect":
+            if anchor is None:
+                anchor = which[:, 0].clone()
+            beyond = (which[:, 0] != anchor).to(sigma.device)
         new_sigma, radius, grad = ops.sigma_step(
             sigma,
             top2,
             dtop2,
             bracket,
+            beyond=beyond,
             lr=lr,
             clip=clip,
             sigma_range=sigma_range,

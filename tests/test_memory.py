@@ -227,6 +227,7 @@ def test_batched_equals_one_query_at_a_time(seed, monkeypatch):
     # Tiny query blocks and distance tiles: the chunked paths give the same bits.
     monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 7)
     monkeypatch.setattr(memory_module, "_TILE_ELEMENTS", 20)
+    monkeypatch.setattr(memory_module, "_SLICE_ELEMENTS", 2 + seed)
     tiled = CertificationMemory()
     tiled.adjust(x[:50], p[:50], r[:50])
     rest = tiled.adjust(x[50:], p[50:], r[50:])

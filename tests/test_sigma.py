@@ -174,6 +174,22 @@ def test_sigma_step_bisection_rule():
     torch.testing.assert_close(
         bracket, f64([[0.5, 0.0], [0.5, 2.0], [0.0, 0.5], [0.125, 0.5]]), rtol=0, atol=0
     )
+    # `beyond` overrides a positive gradient: shrink / bisect downwards instead of growing.
+    bracket = f64([[0.0, 0.0], [0.125, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    new, _, _ = ops.sigma_step(
+        sigma,
+        top2,
+        dtop2,
+        bracket,
+        beyond=torch.tensor([True, True, False, False]),
+        lr=1.0,
+        clip=(0.02, 0.98),
+        sigma_range=(0.01, 5.0),
+        rule=1,
+        growth=2.0,
+    )
+    torch.testing.assert_close(new, f64([0.25, 0.25, 0.25, 0.25]), rtol=1e-15, atol=0)
+    torch.testing.assert_close(bracket[:2], f64([[0.0, 0.5], [0.125, 0.5]]), rtol=0, atol=0)
 
 
 def test_sigma_step_bad_arguments():
@@ -194,7 +210,37 @@ def test_opcheck_sigma_ops():
     sigma, top2, dtop2 = _random_steps(5, 2)
     torch.library.opcheck(
         torch.ops.ddrs_ext.sigma_step.default,
-        (sigma, top2, dtop2, torch.zeros(5, 2, dtype=torch.float64), 0.1, 0.02, 0.98, 0.01, 5.0, 1, 2.0),
+        (
+            sigma,
+            top2,
+            dtop2,
+            torch.zeros(5, 2, dtype=torch.float64),
+            None,
+            0.1,
+            0.02,
+            0.98,
+            0.01,
+            5.0,
+            1,
+            2.0,
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.sigma_step.default,
+        (
+            sigma,
+            top2,
+            dtop2,
+            torch.zeros(5, 2, dtype=torch.float64),
+            torch.tensor([True, False] * 2 + [True]),
+            0.1,
+            0.02,
+            0.98,
+            0.01,
+            5.0,
+            1,
+            2.0,
+        ),
     )
     logits, sq = torch.randn(12, 3), torch.rand(12, dtype=torch.float64)
     torch.library.opcheck(
@@ -391,6 +437,24 @@ def test_score_works_without_autograd():
     assert model.exact_surrogate(0.0, float(sigma[0])) >= 0.95 * r_star
 
 
+def test_keep_prediction_stops_at_a_class_change():
+    """A model that calls everything far from x class 2 with growing confidence: the surrogate grows
+    without bound, so bisection runs to sigma_max unless the top class is held to the one at sigma0."""
+
+    def model(z):
+        r = z.flatten(1).norm(dim=1) / 8  # about sigma for the 64-dimensional noise around x = 0
+        return torch.stack([50 * (1 - r), torch.zeros_like(r), 50 * (r - 1)], dim=1)
+
+    x = torch.zeros(2, 64)
+    kw = dict(iterations=14, num_samples=256, seed=0, sigma_range=(1e-3, 10.0), estimator="score")
+    free = optimize_sigma(model, x, 0.1, keep_prediction=False, **kw)
+    held = optimize_sigma(model, x, 0.1, **kw)
+    assert (free > 5).all()  # the runaway: class 2 is confident everywhere beyond sigma ~ 1
+    assert (held < 1.0).all() and (held > 0.4).all()
+    counts = ddrs_ext.certify(model, x, held, n0=10, n=500, seed=1).counts
+    assert (counts.argmax(1) == 0).all()  # still the class of sigma0
+
+
 def test_probabilities_output():
     model = Stripes()
     x = model.points([0.0, 0.3])
@@ -435,6 +499,7 @@ def test_progress_bar_runs(capsys):
         (dict(clip=0.1), TypeError, "clip must be a pair"),
         (dict(sigma_range=(0.0, 1.0)), ValueError, "sigma_range must satisfy"),
         (dict(growth=1.0), ValueError, "growth must be a finite number > 1"),
+        (dict(keep_prediction=1), TypeError, "keep_prediction must be a bool"),
         (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
         (dict(x=torch.zeros(2, 8, dtype=torch.int64)), TypeError, "floating-point"),
     ],

@@ -112,13 +112,15 @@ void soft_votes_cpu_(const at::Tensor& logits, const std::optional<at::Tensor>& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cpu(const at::Tensor& sigma, const at::Tensor& top2,
                                                               const at::Tensor& dtop2, const at::Tensor& bracket,
-                                                              double lr, double clip_lo, double clip_hi,
+                                                              const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                                               double sigma_min, double sigma_max, int64_t rule,
                                                               double growth) {
-  check_sigma_step_args(sigma, top2, dtop2, bracket, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
   TORCH_INTERNAL_ASSERT(sigma.device().is_cpu());
   const int64_t B = sigma.size(0);
   const at::Tensor s = sigma.contiguous(), e = top2.contiguous(), de = dtop2.contiguous();
+  const at::Tensor past = beyond.has_value() ? beyond->contiguous() : at::Tensor();
+  const bool* pp = past.defined() ? past.const_data_ptr<bool>() : nullptr;
   at::Tensor next = at::empty({B}, sigma.options()), radius = at::empty({B}, sigma.options()),
              grad = at::empty({B}, sigma.options());
   const SigmaStepParams params{lr, clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule)};
@@ -130,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cpu(const at::Tensor& 
          *gp = grad.mutable_data_ptr<double>();
   at::parallel_for(0, B, 1024, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const SigmaStepOut o = sigma_step(sp[b], ep[2 * b], ep[2 * b + 1], dp[2 * b], dp[2 * b + 1], params, bp + 2 * b);
+      const SigmaStepOut o = sigma_step(sp[b], ep[2 * b], ep[2 * b + 1], dp[2 * b], dp[2 * b + 1], params,
+                                        bp + 2 * b, pp != nullptr && pp[b]);
       np[b] = o.sigma;
       rp[b] = o.radius;
       gp[b] = o.grad;

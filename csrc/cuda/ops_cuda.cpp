@@ -154,10 +154,10 @@ void soft_votes_cuda_(const at::Tensor& logits, const std::optional<at::Tensor>&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor& sigma, const at::Tensor& top2,
                                                                const at::Tensor& dtop2, const at::Tensor& bracket,
-                                                               double lr, double clip_lo, double clip_hi,
+                                                               const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                                                double sigma_min, double sigma_max, int64_t rule,
                                                                double growth) {
-  check_sigma_step_args(sigma, top2, dtop2, bracket, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
   TORCH_INTERNAL_ASSERT(sigma.is_cuda());
   const c10::cuda::CUDAGuard guard(sigma.device());
   const int64_t B = sigma.size(0);
@@ -166,8 +166,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
   if (B == 0) return {next, radius, grad};
   const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(sigma.device().index()).stream();
   const at::Tensor s = sigma.contiguous(), e = top2.contiguous(), de = dtop2.contiguous();
+  const at::Tensor past = beyond.has_value() ? beyond->contiguous() : at::Tensor();
   C10_CUDA_CHECK(cuda::launch_sigma_step(s.const_data_ptr<double>(), e.const_data_ptr<double>(),
-                                         de.const_data_ptr<double>(), B, lr, clip_lo, clip_hi, sigma_min, sigma_max,
+                                         de.const_data_ptr<double>(),
+                                         past.defined() ? past.const_data_ptr<bool>() : nullptr, B, lr, clip_lo, clip_hi, sigma_min, sigma_max,
                                          rule, growth, bracket.mutable_data_ptr<double>(),
                                          next.mutable_data_ptr<double>(), radius.mutable_data_ptr<double>(),
                                          grad.mutable_data_ptr<double>(), cu_stream));

@@ -150,13 +150,14 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     sigma_step_kernel(const double* __restrict__ sigma, const double* __restrict__ top2,
-                      const double* __restrict__ dtop2, SigmaStepParams params, int64_t B,
-                      double* __restrict__ bracket, double* __restrict__ next, double* __restrict__ radius,
+                      const double* __restrict__ dtop2, const bool* __restrict__ beyond, SigmaStepParams params,
+                      int64_t B, double* __restrict__ bracket, double* __restrict__ next, double* __restrict__ radius,
                       double* __restrict__ grad) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; b < B; b += stride) {
     const SigmaStepOut o =
-        sigma_step(sigma[b], top2[2 * b], top2[2 * b + 1], dtop2[2 * b], dtop2[2 * b + 1], params, bracket + 2 * b);
+        sigma_step(sigma[b], top2[2 * b], top2[2 * b + 1], dtop2[2 * b], dtop2[2 * b + 1], params, bracket + 2 * b,
+                   beyond != nullptr && beyond[b]);
     next[b] = o.sigma;
     radius[b] = o.radius;
     grad[b] = o.grad;
@@ -189,14 +190,15 @@ cudaError_t launch_soft_votes(DType dtype, const void* logits, const void* dlogi
   });
 }
 
-cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, int64_t B, double lr,
+cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, const bool* beyond,
+                              int64_t B, double lr,
                               double clip_lo, double clip_hi, double sigma_min, double sigma_max, int64_t rule,
                               double growth, double* bracket, double* next, double* radius, double* grad,
                               cudaStream_t cu_stream) {
   if (B <= 0) return cudaSuccess;
   const SigmaStepParams params{lr, clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule)};
   sigma_step_kernel<<<grid_size((B + kThreads - 1) / kThreads, 4), kThreads, 0, cu_stream>>>(
-      sigma, top2, dtop2, params, B, bracket, next, radius, grad);
+      sigma, top2, dtop2, beyond, params, B, bracket, next, radius, grad);
   return cudaGetLastError();
 }
 
