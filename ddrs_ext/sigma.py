@@ -26,6 +26,7 @@ from ddrs_ext.certification import _check_device, plan_chunks
 
 ESTIMATORS = ("reparam", "score")
 RULES = {"ascent": 0, "bisect": 1}
+SURROGATES = ("paper", "certify")
 
 #: The published procedure's settings (100 samples per iteration, lr 0.04, 900 iterations,
 #: autograd through the model, plain ascent, clip range 0.02-0.98).
@@ -209,6 +210,7 @@ def optimize_sigma(
     growth: float = 2.0,
     clip: tuple[float, float] = (0.02, 0.98),
     sigma_range: tuple[float, float] = (1e-3, 10.0),
+    surrogate: str = "paper",
     keep_prediction: bool = True,
     probabilities: bool = False,
     batch_size: int = 1000,
@@ -237,9 +239,15 @@ def optimize_sigma(
     clip: the range ``E_A, E_B`` are clipped to (the published code uses (0.02, 0.98) and
     (0.001, 0.999)); a clipped value contributes no derivative.
     sigma_range: sigma never leaves ``[low, high]`` (the published code lets it go negative).
-    keep_prediction: (bisection only) treat a sigma at which the top class differs from the one
-    at ``sigma0`` as past the optimum. Without it the bracket can run away to a huge sigma where
-    the model calls pure noise one confident class (a large surrogate radius for a wrong class).
+    surrogate: ``"paper"`` maximises ``sigma/2 * (Phi^-1(E_A) - Phi^-1(E_B))`` with ``E_B`` the
+    runner-up class; ``"certify"`` maximises ``sigma * Phi^-1(E_A)``, the radius CERTIFY actually
+    gives (it bounds the runner-up by ``1 - E_A``), which the paper's surrogate overstates when the
+    remaining probability is spread over several classes.
+    keep_prediction: (bisection only) treat a sigma as past the optimum when the top class differs
+    from the one at ``sigma0`` or its mean probability ``E_A`` falls below 1/2 (where CERTIFY
+    abstains). Without it the bracket can run away to a huge sigma where noise swamps the input:
+    the surrogate, ``sigma/2 * (Phi^-1(E_A) - Phi^-1(E_B))``, still grows there with sigma even
+    when the model calls pure noise some other class, or no class with probability above 1/2.
     probabilities: the model returns class probabilities rather than logits.
     seed, index: as for :func:`ddrs_ext.certify`; the noise of iteration ``t`` is sample indices
     ``[t * num_samples, (t + 1) * num_samples)`` of the optimisation phase, so results do not
@@ -252,6 +260,8 @@ def optimize_sigma(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {tuple(RULES)}, got {rule!r}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     iterations = check_count(iterations, "iterations", minimum=0)
     num_samples = check_count(num_samples, "num_samples", minimum=2 if estimator == "score" else 1)
     lr = _check_float(lr, "lr")
@@ -286,11 +296,16 @@ def optimize_sigma(
             mean, deriv = sampler.run(sigma, rng.PHASE_SIGMA + t * num_samples, num_samples, derivatives=True)
         top2, which = mean.topk(2, dim=1)
         dtop2 = deriv.gather(1, which)
+        if surrogate == "certify":  # E_B := 1 - E_A makes the kernel's surrogate sigma * Phi^-1(E_A)
+            top2 = torch.stack([top2[:, 0], 1 - top2[:, 0]], dim=1)
+            dtop2 = torch.stack([dtop2[:, 0], -dtop2[:, 0]], dim=1)
         beyond = None
         if keep_prediction and rule == "bisect":
             if anchor is None:
                 anchor = which[:, 0].clone()
-            beyond = (which[:, 0] != anchor).to(sigma.device)
+            # Past the optimum for certification: another class on top, or the top class below
+            # 1/2, where CERTIFY abstains however large the surrogate (which uses E_B) says R is.
+            beyond = ((which[:, 0] != anchor) | (top2[:, 0] < 0.5)).to(sigma.device)
         new_sigma, radius, grad = ops.sigma_step(
             sigma,
             top2,

@@ -455,6 +455,46 @@ def test_keep_prediction_stops_at_a_class_change():
     assert (counts.argmax(1) == 0).all()  # still the class of sigma0
 
 
+def test_certify_surrogate_equals_paper_with_two_classes():
+    """With two classes E_B = 1 - E_A, so both surrogates are the same function of sigma."""
+    model = Stripes()
+    x = model.points([0.0, 0.3])
+    kw = dict(iterations=8, num_samples=200, seed=5)
+    paper = optimize_sigma(model, x, 0.1, **kw)
+    certify = optimize_sigma(model, x, 0.1, surrogate="certify", **kw)
+    torch.testing.assert_close(paper, certify, rtol=1e-9, atol=1e-12)
+
+
+def test_certify_surrogate_maximises_sigma_times_quantile():
+    """Three classes: the 'certify' surrogate tracks sigma * Phi^-1(E_A), which the paper's overstates."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(
+            torch.tensor([[3.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]])
+        )
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 0, 0, 0, 0, 0]])
+    seen = []
+    optimize_sigma(
+        model,
+        x,
+        0.2,
+        surrogate="certify",
+        rule="ascent",
+        lr=0.05,
+        iterations=3,
+        num_samples=400,
+        seed=1,
+        callback=lambda s: seen.append(s),
+    )
+    for step in seen:
+        mean = ddrs_ext.sigma._SoftSampler(model, x, torch.arange(1), 1, 1000, "reparam", False)
+        e, _ = mean.run(step.sigma, rng.PHASE_SIGMA + step.iteration * 400, 400, derivatives=False)
+        e_a = float(e.max().clamp(0.02, 0.98))
+        assert float(step.radius[0]) == pytest.approx(float(step.sigma[0]) * stats.norm.ppf(e_a), rel=1e-9)
+
+
 def test_probabilities_output():
     model = Stripes()
     x = model.points([0.0, 0.3])
@@ -500,6 +540,7 @@ def test_progress_bar_runs(capsys):
         (dict(sigma_range=(0.0, 1.0)), ValueError, "sigma_range must satisfy"),
         (dict(growth=1.0), ValueError, "growth must be a finite number > 1"),
         (dict(keep_prediction=1), TypeError, "keep_prediction must be a bool"),
+        (dict(surrogate="tight"), ValueError, "surrogate must be one of"),
         (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
         (dict(x=torch.zeros(2, 8, dtype=torch.int64)), TypeError, "floating-point"),
     ],
