@@ -1,7 +1,17 @@
 // The one place where ddrs_ext's operator schemas live. Kernels register
 // against these names in cpu/*.cpp and cuda/*.cpp.
 #include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
 
 extern "C" {
 // `import ddrs_ext._C` only has to load this library so that the
@@ -45,4 +55,47 @@ TORCH_LIBRARY(ddrs_ext, m) {
   m.def(
       "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, Tensor? beyond, float lr, "
       "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace ddrs {
+namespace {
+
+// The functional ops allocate their outputs and call the in-place ones through the
+// dispatcher, so each backend implements only the in-place kernel.
+std::tuple<at::Tensor, at::Tensor> perturb_gaussian(const at::Tensor& x, const at::Tensor& sigma,
+                                                    const at::Tensor& stream, int64_t seed, int64_t sample_offset,
+                                                    int64_t samples_per_input, int64_t row_start, int64_t num_rows,
+                                                    bool with_sq_norm) {
+  check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start, num_rows);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = num_rows;
+  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor sq = at::empty({with_sq_norm ? num_rows : 0}, x.options().dtype(at::kDouble));
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddrs_ext::perturb_gaussian_out", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         int64_t, int64_t, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  op.call(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
+          with_sq_norm ? std::optional<at::Tensor>(sq) : std::nullopt);
+  return {out, sq};
+}
+
+at::Tensor count_votes(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input, int64_t num_inputs) {
+  TORCH_CHECK_VALUE(num_inputs >= 0, "count_votes: num_inputs must be >= 0");
+  TORCH_CHECK_VALUE(logits.dim() == 2, "count_votes: logits must have shape (rows, num_classes), got ",
+                    logits.sizes());
+  at::Tensor counts = at::zeros({num_inputs, logits.size(1)}, logits.options().dtype(at::kLong));
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddrs_ext::count_votes_", "")
+                             .typed<void(const at::Tensor&, int64_t, int64_t, const at::Tensor&)>();
+  op.call(logits, row_start, samples_per_input, counts);
+  return counts;
+}
+
+}  // namespace
+}  // namespace ddrs
+
+TORCH_LIBRARY_IMPL(ddrs_ext, CompositeExplicitAutograd, m) {
+  m.impl("perturb_gaussian", &ddrs::perturb_gaussian);
+  m.impl("count_votes", &ddrs::count_votes);
 }

@@ -85,6 +85,29 @@ def check_alpha(alpha) -> float:
     return a
 
 
+def check_logits(out, rows: int, num_classes: int | None, min_classes: int = 1) -> int:
+    """Checks a model's output for a batch of ``rows``; returns its class count."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor of logits, got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != rows:
+        raise ValueError(
+            f"model must return logits of shape (batch, num_classes); for a batch of {rows} it returned "
+            f"shape {tuple(out.shape)}"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"model must return floating-point logits, got dtype {out.dtype}")
+    if num_classes is None:
+        if out.shape[1] < min_classes:
+            raise ValueError(f"this needs a model with at least {min_classes} classes, got {out.shape[1]}")
+        return int(out.shape[1])
+    if out.shape[1] != num_classes:
+        raise ValueError(
+            f"num_classes is {num_classes} but the model returned {out.shape[1]} classes; "
+            "pass the model's number of outputs as num_classes"
+        )
+    return num_classes
+
+
 def check_num_classes(num_classes) -> int | None:
     if num_classes is None:
         return None

@@ -13,6 +13,7 @@ from ddrs_ext._validate import (
     check_alpha,
     check_count,
     check_inputs,
+    check_logits,
     check_model,
     check_num_classes,
     check_sigma,
@@ -93,22 +94,7 @@ class VoteSampler:
         self._buffer: torch.Tensor | None = None
 
     def _check_logits(self, logits, rows: int) -> torch.Tensor:
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"model must return a tensor of logits, got {type(logits).__name__}")
-        if logits.dim() != 2 or logits.shape[0] != rows:
-            raise ValueError(
-                f"model must return logits of shape (batch, num_classes); for a batch of {rows} it returned "
-                f"shape {tuple(logits.shape)}"
-            )
-        if not logits.is_floating_point():
-            raise TypeError(f"model must return floating-point logits, got dtype {logits.dtype}")
-        if self.num_classes is None:
-            self.num_classes = int(logits.shape[1])
-        elif logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"num_classes is {self.num_classes} but the model returned {logits.shape[1]} classes; "
-                "pass the model's number of outputs as num_classes"
-            )
+        self.num_classes = check_logits(logits, rows, self.num_classes)
         return logits
 
     def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:

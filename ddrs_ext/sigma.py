@@ -21,7 +21,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ddrs_ext import ops, rng
-from ddrs_ext._validate import check_count, check_inputs, check_model, check_sigma
+from ddrs_ext._validate import check_count, check_inputs, check_logits, check_model, check_sigma
 from ddrs_ext.certification import _check_device, plan_chunks
 
 ESTIMATORS = ("reparam", "score")
@@ -88,21 +88,7 @@ class _SoftSampler:
         return buf[: shape[0]]
 
     def _logits(self, out, rows: int) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model must return a tensor of logits, got {type(out).__name__}")
-        if out.dim() != 2 or out.shape[0] != rows:
-            raise ValueError(
-                f"model must return logits of shape (batch, num_classes); for a batch of {rows} it returned "
-                f"shape {tuple(out.shape)}"
-            )
-        if not out.is_floating_point():
-            raise TypeError(f"model must return floating-point logits, got dtype {out.dtype}")
-        if self.num_classes is None:
-            if out.shape[1] < 2:
-                raise ValueError("the surrogate radius needs a model with at least 2 classes")
-            self.num_classes = int(out.shape[1])
-        elif out.shape[1] != self.num_classes:
-            raise ValueError(f"the model returned {out.shape[1]} classes after {self.num_classes} before")
+        self.num_classes = check_logits(out, rows, self.num_classes, min_classes=2)
         return out
 
     def run(self, sigma: torch.Tensor, sample_offset: int, m: int, derivatives: bool):

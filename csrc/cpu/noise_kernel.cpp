@@ -357,21 +357,6 @@ void perturb_gaussian_out_cpu(const at::Tensor& x, const at::Tensor& sigma, cons
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> perturb_gaussian_cpu(const at::Tensor& x, const at::Tensor& sigma,
-                                                        const at::Tensor& stream, int64_t seed,
-                                                        int64_t sample_offset, int64_t samples_per_input,
-                                                        int64_t row_start, int64_t num_rows,
-                                                        bool with_sq_norm) {
-  check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start, num_rows);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[0] = num_rows;
-  at::Tensor out = at::empty(shape, x.options());
-  at::Tensor sq = at::empty({with_sq_norm ? num_rows : 0}, x.options().dtype(at::kDouble));
-  perturb_gaussian_out_cpu(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
-                           with_sq_norm ? std::optional<at::Tensor>(sq) : std::nullopt);
-  return {out, sq};
-}
-
 // Any device: the counters are copied to the host, the words back to their device.
 at::Tensor philox4x32_10_any(const at::Tensor& counters, int64_t seed) {
   TORCH_CHECK_TYPE(counters.scalar_type() == at::kLong, "philox4x32_10: counters must be int64");
@@ -405,7 +390,6 @@ TORCH_LIBRARY_IMPL(ddrs_ext, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CPU, m) {
-  m.impl("perturb_gaussian", &perturb_gaussian_cpu);
   m.impl("perturb_gaussian_out", &perturb_gaussian_out_cpu);
 }
 

@@ -124,20 +124,9 @@ void count_votes_cpu_(const at::Tensor& logits, int64_t row_start, int64_t sampl
   }
 }
 
-at::Tensor count_votes_cpu(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
-                           int64_t num_inputs) {
-  TORCH_CHECK_VALUE(num_inputs >= 0, "count_votes: num_inputs must be >= 0");
-  TORCH_CHECK_VALUE(logits.dim() == 2, "count_votes: logits must have shape (rows, num_classes), got ",
-                    logits.sizes());
-  at::Tensor counts = at::zeros({num_inputs, logits.size(1)}, logits.options().dtype(at::kLong));
-  count_votes_cpu_(logits, row_start, samples_per_input, counts);
-  return counts;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CPU, m) {
-  m.impl("count_votes", &count_votes_cpu);
   m.impl("count_votes_", &count_votes_cpu_);
 }
 

@@ -76,21 +76,6 @@ void perturb_gaussian_out_cuda(const at::Tensor& x, const at::Tensor& sigma, con
       scratch_size > 0 ? scratch.mutable_data_ptr<double>() : nullptr, cu_stream));
 }
 
-std::tuple<at::Tensor, at::Tensor> perturb_gaussian_cuda(const at::Tensor& x, const at::Tensor& sigma,
-                                                         const at::Tensor& stream, int64_t seed,
-                                                         int64_t sample_offset, int64_t samples_per_input,
-                                                         int64_t row_start, int64_t num_rows,
-                                                         bool with_sq_norm) {
-  check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start, num_rows);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[0] = num_rows;
-  at::Tensor out = at::empty(shape, x.options());
-  at::Tensor sq = at::empty({with_sq_norm ? num_rows : 0}, x.options().dtype(at::kDouble));
-  perturb_gaussian_out_cuda(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
-                            with_sq_norm ? std::optional<at::Tensor>(sq) : std::nullopt);
-  return {out, sq};
-}
-
 void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
                        const at::Tensor& counts) {
   check_votes_args(logits, row_start, samples_per_input, counts);
@@ -109,16 +94,6 @@ void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samp
   // The kernels leave counts untouched when a row is bad; only the error needs the host.
   const int64_t bad = first_bad.item<int64_t>();
   if (bad < rows) fail_non_finite(bad, row_start, samples_per_input);
-}
-
-at::Tensor count_votes_cuda(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
-                            int64_t num_inputs) {
-  TORCH_CHECK_VALUE(num_inputs >= 0, "count_votes: num_inputs must be >= 0");
-  TORCH_CHECK_VALUE(logits.dim() == 2, "count_votes: logits must have shape (rows, num_classes), got ",
-                    logits.sizes());
-  at::Tensor counts = at::zeros({num_inputs, logits.size(1)}, logits.options().dtype(at::kLong));
-  count_votes_cuda_(logits, row_start, samples_per_input, counts);
-  return counts;
 }
 
 void soft_votes_cuda_(const at::Tensor& logits, const std::optional<at::Tensor>& dlogits,
@@ -179,9 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CUDA, m) {
-  m.impl("perturb_gaussian", &perturb_gaussian_cuda);
   m.impl("perturb_gaussian_out", &perturb_gaussian_out_cuda);
-  m.impl("count_votes", &count_votes_cuda);
   m.impl("count_votes_", &count_votes_cuda_);
   m.impl("soft_votes_", &soft_votes_cuda_);
   m.impl("sigma_step", &sigma_step_cuda);
