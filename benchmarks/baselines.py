@@ -7,6 +7,8 @@ credited for avoiding allocator churn.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,3 +165,136 @@ def sigmas(B: int) -> torch.Tensor:
     if B == 1:
         return torch.full((1,), 0.25, dtype=torch.float64)
     return torch.linspace(0.12, 0.5, B, dtype=torch.float64)
+
+
+def digits(
+    seed: int = 0, train: int = 1300
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's bundled digits as ``(N, 1, 8, 8)`` float32 in [0, 1], shuffled, split train / test."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    return (x[:train], y[:train]), (x[train:], y[train:])
+
+
+def digits_cnn(num_classes: int = 10) -> nn.Module:
+    """Two 3x3 convolutions (8 and 16 channels, the second with stride 2) and a linear layer, on 1x8x8."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, num_classes),
+    )
+
+
+def train_noisy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, epochs: int, seed: int
+) -> nn.Module:
+    """Gaussian noise augmentation (Cohen et al.): Adam on CE(f(x + sigma eps), y). Returns the model in
+    eval mode with its parameters frozen (as the published sigma optimisation freezes them)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            noisy = x[idx] + sigma * torch.randn(x[idx].shape, generator=g)
+            loss = nn.functional.cross_entropy(model(noisy), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class PlainSigmaResult:
+    sigma: torch.Tensor  # (B,) after the last iteration
+    rows_forward: int  # rows passed forward through the model
+    rows_backward: int  # rows passed backward through it
+
+
+def plain_paper_sigma(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma0: float,
+    iterations: int = 900,
+    lr: float = 0.04,
+    num_samples: int = 100,
+    clip: tuple[float, float] = (0.02, 0.98),
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> PlainSigmaResult:
+    """Alfarra et al.'s published sigma optimisation (Algorithm 1), batched over inputs as their code does.
+
+    Per iteration: fresh ``torch.randn`` noise for ``num_samples`` copies of every input,
+    ``psi = mean softmax(f(x + sigma eps))``, ``R = sigma / 2 (icdf(clamp E_A) - icdf(clamp E_B))``
+    with ``torch.distributions.Normal.icdf``, reverse-mode autograd through the model to
+    ``dR/dsigma`` and the plain step ``sigma += lr * grad`` (sigma is left unbounded, as there).
+    The repeated inputs and the noise buffer are allocated once; the model's parameters should
+    be frozen (they are in the published code, and ``train_noisy`` freezes them), so the backward
+    pass computes input gradients only. ``callback(t, sigma)`` sees sigma after iteration ``t``.
+    """
+    B, m = x.shape[0], num_samples
+    base = x.repeat_interleave(m, 0)
+    eps = torch.empty_like(base)
+    view = (B * m,) + (1,) * (x.dim() - 1)
+    normal = torch.distributions.Normal(torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype))
+    sigma = torch.full((B,), sigma0, dtype=x.dtype, requires_grad=True)
+    for t in range(iterations):
+        torch.randn(eps.shape, out=eps)
+        noisy = torch.addcmul(base, sigma.repeat_interleave(m).view(view), eps)
+        psi = model(noisy).softmax(1).view(B, m, -1).mean(1)
+        top2 = psi.topk(2, dim=1).values.clamp(*clip)
+        q = normal.icdf(top2)
+        radius = sigma / 2 * (q[:, 0] - q[:, 1])
+        (grad,) = torch.autograd.grad(radius.sum(), sigma)
+        with torch.no_grad():
+            sigma += lr * grad
+        if callback is not None:
+            callback(t, sigma.detach())
+    rows = iterations * B * m
+    return PlainSigmaResult(sigma.detach().clone(), rows, rows)
+
+
+def plain_memory_adjust(
+    x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory-based certification (DESIGN.md section 2) over a stream of queries, one at a time.
+
+    For each certified query: float64 L2 distances to every stored entry (``torch.cdist`` with
+    the direct, difference-based kernel, which also measured faster here than
+    ``vector_norm(stored - q, dim=1)``), ``gap = d - R`` with entries of its own class masked to
+    inf, ``argmin`` (first on ties); inside a ball the answer becomes ``(c_j, -gap)``, otherwise
+    the radius shrinks to ``min(R, gap)``; then the answer is stored. Abstentions (-1) pass
+    through and are not stored. Stored rows live in buffers allocated once for the whole stream.
+    """
+    Q = x.shape[0]
+    flat = x.reshape(Q, -1).to(torch.float64)
+    stored = torch.empty_like(flat)
+    classes = torch.empty(Q, dtype=torch.int64)
+    radii = torch.empty(Q, dtype=torch.float64)
+    out_class, out_radius = prediction.clone(), radius.to(torch.float64, copy=True)
+    n = 0
+    for i in range(Q):
+        c, r = int(prediction[i]), float(radius[i])
+        if c == -1:
+            continue
+        if n:
+            gap = torch.cdist(flat[i : i + 1], stored[:n], compute_mode="donot_use_mm_for_euclid_dist")[0]
+            gap -= radii[:n]
+            gap.masked_fill_(classes[:n] == c, math.inf)
+            k = int(gap.argmin())
+            g = float(gap[k])
+            if g < 0:
+                c, r = int(classes[k]), -g
+            elif g < r:
+                r = g
+        stored[n], classes[n], radii[n] = flat[i], c, r
+        n += 1
+        out_class[i], out_radius[i] = c, r
+    return out_class, out_radius

@@ -6,6 +6,8 @@
     python benchmarks/report.py -- -k noise          # extra arguments go to pytest
 
 Every ratio comes from one run, so its two sides saw the same machine state.
+After the timing table and its targets come sigma optimisation's costs and surrogate radii
+(bench_sigma.py) with the evaluation target, and what the memory benchmark's stream did.
 A machine busy with other work skews them (a 2-thread OpenMP region stalls
 whenever one of its threads is descheduled): the share of CPU time other
 processes and the hypervisor took during the run is printed, with a warning
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,7 +47,27 @@ TARGETS = [
         1.05,
     ),
 ]
-GROUP_ORDER = ["noise", "votes", "certify_linear", "certify_cnn"]
+GROUP_ORDER = ["noise", "votes", "certify_linear", "certify_cnn", "sigma", "sigma_iteration", "memory"]
+
+# sigma optimisation (bench_sigma.py): the paper's procedure, and the methods set against it.
+SIGMA_PAPER = "test_sigma_plain_paper"
+SIGMA_ORDER = [
+    SIGMA_PAPER,
+    "test_sigma_ddrs[paper]",
+    "test_sigma_ddrs[defaults]",
+    "test_sigma_ddrs[score]",
+    "test_sigma_ddrs[score_ascent]",
+]
+# (description, benchmark, most evaluations as a fraction of the paper's): its mean surrogate
+# radius must also be at least the paper procedure's.
+SIGMA_TARGETS = [
+    (
+        "optimize_sigma defaults vs the paper procedure: mean surrogate >= paper's, evaluations <= 1/10",
+        "test_sigma_ddrs[defaults]",
+        0.1,
+    ),
+]
+REACH = (0.95, 1.0)  # fractions of the paper procedure's final mean surrogate
 
 
 def run_benchmarks(json_path: Path, pytest_args: list[str]) -> None:
@@ -153,7 +176,111 @@ def format_report(data: dict, stat: str) -> str:
         ok = value >= bound if kind == "speedup" else value <= bound
         want = f">= {bound:g}x" if kind == "speedup" else f"<= {bound:g}x"
         out.append(f"| {desc} ({want}) | {' | '.join(values)} | {'yes' if ok else '**no**'} |")
+    out += sigma_section(benches) + memory_section(benches)
     return "\n".join(out) + "\n"
+
+
+def fmt_count(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def sigma_section(benches: dict) -> list[str]:
+    """The cost of reaching the paper procedure's surrogate radius, and the evaluation target."""
+    info = {name: benches[name]["extra_info"]["sigma"] for name in SIGMA_ORDER if name in benches}
+    if SIGMA_PAPER not in info:
+        return []
+    paper = info[SIGMA_PAPER]
+    goal = paper["mean_surrogate"]
+
+    def evaluations(counted: float, conservative: float) -> str:
+        """Forward equivalents; in parentheses the count with a JVP charged 3, where it differs."""
+        return fmt_count(counted) + (f" ({fmt_count(conservative)})" if conservative != counted else "")
+
+    def reach(s: dict, fraction: float) -> str:
+        for _iterations, counted, conservative, seconds, mean in s["trajectory"]:
+            if mean >= fraction * goal:
+                return f"{evaluations(counted, conservative)}, {fmt_time(seconds) if seconds else '0 s'}"
+        return "not reached"
+
+    def difference(s: dict, where: list[bool] | None = None) -> tuple[float, float]:
+        """Mean over inputs (where true) of this surrogate minus the paper's, and its standard error."""
+        pairs = zip(s["surrogate"], paper["surrogate"], where or [True] * len(paper["surrogate"]))
+        d = [a - b for a, b, keep in pairs if keep]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else math.nan
+        return statistics.fmean(d), se
+
+    out = [
+        "",
+        f"σ optimisation, {paper['model']}; {paper['inputs']} test inputs, σ0 = {paper['sigma0']:g}. "
+        "Evaluations: model passes per input in forward equivalents (a backward pass counts 2, so an "
+        "autograd step 3; a JVP 2, in parentheses 3; the score estimator 1). Surrogate radius: "
+        f"`surrogate_radius` from {fmt_count(paper['eval_samples'])} noise samples per input, the same "
+        "noise for every method and checkpoint, charged to no method; ± is the standard error over "
+        'inputs of the paired difference. "Reached after": evaluations and wall time up to the first '
+        "checkpoint (after 1, 2, 4, ... iterations and the last) whose mean surrogate is at least that "
+        "fraction of the paper procedure's final one.",
+        "",
+        "| method | iterations × samples | evaluations per input | ÷ paper's | time | mean σ "
+        f"| mean surrogate | − paper's | past prediction | {REACH[0]:.0%} reached after "
+        f"| {REACH[1]:.0%} reached after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, s in info.items():
+        ratio = s["evaluations"] / paper["evaluations"]
+        ratio_text = f"{ratio:.3g}x" + (
+            f" ({s['evaluations_conservative'] / paper['evaluations']:.3g}x)"
+            if s["evaluations_conservative"] != s["evaluations"]
+            else ""
+        )
+        diff, se = difference(s)
+        cells = [
+            s["method"] + (f", {s['nonpositive_sigma']} σ ≤ 0" if s["nonpositive_sigma"] else ""),
+            f"{s['iterations']} × {s['num_samples']}",
+            evaluations(s["evaluations"], s["evaluations_conservative"]),
+            ratio_text,
+            fmt_time(benches[name]["stats"]["mean"]),
+            f"{s['mean_sigma']:.3f}",
+            f"{s['mean_surrogate']:.4f}",
+            "" if name == SIGMA_PAPER else f"{diff:+.4f} ± {se:.4f}",
+            f"{sum(s['past_prediction'])} of {s['inputs']}",
+            reach(s, REACH[0]),
+            reach(s, REACH[1]),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| target | measured | met |", "|---|---|:---:|"]
+    for desc, name, bound in SIGMA_TARGETS:
+        if name not in info:
+            out.append(f"| {desc} | not run | |")
+            continue
+        s = info[name]
+        ratio = s["evaluations"] / paper["evaluations"]
+        conservative = s["evaluations_conservative"] / paper["evaluations"]
+        diff, se = difference(s)
+        ok = max(ratio, conservative) <= bound and diff >= 0
+        measured = (
+            f"evaluations {ratio:.3g}x the paper's ({conservative:.3g}x with a JVP charged 3); "
+            f"mean surrogate {s['mean_surrogate']:.4f} vs {goal:.4f} ({diff:+.4f} ± {se:.4f})"
+        )
+        kept = [not (a or b) for a, b in zip(s["past_prediction"], paper["past_prediction"])]
+        if not all(kept) and any(kept):
+            kept_diff, kept_se = difference(s, kept)
+            measured += (
+                f"; {kept_diff:+.4f} ± {kept_se:.4f} on the {sum(kept)} inputs where neither σ is "
+                "past the prediction"
+            )
+        out.append(f"| {desc} | {measured} | {'yes' if ok else '**no**'} |")
+    return out
+
+
+def memory_section(benches: dict) -> list[str]:
+    """What the memory benchmark's query stream did to the answers."""
+    for bench in benches.values():
+        outcomes = dict(bench.get("extra_info", {}).get("outcomes", {}))
+        if outcomes:
+            queries = outcomes.pop("queries")
+            counts = ", ".join(f"{v} {k}" for k, v in outcomes.items())
+            return ["", f"Memory stream: {queries} queries of 1×8×8 ({counts}); all versions agree exactly."]
+    return []
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ kernel (csrc/sigma.h) turns them into dR/dsigma in closed form and moves sigma.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,11 @@ class _SoftSampler:
                 base = torch.index_select(
                     self.x, 0, owner, out=self._buffer("base", shape, self.x.dtype)[:rows]
                 )
-                with fwAD.dual_level():
+                with fwAD.dual_level(), warnings.catch_warnings():
+                    # torch's forward-mode autograd still calls the deprecated torch.jit.script internally
+                    warnings.filterwarnings(
+                        "ignore", message=".*torch.jit.script.*", category=DeprecationWarning
+                    )
                     s = fwAD.make_dual(
                         sigma_x[owner], torch.ones(rows, dtype=self.x.dtype, device=self.x.device)
                     )
@@ -190,7 +195,7 @@ def optimize_sigma(
     *,
     iterations: int = 16,
     lr: float = 0.04,
-    num_samples: int = 128,
+    num_samples: int = 512,
     estimator: str = "reparam",
     rule: str = "bisect",
     growth: float = 2.0,
