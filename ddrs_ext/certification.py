@@ -138,17 +138,23 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
+def check_sampling_args(model, x, sigma, batch_size, seed, index, sigma_name: str = "sigma"):
+    """The checks every sampling procedure shares: returns (x, sigma, batch_size, seed, stream)."""
     check_model(model)
     if isinstance(x, torch.Tensor):
         _check_device(x)
-    x = check_inputs(x)
+    x = check_inputs(x).contiguous()
+    sigma = check_sigma(sigma, x.shape[0], x.device, name=sigma_name)
     batch_size = check_count(batch_size, "batch_size")
-    sigma = check_sigma(sigma, x.shape[0], x.device)
-    num_classes = check_num_classes(num_classes)
     seed = rng.resolve_seed(seed)
     stream = rng.resolve_streams(index, x.shape[0], x.device)
-    return VoteSampler(model, x.contiguous(), sigma, stream, seed, batch_size, num_classes), seed
+    return x, sigma, batch_size, seed, stream
+
+
+def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
+    x, sigma, batch_size, seed, stream = check_sampling_args(model, x, sigma, batch_size, seed, index)
+    num_classes = check_num_classes(num_classes)
+    return VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes), seed
 
 
 def certify(

@@ -22,8 +22,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ddrs_ext import ops, rng
-from ddrs_ext._validate import check_count, check_inputs, check_logits, check_model, check_sigma
-from ddrs_ext.certification import _check_device, plan_chunks
+from ddrs_ext._validate import check_count, check_logits
+from ddrs_ext.certification import check_sampling_args, plan_chunks
 
 ESTIMATORS = ("reparam", "score")
 RULES = {"ascent": 0, "bisect": 1}
@@ -175,16 +175,11 @@ class _SoftSampler:
 
 
 def _prepare(model, x, sigma, batch_size, seed, index, estimator, probabilities, sigma_name):
-    check_model(model)
-    if isinstance(x, torch.Tensor):
-        _check_device(x)
-    x = check_inputs(x).contiguous()
-    sigma = check_sigma(sigma, x.shape[0], x.device, name=sigma_name)
-    batch_size = check_count(batch_size, "batch_size")
+    x, sigma, batch_size, seed, stream = check_sampling_args(
+        model, x, sigma, batch_size, seed, index, sigma_name
+    )
     if not isinstance(probabilities, bool):
         raise TypeError(f"probabilities must be a bool, got {probabilities!r}")
-    seed = rng.resolve_seed(seed)
-    stream = rng.resolve_streams(index, x.shape[0], x.device)
     return _SoftSampler(model, x, stream, seed, batch_size, estimator, probabilities), sigma, seed
 
 

@@ -75,12 +75,14 @@ def test_perturb_non_contiguous_input():
 
 
 def test_perturb_generic_path_matches():
-    """The AVX2 and the portable CPU code paths give identical bits (run in a fresh process)."""
+    """The AVX2 and the portable CPU code paths (noise and votes) give identical results
+    (each run in a fresh process, since the path is chosen once)."""
     code = (
         "import torch; from ddrs_ext import ops;"
         "x = torch.zeros(2, 3000); s = torch.tensor([1.0, 2.0]); st = torch.tensor([3, 4]);"
         "o, q = ops.perturb_gaussian(x, s, st, 123, 7, 5, with_sq_norm=True);"
-        "torch.save((o, q), __import__('sys').argv[1])"
+        "v = ops.count_votes(o[:, :7].contiguous(), 0, 5, 2);"
+        "torch.save((o, q, v), __import__('sys').argv[1])"
     )
     results = []
     for generic in ("0", "1"):

@@ -12,15 +12,7 @@
 
 #include "../checks.h"
 #include "../philox.h"
-
-#define DDRS_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DDRS_X86 1
-#include <immintrin.h>
-#else
-#define DDRS_X86 0
-#endif
+#include "cpu_features.h"
 
 namespace ddrs {
 namespace {
@@ -114,13 +106,6 @@ __attribute__((target("avx2"))) void gaussians_avx2(PhiloxKey key, const Counter
   }
 }
 
-bool use_avx2() {
-  static const bool yes = [] {
-    const char* force = std::getenv("DDRS_EXT_CPU_GENERIC");
-    return __builtin_cpu_supports("avx2") && !(force != nullptr && force[0] == '1');
-  }();
-  return yes;
-}
 #endif
 
 // out[j] = x[j] + sigma * z[j] for j < len (z in element order).

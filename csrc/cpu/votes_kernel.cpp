@@ -12,13 +12,7 @@
 
 #include "../checks.h"
 #include "../votes.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DDRS_X86 1
-#include <immintrin.h>
-#else
-#define DDRS_X86 0
-#endif
+#include "cpu_features.h"
 
 namespace ddrs {
 namespace {
@@ -64,10 +58,6 @@ __attribute__((target("avx2"))) int64_t argmax_rows_f32_avx2(const float* logits
   return r;  // the scalar code takes the rest
 }
 
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
 
 // Argmax class of every row into cls; returns the first row holding a NaN or
@@ -79,7 +69,7 @@ int64_t argmax_rows(const scalar_t* logits, int64_t rows, int64_t C, int32_t* cl
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
 #if DDRS_X86
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (C <= 64 && cpu_has_avx2()) begin = argmax_rows_f32_avx2(logits, begin, end, C, cls);
+      if (C <= 64 && use_avx2()) begin = argmax_rows_f32_avx2(logits, begin, end, C, cls);
     }
 #endif
     if (all_finite(logits + begin * C, (end - begin) * C)) {
