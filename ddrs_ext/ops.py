@@ -209,3 +209,45 @@ def _sigma_step_fake(
     sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth
 ):
     return torch.empty_like(sigma), torch.empty_like(sigma), torch.empty_like(sigma)
+
+
+# ---------------------------------------------------------------- autograd for the noise op
+# out = x[b] + sigma[b] * eps: d out / d x[b] = 1 for every copy of input b, d out / d sigma[b] = eps.
+# eps is not stored: backward regenerates it from its key (seed, stream, sample, element).
+
+
+def _perturb_setup_context(ctx, inputs, output):
+    x, sigma, stream, seed, sample_offset, samples_per_input, row_start, num_rows, _ = inputs
+    ctx.save_for_backward(stream)
+    ctx.key = (seed, sample_offset, samples_per_input, row_start, num_rows)
+    ctx.x_meta = (x.shape, x.dtype, x.device)
+    ctx.sigma_dtype = sigma.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _perturb_backward(ctx, grad_out, grad_sq):
+    (stream,) = ctx.saved_tensors
+    seed, sample_offset, m, row_start, num_rows = ctx.key
+    shape, dtype, device = ctx.x_meta
+    B = shape[0]
+    owner = torch.arange(row_start, row_start + num_rows, device=device) // m
+    grad_x = grad_sigma = None
+    if ctx.needs_input_grad[0]:
+        flat = grad_out.reshape(num_rows, -1)
+        grad_x = torch.zeros((B, flat.shape[1]), dtype=flat.dtype, device=device).index_add_(0, owner, flat)
+        grad_x = grad_x.reshape(shape).to(dtype)
+    if ctx.needs_input_grad[1]:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        ones = torch.ones(B, dtype=torch.float64, device=device)
+        eps, _ = torch.ops.ddrs_ext.perturb_gaussian(
+            zeros, ones, stream, seed, sample_offset, m, row_start, num_rows, False
+        )
+        per_row = (grad_out.reshape(num_rows, -1).double() * eps.reshape(num_rows, -1).double()).sum(1)
+        grad_sigma = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, owner, per_row)
+        grad_sigma = grad_sigma.to(ctx.sigma_dtype)
+    return grad_x, grad_sigma, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ddrs_ext::perturb_gaussian", _perturb_backward, setup_context=_perturb_setup_context
+)
