@@ -1,0 +1,378 @@
+"""Data-dependent training (Alfarra et al., UAI 2022, section 5): a noise level per training example,
+updated by a few surrogate-ascent steps each time the example is seen, inside three
+randomized-smoothing training schemes.
+
+The pieces drop into an ordinary training loop::
+
+    data = DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True)
+    bank = SigmaBank(len(train_set), sigma0=0.12)
+    for x, y, index in data:
+        sigma = update_sigma(model, bank, x, index)            # model frozen, BatchNorm untouched
+        loss = gaussian_augmentation_loss(model, x, y, sigma, index=index)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+Noise comes from the fused kernel with autograd (gradients flow to the inputs; the noise is
+regenerated from its key in backward rather than stored), keyed by dataset index and a seed
+drawn from torch's generator per call, so ``torch.manual_seed`` reproduces a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ddrs_ext import ops, rng
+from ddrs_ext._validate import check_count, check_inputs, check_sigma
+from ddrs_ext.sigma import optimize_sigma
+
+PHASE_TRAIN = 5 * rng.SAMPLE_SPACE  # training noise: a fresh seed per call, so one range suffices
+
+
+class SigmaBank(torch.nn.Module):
+    """One noise level per training example, indexed by dataset index.
+
+    A module with a single buffer ``sigma`` (float64), so it moves with ``.to(device)`` and is
+    saved and restored with ``state_dict()`` / ``load_state_dict()`` (e.g. in a checkpoint
+    beside the model's).
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        sigma0: float,
+        *,
+        sigma_range: tuple[float, float] = (1e-3, 10.0),
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        num_examples = check_count(num_examples, "num_examples")
+        sigma0 = float(check_sigma(sigma0, 1, torch.device("cpu"), name="sigma0")[0])
+        lo, hi = sigma_range
+        if not (0 < lo <= sigma0 <= hi < math.inf):
+            raise ValueError(f"sigma_range must satisfy 0 < low <= sigma0 <= high < inf, got {sigma_range}")
+        self.sigma_range = (float(lo), float(hi))
+        self.register_buffer("sigma", torch.full((num_examples,), sigma0, dtype=torch.float64, device=device))
+
+    def _index(self, index) -> torch.Tensor:
+        index = torch.as_tensor(index, device=self.sigma.device)
+        if index.dtype == torch.bool or index.is_floating_point():
+            raise TypeError(f"index must hold integers, got dtype {index.dtype}")
+        index = index.long().reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.sigma.numel()):
+            raise ValueError(f"index entries must lie in [0, {self.sigma.numel()}), the bank's size")
+        return index
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.sigma[self._index(index)].clone()
+
+    def update(self, index, values: torch.Tensor) -> None:
+        """Writes ``values`` (one per index, finite, inside ``sigma_range``) back to the bank."""
+        index = self._index(index)
+        values = torch.as_tensor(values, dtype=torch.float64, device=self.sigma.device).reshape(-1)
+        if values.shape != index.shape:
+            raise ValueError(
+                f"update needs one value per index: {index.numel()} indices, {values.numel()} values"
+            )
+        lo, hi = self.sigma_range
+        if not bool((torch.isfinite(values) & (values >= lo) & (values <= hi)).all()):
+            raise ValueError(f"sigma values must be finite and inside sigma_range {self.sigma_range}")
+        self.sigma[index] = values
+
+    def extra_repr(self) -> str:
+        return f"num_examples={self.sigma.numel()}, sigma_range={self.sigma_range}"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that each item also carries its index: ``(*item, index)``."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (BatchNorm uses and keeps its running statistics, dropout is off) and no
+    parameter gradients, restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for p in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted)
+
+
+def update_sigma(
+    model: torch.nn.Module,
+    bank: SigmaBank,
+    x: torch.Tensor,
+    index: torch.Tensor | Sequence[int],
+    *,
+    steps: int = 3,
+    num_samples: int = 16,
+    lr: float = 0.04,
+    estimator: str = "reparam",
+    rule: str = "ascent",
+    clip: tuple[float, float] = (0.02, 0.98),
+    batch_size: int = 4096,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """A few surrogate-ascent steps for each example of the minibatch, from the bank's values,
+    with the model frozen and its BatchNorm statistics untouched; written back to the bank.
+
+    Returns the new sigma (float32 on x's device, ready for the losses). The step rule and
+    estimator are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
+    steps (``rule="ascent"``) here.
+    """
+    index = bank._index(index)
+    if index.numel() != x.shape[0]:
+        raise ValueError(f"index must have one entry per example ({x.shape[0]}), got {index.numel()}")
+    lo, hi = bank.sigma_range
+    start = bank.sigma[index]
+    with frozen(model):
+        sigma = optimize_sigma(
+            model,
+            x,
+            start,
+            iterations=steps,
+            num_samples=num_samples,
+            lr=lr,
+            estimator=estimator,
+            rule=rule,
+            clip=clip,
+            sigma_range=(lo, hi),
+            batch_size=batch_size,
+            seed=seed,
+            index=index.cpu(),
+            keep_prediction=False,
+        )
+    bank.update(index, sigma)
+    return sigma.to(device=x.device, dtype=x.dtype)
+
+
+def _as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(sigma, torch.Tensor) and sigma.requires_grad:
+        raise ValueError(
+            "sigma must not require grad here; detach it (the losses train the model, not sigma)"
+        )
+    return check_sigma(sigma, x.shape[0], x.device).to(x.dtype)
+
+
+def noisy_copies(
+    x: torch.Tensor,
+    sigma,
+    *,
+    copies: int = 1,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``copies`` noisy copies of every input, ``x[b] + sigma[b] * eps``, shape ``(B * copies, ...)``
+    (the copies of input b are rows ``b * copies ... b * copies + copies - 1``).
+
+    Differentiable with respect to x. ``seed=None`` draws a fresh seed from torch's generator;
+    ``index`` (e.g. dataset indices) picks each input's noise stream.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    copies = check_count(copies, "copies")
+    sigma = _as_sigma(sigma, x)
+    stream = rng.resolve_streams(index, x.shape[0], x.device)
+    out, _ = ops.perturb_gaussian(x, sigma, stream, rng.resolve_seed(seed), PHASE_TRAIN, copies)
+    return out
+
+
+def _check_labels(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError("y must be an integer tensor of class labels")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    return y.long()
+
+
+def gaussian_augmentation_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma,
+    *,
+    copies: int = 1,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Gaussian data augmentation (Cohen et al. 2019): mean cross-entropy over ``copies`` noisy
+    copies of every input, each input with its own sigma."""
+    y = _check_labels(y, x)
+    noisy = noisy_copies(x, sigma, copies=copies, seed=seed, index=index)
+    return F.cross_entropy(model(noisy), y.repeat_interleave(copies))
+
+
+def macer_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma,
+    *,
+    num_samples: int = 16,
+    lam: float = 12.0,
+    gamma: float = 8.0,
+    beta: float = 16.0,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """MACER (Zhai et al., ICLR 2020), the original loss, with a sigma per input.
+
+    Over ``num_samples`` noisy copies of each input: the cross-entropy of the mean softmax, plus,
+    on the examples whose mean softmax at inverse temperature ``beta`` ranks the label first,
+    ``lam * sigma_i / 2 * max(gamma - (Phi^-1(p_y) - Phi^-1(p_2nd)), 0)`` with ``p`` that
+    tempered mean softmax; averaged over the batch. (The published DDRS code alters this hinge;
+    this is MACER's own.)
+    """
+    y = _check_labels(y, x)
+    num_samples = check_count(num_samples, "num_samples")
+    for name, value in (("lam", lam), ("gamma", gamma), ("beta", beta)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    sig = _as_sigma(sigma, x)
+    B = x.shape[0]
+    logits = model(noisy_copies(x, sig, copies=num_samples, seed=seed, index=index))
+    logits = logits.reshape(B, num_samples, -1)
+    mean_softmax = F.softmax(logits, dim=2).mean(1)
+    classification = F.nll_loss(torch.log(mean_softmax + 1e-10), y, reduction="sum")
+    tempered = F.softmax(beta * logits, dim=2).mean(1)
+    top2, which = tempered.topk(2, dim=1)
+    # Correctly classified; a probability of exactly 0 or 1 would make the margin infinite (and its
+    # gradient NaN), and such examples lie beyond the hinge anyway, so they add nothing (as in MACER).
+    keep = (which[:, 0] == y) & (top2[:, 1] > 0) & (top2[:, 0] < 1)
+    margin = torch.special.ndtri(top2[keep, 0]) - torch.special.ndtri(top2[keep, 1])
+    hinge = torch.clamp(gamma - margin, min=0)
+    robustness = (sig[keep] / 2 * hinge).sum()
+    return (classification + lam * robustness) / B
+
+
+def smoothadv_attack(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma,
+    *,
+    epsilon: float = 0.5,
+    steps: int = 2,
+    num_samples: int = 4,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """SmoothAdv's attack (Salman et al., NeurIPS 2019): L2 PGD on the soft smoothed classifier.
+
+    Maximises ``-log(mean_i softmax(f(x' + sigma eps_i))_y)`` over ``||x' - x||_2 <= epsilon`` with
+    ``steps`` normalised-gradient steps of ``step_size`` (default ``2 * epsilon / steps``) and the same
+    ``num_samples`` noise draws at every step (``seed``, ``index``); ``clamp`` keeps ``x'`` in the data
+    range. Returns ``x'`` (detached). The model is run as it is (call it in eval mode to attack the
+    deployed network, as SmoothAdv does).
+    """
+    y = _check_labels(y, x)
+    x = check_inputs(x)
+    steps = check_count(steps, "steps", minimum=0)
+    num_samples = check_count(num_samples, "num_samples")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    if step_size is None:
+        step_size = 2.0 * epsilon / max(steps, 1)
+    if not (math.isfinite(step_size) and step_size >= 0):
+        raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
+    sig = _as_sigma(sigma, x)
+    seed = rng.resolve_seed(seed)
+    B = x.shape[0]
+    adv = x.detach().clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = smoothed_cross_entropy(model, adv, y, sig, num_samples=num_samples, seed=seed, index=index)
+        (grad,) = torch.autograd.grad(loss * B, adv)
+        norm = grad.reshape(B, -1).norm(dim=1).clamp_min(1e-12)
+        with torch.no_grad():
+            adv = adv + step_size * grad / norm.view(B, *([1] * (x.dim() - 1)))
+            delta = adv - x
+            scale = (epsilon / delta.reshape(B, -1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            adv = x + delta * scale.view(B, *([1] * (x.dim() - 1)))
+            if clamp is not None:
+                adv = adv.clamp(*clamp)
+    return adv.detach()
+
+
+def smoothed_cross_entropy(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma,
+    *,
+    num_samples: int,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``mean_b -log(mean_i softmax(f(x_b + sigma_b eps_i))_{y_b})``: the loss of the soft smoothed
+    classifier that SmoothAdv attacks."""
+    B = x.shape[0]
+    logits = model(noisy_copies(x, sigma, copies=num_samples, seed=seed, index=index))
+    mean_softmax = F.softmax(logits.reshape(B, num_samples, -1), dim=2).mean(1)
+    return F.nll_loss(torch.log(mean_softmax.clamp_min(1e-20)), y.long())
+
+
+def smoothadv_loss(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma,
+    *,
+    epsilon: float = 0.5,
+    steps: int = 2,
+    num_samples: int = 4,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """SmoothAdv training loss: attack with :func:`smoothadv_attack` (model frozen, in eval mode),
+    then the mean cross-entropy on the noisy adversarial copies, using the same noise draws as
+    the attack (SmoothAdv's multi-noise training). ``epsilon`` is where a warm-up goes: pass
+    :func:`warmup` of it per epoch."""
+    seed = rng.resolve_seed(seed)
+    with frozen(model):
+        adv = smoothadv_attack(
+            model,
+            x,
+            y,
+            sigma,
+            epsilon=epsilon,
+            steps=steps,
+            num_samples=num_samples,
+            step_size=step_size,
+            clamp=clamp,
+            seed=seed,
+            index=index,
+        )
+    noisy = noisy_copies(adv, sigma, copies=num_samples, seed=seed, index=index)
+    return F.cross_entropy(model(noisy), _check_labels(y, x).repeat_interleave(num_samples))
+
+
+def warmup(value: float, epoch: int, warmup_epochs: int) -> float:
+    """Linear warm-up: ``value * min(1, (epoch + 1) / warmup_epochs)`` (SmoothAdv ramps epsilon)."""
+    if warmup_epochs <= 0:
+        return value
+    return value * min(1.0, (epoch + 1) / warmup_epochs)
