@@ -129,6 +129,7 @@ def update_sigma(
     lr: float = 0.04,
     estimator: str = "reparam",
     rule: str = "ascent",
+    surrogate: str = "paper",
     clip: tuple[float, float] = (0.02, 0.98),
     batch_size: int = 4096,
     seed: int | None = None,
@@ -136,9 +137,9 @@ def update_sigma(
     """A few surrogate-ascent steps for each example of the minibatch, from the bank's values,
     with the model frozen and its BatchNorm statistics untouched; written back to the bank.
 
-    Returns the new sigma (float32 on x's device, ready for the losses). The step rule and
-    estimator are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
-    steps (``rule="ascent"``) here.
+    Returns the new sigma (float32 on x's device, ready for the losses). The step rule, estimator
+    and surrogate are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
+    steps on its surrogate here (the defaults).
     """
     index = bank._index(index)
     if index.numel() != x.shape[0]:
@@ -160,6 +161,7 @@ def update_sigma(
             batch_size=batch_size,
             seed=seed,
             index=index.cpu(),
+            surrogate=surrogate,
             keep_prediction=False,
         )
     bank.update(index, sigma)
