@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             seen += len(y)
         acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed)
         extra = f", bank sigma mean {bank.sigma.mean():.3f}" if bank is not None else ""
@@ -166,7 +167,6 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "builder": BUILDER,
         "model": model.state_dict(),
         "sigma_bank": None if bank is None else bank.state_dict(),
-        "sigma_range": None if bank is None else bank.sigma_range,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,10 @@ def _build(spec: str):
 
 def load_checkpoint(path, map_location=None):
     """``(model in eval mode, SigmaBank or None, config dict)`` from a checkpoint of this script."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a ddrs_ext training checkpoint ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ddrs_ext training checkpoint")
     if state.get("version") != 1:
@@ -193,8 +196,9 @@ def load_checkpoint(path, map_location=None):
     bank = None
     if state["sigma_bank"] is not None:
         sigma = state["sigma_bank"]["sigma"]
-        bank = training.SigmaBank(sigma.numel(), float(sigma[0]), sigma_range=tuple(state["sigma_range"]))
-        bank.load_state_dict(state["sigma_bank"])
+        lo, hi = float(sigma.min()), float(sigma.max())
+        bank = training.SigmaBank(sigma.numel(), lo, sigma_range=(lo, max(lo, hi)))
+        bank.load_state_dict(state["sigma_bank"])  # restores the values and the saved sigma_range
     return model, bank, state["config"]
 
 

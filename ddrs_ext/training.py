@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -36,8 +37,9 @@ class SigmaBank(torch.nn.Module):
     """One noise level per training example, indexed by dataset index.
 
     A module with a single buffer ``sigma`` (float64), so it moves with ``.to(device)`` and is
-    saved and restored with ``state_dict()`` / ``load_state_dict()`` (e.g. in a checkpoint
-    beside the model's).
+    saved and restored, with its ``sigma_range``, by ``state_dict()`` / ``load_state_dict()``
+    (e.g. in a checkpoint beside the model's). An index repeated within one ``update`` keeps one
+    of its values.
     """
 
     def __init__(
@@ -81,6 +83,12 @@ class SigmaBank(torch.nn.Module):
         if not bool((torch.isfinite(values) & (values >= lo) & (values <= hi)).all()):
             raise ValueError(f"sigma values must be finite and inside sigma_range {self.sigma_range}")
         self.sigma[index] = values
+
+    def get_extra_state(self) -> dict:
+        return {"sigma_range": self.sigma_range}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sigma_range = tuple(float(v) for v in state["sigma_range"])
 
     def extra_repr(self) -> str:
         return f"num_examples={self.sigma.numel()}, sigma_range={self.sigma_range}"
@@ -248,7 +256,7 @@ def macer_loss(
     y = _check_labels(y, x)
     num_samples = check_count(num_samples, "num_samples")
     for name, value in (("lam", lam), ("gamma", gamma), ("beta", beta)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     sig = _as_sigma(sigma, x)
     B = x.shape[0]
@@ -293,7 +301,7 @@ def smoothadv_attack(
     x = check_inputs(x)
     steps = check_count(steps, "steps", minimum=0)
     num_samples = check_count(num_samples, "num_samples")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+    if not (isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if step_size is None:
         step_size = 2.0 * epsilon / max(steps, 1)
@@ -304,9 +312,10 @@ def smoothadv_attack(
     B = x.shape[0]
     adv = x.detach().clone()
     for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = smoothed_cross_entropy(model, adv, y, sig, num_samples=num_samples, seed=seed, index=index)
-        (grad,) = torch.autograd.grad(loss * B, adv)
+        adv = adv.detach().requires_grad_(True)
+        with torch.enable_grad():  # the attack needs gradients even inside a caller's no_grad
+            loss = smoothed_cross_entropy(model, adv, y, sig, num_samples=num_samples, seed=seed, index=index)
+            (grad,) = torch.autograd.grad(loss * B, adv)
         norm = grad.reshape(B, -1).norm(dim=1).clamp_min(1e-12)
         with torch.no_grad():
             adv = adv + step_size * grad / norm.view(B, *([1] * (x.dim() - 1)))
@@ -330,10 +339,12 @@ def smoothed_cross_entropy(
 ) -> torch.Tensor:
     """``mean_b -log(mean_i softmax(f(x_b + sigma_b eps_i))_{y_b})``: the loss of the soft smoothed
     classifier that SmoothAdv attacks."""
+    y = _check_labels(y, x)
+    num_samples = check_count(num_samples, "num_samples")
     B = x.shape[0]
     logits = model(noisy_copies(x, sigma, copies=num_samples, seed=seed, index=index))
     mean_softmax = F.softmax(logits.reshape(B, num_samples, -1), dim=2).mean(1)
-    return F.nll_loss(torch.log(mean_softmax.clamp_min(1e-20)), y.long())
+    return F.nll_loss(torch.log(mean_softmax.clamp_min(1e-20)), y)
 
 
 def smoothadv_loss(
