@@ -298,3 +298,221 @@ def plain_memory_adjust(
         n += 1
         out_class[i], out_radius[i] = c, r
     return out_class, out_radius
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def digits_bn_cnn(num_classes: int = 10) -> nn.Module:
+    """conv16-BN-ReLU-pool, conv32-ReLU, linear 64-ReLU, linear on 1x8x8 (BatchNorm, so that freezing
+    it during the sigma ascent and SmoothAdv's attack matters); about 40 k parameters."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def _set_frozen(model: nn.Module, frozen: bool) -> None:
+    """What the published training scripts do around an attack or a sigma ascent: eval mode (BatchNorm
+    uses, and does not update, its running statistics) and no parameter gradients; then back."""
+    model.train(not frozen)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+
+
+def plain_noisy(x: torch.Tensor, sigma: float | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``x_b + sigma_b * eps[b, i]`` for noise ``eps`` of shape (B, m, ...), as (B * m, ...) (the copies of
+    input b are rows ``b*m ... b*m + m-1``). One fused op (``add`` with alpha for a float sigma,
+    ``addcmul`` for a (B,) tensor), out of place so that gradients reach x."""
+    B = x.shape[0]
+    base = x.unsqueeze(1)
+    if isinstance(sigma, torch.Tensor):
+        out = torch.addcmul(base, sigma.view(B, *([1] * x.dim())), eps)
+    else:
+        out = torch.add(base, eps, alpha=sigma)
+    return out.view(B * eps.shape[1], *x.shape[1:])
+
+
+def plain_gaussian_augmentation_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float | torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """Cohen et al.: mean cross-entropy of the noisy copies."""
+    m = eps.shape[1]
+    return nn.functional.cross_entropy(
+        model(plain_noisy(x, sigma, eps)), y if m == 1 else y.repeat_interleave(m)
+    )
+
+
+_NORMAL = torch.distributions.Normal(torch.tensor(0.0), torch.tensor(1.0))
+
+
+def plain_macer_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float | torch.Tensor,
+    eps: torch.Tensor,
+    lam: float = 12.0,
+    gamma: float = 8.0,
+    beta: float = 16.0,
+) -> torch.Tensor:
+    """MACER's loss as its published ``macer_train`` writes it, with sigma per example where given: CE of
+    the mean softmax, plus ``lam * sigma/2 * (gamma - (icdf(p1) - icdf(p2)))`` on the correctly classified
+    examples with a finite margin below gamma (the icdf recomputed on those alone, so that no NaN
+    reaches the gradient), p the mean softmax at inverse temperature beta; over the batch."""
+    B, m = eps.shape[:2]
+    logits = model(plain_noisy(x, sigma, eps)).view(B, m, -1)
+    mean_softmax = nn.functional.softmax(logits, dim=2).mean(1)
+    classification = nn.functional.nll_loss(torch.log(mean_softmax + 1e-10), y, reduction="sum")
+    top2, which = nn.functional.softmax(beta * logits, dim=2).mean(1).topk(2)
+    correct = which[:, 0] == y
+    out0, out1 = top2[correct, 0], top2[correct, 1]
+    margin = _NORMAL.icdf(out0) - _NORMAL.icdf(out1)
+    keep = ~torch.isnan(margin) & ~torch.isinf(margin) & (margin.abs() <= gamma)
+    hinge = gamma - (_NORMAL.icdf(out0[keep]) - _NORMAL.icdf(out1[keep]))
+    scale = sigma[correct][keep] if isinstance(sigma, torch.Tensor) else sigma
+    robustness = (scale / 2 * hinge).sum()
+    return (classification + lam * robustness) / B
+
+
+def plain_smoothadv_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float | torch.Tensor,
+    eps: torch.Tensor,
+    epsilon: float = 0.5,
+    steps: int = 2,
+    clamp: tuple[float, float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """SmoothAdv's PGD-L2 on the soft smoothed classifier (one adversarial input per example, the same
+    noise draws ``eps`` at every step): normalised-gradient steps of ``2 * epsilon / steps`` on
+    ``-log mean_i softmax(f(x' + sigma eps_i))_y``, projection onto the epsilon ball, then the data range
+    (ddrs_ext's order). Run it with the model frozen."""
+    B, m = eps.shape[:2]
+    step_size = 2.0 * epsilon / max(steps, 1)
+    view = (B, *([1] * (x.dim() - 1)))
+    adv = x.detach().clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        logits = model(plain_noisy(adv, sigma, eps)).view(B, m, -1)
+        mean_softmax = nn.functional.softmax(logits, dim=2).mean(1)
+        loss = nn.functional.nll_loss(torch.log(mean_softmax.clamp_min(1e-20)), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, adv)
+        with torch.no_grad():
+            adv = adv + step_size * grad / grad.view(B, -1).norm(dim=1).clamp_min(1e-12).view(view)
+            delta = adv - x
+            delta *= (epsilon / delta.view(B, -1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).view(view)
+            adv = (x + delta).clamp_(*clamp)
+    return adv
+
+
+def plain_smoothadv_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float | torch.Tensor,
+    eps: torch.Tensor,
+    epsilon: float = 0.5,
+    steps: int = 2,
+) -> torch.Tensor:
+    """SmoothAdv's multi-noise training loss: the attack with the model frozen (as ``train_pgd.py``
+    does), then the mean cross-entropy of the noisy adversarial copies, with the attack's noise."""
+    _set_frozen(model, True)
+    try:
+        adv = plain_smoothadv_attack(model, x, y, sigma, eps, epsilon, steps)
+    finally:
+        _set_frozen(model, False)
+    logits = model(plain_noisy(adv, sigma, eps))
+    return nn.functional.cross_entropy(logits, y.repeat_interleave(eps.shape[1]))
+
+
+def plain_sigma_ascent(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    eps: torch.Tensor,
+    steps: int = 3,
+    lr: float = 0.04,
+    clip: tuple[float, float] = (0.02, 0.98),
+    sigma_range: tuple[float, float] = (1e-3, 10.0),
+) -> torch.Tensor:
+    """The published data-dependent training's sigma update: ``steps`` ascent steps on the surrogate radius
+    ``sigma/2 (icdf(clip E_A) - icdf(clip E_B))``, fresh ``torch.randn`` noise into ``eps`` (B, m, ...)
+    each step, ``dR/dsigma`` by reverse-mode autograd through the frozen model (eval mode, so
+    BatchNorm's statistics stay put). sigma is kept inside ``sigma_range`` as ddrs_ext keeps it (the
+    published code does not bound it). Returns the new sigma (B,), detached, x's dtype."""
+    B, m = eps.shape[:2]
+    sigma = sigma.to(x.dtype).clone().requires_grad_(True)
+    _set_frozen(model, True)
+    try:
+        for _ in range(steps):
+            torch.randn(eps.shape, out=eps)
+            psi = model(plain_noisy(x, sigma, eps)).softmax(1).view(B, m, -1).mean(1)
+            q = _NORMAL.icdf(psi.topk(2, dim=1).values.clamp(*clip))
+            radius = sigma / 2 * (q[:, 0] - q[:, 1])
+            (grad,) = torch.autograd.grad(radius.sum(), sigma)
+            with torch.no_grad():
+                sigma += lr * grad
+                sigma.clamp_(*sigma_range)
+    finally:
+        _set_frozen(model, False)
+    return sigma.detach()
+
+
+PLAIN_LOSSES = {
+    "gaussian": plain_gaussian_augmentation_loss,
+    "macer": plain_macer_loss,
+    "smoothadv": plain_smoothadv_loss,
+}
+
+
+class PlainTrainingStep:
+    """One training step of a randomized-smoothing scheme in plain PyTorch on a minibatch ``(x, y, index)``.
+
+    Data-dependent (``bank`` given, one sigma per training example): ``plain_sigma_ascent`` from the
+    bank's values, written back; then the loss with those sigmas. Fixed: the loss with the float
+    ``sigma``. Then ``zero_grad``, ``backward``, ``optimizer.step()``. The noise buffers (the loss's
+    ``copies`` draws and the ascent's ``sigma_samples``) are allocated once, for minibatches of
+    ``batch_shape``, and refilled by ``torch.randn(out=)``. Returns the loss, detached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheme: str,
+        batch_shape: tuple[int, ...],
+        copies: int,
+        sigma: float,
+        bank: torch.Tensor | None = None,
+        sigma_steps: int = 3,
+        sigma_samples: int = 16,
+        **loss_kwargs,
+    ) -> None:
+        self.model, self.optimizer, self.loss = model, optimizer, PLAIN_LOSSES[scheme]
+        self.loss_kwargs, self.sigma, self.bank, self.sigma_steps = loss_kwargs, sigma, bank, sigma_steps
+        B, *shape = batch_shape
+        self.eps = torch.empty((B, copies, *shape))
+        self.sigma_eps = torch.empty((B, sigma_samples, *shape)) if bank is not None else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma
+        if self.bank is not None:
+            sigma = plain_sigma_ascent(self.model, x, self.bank[index], self.sigma_eps, self.sigma_steps)
+            self.bank[index] = sigma
+        torch.randn(self.eps.shape, out=self.eps)
+        loss = self.loss(self.model, x, y, sigma, self.eps, **self.loss_kwargs)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
