@@ -155,6 +155,24 @@ class CertificationMemory:
             radius[rows] = torch.from_numpy(new_radius)
         return prediction, radius
 
+    @torch.no_grad()
+    def extend(self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor) -> None:
+        """Stores answers that a memory already adjusted, as they are, without adjusting them.
+
+        For rebuilding a memory from saved results (e.g. a result file being resumed): feeding
+        the answers that :meth:`adjust` returned, in the order it returned them, restores the
+        memory it had then exactly, so later queries get the same answers as in one
+        uninterrupted run. Answers that were never adjusted may break the guarantee that stored
+        balls of different classes do not overlap; use :meth:`adjust` for those.
+
+        Arguments as for :meth:`adjust` and checked the same way; abstentions are skipped
+        (``adjust`` does not store them either).
+        """
+        x, prediction, radius = self._check_queries(x, prediction, radius)
+        certified = (prediction != ABSTAIN).nonzero().flatten()
+        if certified.numel():
+            self._append(x[certified.to(x.device)], prediction[certified].numpy(), radius[certified].numpy())
+
     def adjust_result(self, x: torch.Tensor, result: CertifyResult) -> CertifyResult:
         """``adjust`` applied to a ``CertifyResult`` for the inputs ``x``.
 

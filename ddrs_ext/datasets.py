@@ -1,0 +1,273 @@
+"""Datasets for the ``ddrs`` command line: the embedded digits, CIFAR-10's python format, ``.pt``
+tensor files and image folders.
+
+A :class:`Dataset` gives integer labels for all inputs and the inputs themselves by index, as
+float32 tensors on the CPU. Every problem with the user's data (a missing file, another format, a
+truncated pickle, inputs and labels of different lengths) raises ``ValueError`` or ``OSError``
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "load_dataset", "DATA_KEYS", "CIFAR10_FILES"]
+
+SPLITS = ("train", "test")
+#: Key pairs (inputs, labels) looked for in a dict of a ``.pt`` data file, in this order.
+DATA_KEYS = (
+    ("x", "y"),
+    ("inputs", "labels"),
+    ("images", "targets"),
+    ("images", "labels"),
+    ("data", "targets"),
+)
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+@dataclass
+class Dataset:
+    """``labels`` (N,) int64; ``inputs(index)`` the float32 inputs ``(len(index), ...)`` at those indices."""
+
+    description: str
+    labels: torch.Tensor
+    _get: Callable[[Sequence[int]], torch.Tensor]
+    split: str | None = None  # train/test for the kinds that have splits
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def inputs(self, index: Sequence[int]) -> torch.Tensor:
+        return self._get(list(index))
+
+
+def _tensor_dataset(description: str, x: torch.Tensor, y: torch.Tensor, split: str | None = None) -> Dataset:
+    return Dataset(description, y, lambda index: x[torch.as_tensor(index, dtype=torch.long)], split)
+
+
+def _check_pair(where: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 inputs (N, ...) and int64 labels (N,), or a one-line error."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if isinstance(y, (np.ndarray, list, tuple)):
+        y = torch.as_tensor(np.asarray(y))
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError(
+            f"{where}: inputs and labels must be tensors, got {type(x).__name__} and {type(y).__name__}"
+        )
+    if x.dtype == torch.uint8:
+        x = x.float() / 255  # 8-bit images
+    elif not x.is_floating_point():
+        raise ValueError(f"{where}: inputs must be floating point or uint8 images, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{where}: inputs must have shape (N, ...) with N inputs, got {tuple(x.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{where}: labels must have shape (N,), got {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{where}: {x.shape[0]} inputs but {y.shape[0]} labels")
+    x = x.to(torch.float32).contiguous()
+    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"{where}: input {int((~finite).nonzero()[0, 0])} contains NaN or Inf")
+    return x, y.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _digits(split: str) -> Dataset:
+    from ddrs_ext.data import load_digits_split
+
+    train, test = load_digits_split(seed=0)
+    x, y = train if split == "train" else test
+    return _tensor_dataset(f"digits ({split} split of ddrs_ext.data.load_digits_split(seed=0))", x, y, split)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, bytes, numbers and numpy arrays, nothing that runs code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--data: CIFAR-10 file {path} is missing") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(
+            f"--data: {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"--data: {path} is not a CIFAR-10 batch (holds a {type(batch).__name__}, not a dict)"
+        )
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise ValueError(f"--data: {path} is not a CIFAR-10 batch (no 'data' and 'labels' entries)")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"--data: {path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"--data: {path}: {data.shape[0]} images but labels of shape {labels.shape}")
+    return data, labels
+
+
+def _cifar_folder(path: Path) -> Path | None:
+    """The folder holding CIFAR-10's batch files (``path`` or its ``cifar-10-batches-py``), if any."""
+    for folder in (path, path / "cifar-10-batches-py"):
+        if any((folder / name).exists() for name in ("test_batch", "data_batch_1", "batches.meta")):
+            return folder
+    return None
+
+
+def _cifar10(folder: Path, split: str) -> Dataset:
+    parts = [_read_cifar_batch(folder / name) for name in CIFAR10_FILES[split]]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    x = torch.from_numpy(data).reshape(-1, 3, 32, 32)  # uint8; converted per chunk
+    y = torch.from_numpy(labels.astype(np.int64))
+
+    def get(index):
+        return x[torch.as_tensor(index, dtype=torch.long)].to(torch.float32) / 255
+
+    return Dataset(f"CIFAR-10 {split} split in {folder}", y, get, split)
+
+
+# ----------------------------------------------------------------------------- .pt files
+
+
+def _tensor_file(path: Path) -> Dataset:
+    try:
+        content = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"--data: {path} cannot be read by torch.load(weights_only=True) ({type(exc).__name__}: {first})"
+        ) from None
+    if isinstance(content, (tuple, list)) and len(content) == 2:
+        x, y = content
+    elif isinstance(content, dict):
+        for kx, ky in DATA_KEYS:
+            if kx in content and ky in content:
+                x, y = content[kx], content[ky]
+                break
+        else:
+            pairs = ", ".join(f"{a}/{b}" for a, b in DATA_KEYS)
+            raise ValueError(
+                f"--data: {path} is a dict with keys {sorted(map(str, content))}; expected {pairs}"
+            )
+    else:
+        raise ValueError(
+            f"--data: {path} holds a {type(content).__name__}; expected (inputs, labels) or a dict such as "
+            "{'x': inputs, 'y': labels}"
+        )
+    x, y = _check_pair(f"--data {path}", x, y)
+    return _tensor_dataset(f"tensors in {path}", x, y)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _image_folder(path: Path) -> Dataset:
+    try:
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms.functional import to_tensor
+    except ImportError:
+        raise ValueError(
+            f"--data: {path} is an image folder, which needs torchvision (pip install torchvision); "
+            "or convert the images to a .pt file of (inputs, labels)"
+        ) from None
+    try:
+        folder = ImageFolder(str(path))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ValueError(
+            f"--data: {path} is not an image folder with one subfolder per class ({exc})"
+        ) from None
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    shape = {}
+
+    def get(index):
+        images = []
+        for i in index:
+            file = folder.samples[i][0]
+            try:
+                image = to_tensor(folder.loader(file))
+            except OSError as exc:
+                raise ValueError(f"--data: cannot read image {file} ({exc})") from None
+            first = shape.setdefault("shape", tuple(image.shape))
+            if tuple(image.shape) != first:
+                raise ValueError(
+                    f"--data: image {file} has shape {tuple(image.shape)}, earlier ones {first}; "
+                    "resize the images to one size"
+                )
+            images.append(image)
+        if not images:
+            return torch.zeros((0, *shape.get("shape", ())), dtype=torch.float32)
+        return torch.stack(images).to(torch.float32)
+
+    return Dataset(f"image folder {path} (classes {', '.join(folder.classes[:5])}...)", labels, get)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def load_dataset(spec: str, split: str | None = None) -> Dataset:
+    """The data named by ``spec``: ``digits``, a CIFAR-10 folder, a ``.pt`` file or an image folder.
+
+    ``split`` (``train`` or ``test``, default ``test``) chooses the split of the digits and of
+    CIFAR-10; the other kinds hold one set of inputs and refuse a split.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if spec == "digits":
+        return _digits(split or "test")
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {spec}: no such file or folder (or use --data digits)")
+    if path.is_dir():
+        cifar = _cifar_folder(path)
+        if cifar is not None:
+            return _cifar10(cifar, split or "test")
+        kind = "image folder"
+    else:
+        kind = "file"
+    if split is not None:
+        raise ValueError(f"--split applies to --data digits and CIFAR-10 folders, not to a {kind} ({spec})")
+    if path.is_dir():
+        return _image_folder(path)
+    return _tensor_file(path)
+
+
+def data_settings(spec: str, dataset: Dataset) -> dict:
+    """What identifies the data in a result file's settings (paths made absolute)."""
+    return {"data": spec if spec == "digits" else os.path.abspath(spec), "split": dataset.split}

@@ -1,0 +1,177 @@
+"""ddrs_ext.datasets: the data formats the ddrs command line reads, and their one-line errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ddrs_ext.data import load_digits_split
+from ddrs_ext.datasets import CIFAR10_FILES, load_dataset
+
+
+def test_digits_splits():
+    (x_train, y_train), (x_test, y_test) = load_digits_split(seed=0)
+    test = load_dataset("digits")
+    assert test.split == "test" and len(test) == len(y_test)
+    assert torch.equal(test.labels, y_test) and torch.equal(test.inputs([3, 0, 7]), x_test[[3, 0, 7]])
+    train = load_dataset("digits", "train")
+    assert train.split == "train" and torch.equal(train.inputs([5]), x_train[[5]])
+    with pytest.raises(ValueError, match="--split"):
+        load_dataset("digits", "validation")
+
+
+def write_cifar(folder, per_batch=4, protocol=2, str_keys=False):
+    """Batches in CIFAR-10's python format (the originals are protocol-2 pickles with bytes keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in CIFAR10_FILES["train"] + CIFAR10_FILES["test"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batches[name] = (data, labels)
+        content = {"data": data, "labels": labels} if str_keys else {b"data": data, b"labels": labels}
+        content[b"batch_label" if not str_keys else "batch_label"] = name
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f, protocol=protocol)
+    return batches
+
+
+@pytest.mark.parametrize("protocol,str_keys", [(2, False), (5, True)])
+def test_cifar10_python_format(tmp_path, protocol, str_keys):
+    batches = write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol, str_keys=str_keys)
+    for spec in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the folder or its parent
+        test = load_dataset(str(spec))
+        data, labels = batches["test_batch"]
+        assert test.split == "test" and test.labels.tolist() == labels
+        x = test.inputs([0, 1, 2, 3])
+        assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
+        assert torch.equal(x, torch.from_numpy(data).reshape(4, 3, 32, 32).float() / 255)
+        assert 0 <= float(x.min()) and float(x.max()) <= 1
+    train = load_dataset(str(tmp_path), "train")
+    assert len(train) == 20
+    assert train.labels.tolist() == sum((batches[n][1] for n in CIFAR10_FILES["train"]), [])
+    data, _ = batches["data_batch_3"]
+    assert torch.equal(train.inputs([9]), torch.from_numpy(data[1]).reshape(1, 3, 32, 32).float() / 255)
+
+
+def test_cifar10_damaged(tmp_path):
+    folder = tmp_path / "c"
+    write_cifar(folder)
+    os.remove(folder / "data_batch_3")
+    with pytest.raises(OSError, match="data_batch_3 is missing"):
+        load_dataset(str(folder), "train")
+    whole = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="not a readable CIFAR-10 batch"):
+        load_dataset(str(folder))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [1]}))
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_dataset(str(folder))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [1, 2]})
+    )
+    with pytest.raises(ValueError, match="expected uint8"):
+        load_dataset(str(folder))
+    (folder / "test_batch").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ValueError, match="not a dict"):
+        load_dataset(str(folder))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda x, y: (x, y),
+        lambda x, y: [x, y],
+        lambda x, y: {"x": x, "y": y},
+        lambda x, y: {"inputs": x, "labels": y, "meta": torch.zeros(1)},
+        lambda x, y: {"images": x, "targets": y},
+    ],
+)
+def test_pt_file(tmp_path, content):
+    x, y = torch.rand(5, 2, 3), torch.tensor([0, 1, 2, 1, 0])
+    torch.save(content(x, y), tmp_path / "d.pt")
+    data = load_dataset(str(tmp_path / "d.pt"))
+    assert data.split is None and torch.equal(data.labels, y) and torch.equal(data.inputs([4, 1]), x[[4, 1]])
+
+
+def test_pt_file_uint8_images(tmp_path):
+    x = torch.randint(0, 256, (3, 1, 2, 2), dtype=torch.uint8)
+    torch.save({"x": x, "y": torch.tensor([1, 2, 3], dtype=torch.int32)}, tmp_path / "d.pt")
+    data = load_dataset(str(tmp_path / "d.pt"))
+    assert torch.equal(data.inputs([0, 1, 2]), x.float() / 255) and data.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"x": torch.zeros(3, 2), "y": torch.zeros(2, dtype=torch.long)}, "3 inputs but 2 labels"),
+        ({"x": torch.zeros(3, 2), "y": torch.zeros(3)}, "labels must be integers"),
+        (
+            {"x": torch.zeros(3, 2), "y": torch.zeros(3, 1, dtype=torch.long)},
+            r"labels must have shape \(N,\)",
+        ),
+        ({"x": torch.zeros(3, dtype=torch.long), "y": torch.zeros(3, dtype=torch.long)}, "floating point"),
+        ({"x": torch.zeros(3), "y": torch.zeros(3, dtype=torch.long)}, r"shape \(N, \.\.\.\)"),
+        ({"x": torch.full((2, 2), float("nan")), "y": torch.zeros(2, dtype=torch.long)}, "NaN"),
+        ({"features": torch.zeros(1)}, "expected x/y"),
+        ((torch.zeros(1), torch.zeros(1), torch.zeros(1)), "expected \\(inputs, labels\\)"),
+        (torch.zeros(3), "holds a Tensor"),
+    ],
+)
+def test_pt_file_errors(tmp_path, content, message):
+    torch.save(content, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=message):
+        load_dataset(str(tmp_path / "d.pt"))
+
+
+def test_other_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_dataset(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_dataset(str(tmp_path / "junk.pt"))
+    torch.save((torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)), tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="--split applies"):
+        load_dataset(str(tmp_path / "d.pt"), "train")
+
+
+def test_image_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    try:
+        import torchvision  # noqa: F401
+        from PIL import Image
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install torchvision"):
+            load_dataset(str(tmp_path))
+        return
+    (tmp_path / "b").mkdir()
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    Image.fromarray(pixels[0], "L").convert("RGB").save(tmp_path / "a" / "0.png")
+    Image.fromarray(pixels[1], "L").convert("RGB").save(tmp_path / "b" / "1.png")
+    data = load_dataset(str(tmp_path))
+    assert data.labels.tolist() == [0, 1]
+    x = data.inputs([1])
+    assert x.shape == (1, 3, 3, 3) and torch.equal(x[0, 0], torch.from_numpy(pixels[1]).float() / 255)
+
+
+def test_cifar10_pickles_naming_numpy_core(tmp_path):
+    """The distributed files were written by Python 2 with numpy 1, which named numpy.core.multiarray."""
+    batches = write_cifar(tmp_path)
+    raw = (tmp_path / "test_batch").read_bytes()
+    if b"numpy._core.multiarray" in raw:
+        (tmp_path / "test_batch").write_bytes(
+            raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        )
+    data = load_dataset(str(tmp_path))
+    assert torch.equal(
+        data.inputs([2]), torch.from_numpy(batches["test_batch"][0][2]).reshape(1, 3, 32, 32) / 255
+    )
