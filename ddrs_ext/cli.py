@@ -93,8 +93,10 @@ data (--data):
   a .pt file                      torch.save of (inputs, labels) or a dict with keys x/y,
                                   inputs/labels, images/targets, images/labels or data/targets;
                                   inputs float (N, ...) or uint8 (divided by 255), labels int (N,)
-  an image folder                 one subfolder per class (torchvision's ImageFolder; needs
-                                  torchvision); all images of one size, scaled to [0, 1]
+  an image folder                 one subfolder per class, numbered as torchvision's ImageFolder
+                                  numbers them (read with Pillow), RGB scaled to [0, 1]; all of
+                                  one size, or --image-size S: shorter side to round(S*256/224),
+                                  then the central SxS (ImageNet: --image-size 224)
   Labels must lie in [0, C). Inputs are numbered 0..N-1 (idx); the model gets them as they are
   (do any normalisation inside the model).
 
@@ -155,6 +157,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--split", choices=("train", "test"), default=None, help="split of digits or CIFAR-10 (default: test)"
+    )
+    g.add_argument(
+        "--image-size",
+        type=_count,
+        default=None,
+        metavar="S",
+        help="image folders: resize (shorter side round(S*256/224)) and centre-crop to SxS",
     )
     g.add_argument(
         "--skip", type=_count, default=1, metavar="K", help="take every K-th input (idx %% K == 0)"
@@ -392,7 +401,7 @@ class _Job:
     def __init__(self, args) -> None:
         import torch
 
-        from ddrs_ext.datasets import data_settings, load_dataset
+        from ddrs_ext.datasets import data_settings, image_settings, load_dataset
         from ddrs_ext.loading import load_model, model_settings, resolve_device
 
         out = Path(args.out)
@@ -402,7 +411,7 @@ class _Job:
             raise ValueError(f"--out {out}: its folder {out.parent} does not exist")
         self.device = resolve_device(args.device)
         self.model = load_model(args.model, args.checkpoint, self.device)
-        self.data = load_dataset(args.data, args.split)
+        self.data = load_dataset(args.data, args.split, args.image_size)
         n = len(self.data)
         if n > _INDEX_LIMIT:
             raise ValueError(f"--data has {n} inputs; at most 2**32 are supported")
@@ -425,6 +434,7 @@ class _Job:
         self.settings = {
             **model_settings(args.model, args.checkpoint),
             **data_settings(args.data, self.data),
+            **image_settings(args.image_size),
             "num_classes": self.num_classes,
             "seed": args.seed,
             "skip": args.skip,

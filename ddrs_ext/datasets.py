@@ -198,58 +198,101 @@ def _tensor_file(path: Path) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 
-def _image_folder(path: Path) -> Dataset:
-    try:
-        from torchvision.datasets import ImageFolder
-        from torchvision.transforms.functional import to_tensor
-    except ImportError:
-        raise ValueError(
-            f"--data: {path} is an image folder, which needs torchvision (pip install torchvision); "
-            "or convert the images to a .pt file of (inputs, labels)"
-        ) from None
-    try:
-        folder = ImageFolder(str(path))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise ValueError(
-            f"--data: {path} is not an image folder with one subfolder per class ({exc})"
-        ) from None
-    labels = torch.tensor(folder.targets, dtype=torch.int64)
+# The file kinds torchvision's ImageFolder accepts, so that idx numbers the same images as there.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _image_files(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted subfolder names) and ``(file, class)`` in ImageFolder's order: class by class,
+    folders walked in sorted order, file names sorted, only image extensions (any case)."""
+    classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for root, _, files in sorted(os.walk(path / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(root, file), label))
+    return classes, samples
+
+
+def _resize_crop(image, size: int):
+    """ImageNet's evaluation transform: the shorter side to ``round(size * 256 / 224)`` (bilinear),
+    then the central ``size x size`` square (torchvision's Resize + CenterCrop on PIL images)."""
+    from PIL import Image
+
+    short = int(round(size * 256 / 224))
+    w, h = image.size
+    if w <= h:
+        new = (short, int(short * h / w))
+    else:
+        new = (int(short * w / h), short)
+    if new != (w, h):
+        image = image.resize(new, Image.BILINEAR)
+    w, h = image.size
+    if w < size or h < size:
+        raise ValueError(f"an image of {w}x{h} is smaller than the {size}x{size} crop")
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _image_folder(path: Path, image_size: int | None) -> Dataset:
+    """One subfolder per class, read with Pillow (RGB, scaled to [0, 1]); numbered as torchvision's
+    ImageFolder numbers them. ``image_size``: resize and centre-crop every image to that square."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes, samples = _image_files(path)
+    if not classes:
+        raise ValueError(f"--data: {path} has no CIFAR-10 batches and no class subfolders of images")
+    if not samples:
+        raise ValueError(f"--data: {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its subfolders")
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     shape = {}
 
     def get(index):
         images = []
         for i in index:
-            file = folder.samples[i][0]
+            file = samples[i][0]
             try:
-                image = to_tensor(folder.loader(file))
-            except OSError as exc:
+                with Image.open(file) as image:
+                    image = image.convert("RGB")
+                    if image_size is not None:
+                        image = _resize_crop(image, image_size)
+                    array = np.asarray(image, dtype=np.uint8)
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
                 raise ValueError(f"--data: cannot read image {file} ({exc})") from None
-            first = shape.setdefault("shape", tuple(image.shape))
-            if tuple(image.shape) != first:
+            tensor = torch.from_numpy(array.transpose(2, 0, 1).copy()).to(torch.float32) / 255
+            first = shape.setdefault("shape", tuple(tensor.shape))
+            if tuple(tensor.shape) != first:
                 raise ValueError(
-                    f"--data: image {file} has shape {tuple(image.shape)}, earlier ones {first}; "
-                    "resize the images to one size"
+                    f"--data: image {file} has shape {tuple(tensor.shape)}, earlier ones {first}; "
+                    "give --image-size to resize and crop them to one size"
                 )
-            images.append(image)
+            images.append(tensor)
         if not images:
             return torch.zeros((0, *shape.get("shape", ())), dtype=torch.float32)
-        return torch.stack(images).to(torch.float32)
+        return torch.stack(images)
 
-    return Dataset(f"image folder {path} (classes {', '.join(folder.classes[:5])}...)", labels, get)
+    shown = ", ".join(classes[:5]) + ("..." if len(classes) > 5 else "")
+    return Dataset(f"image folder {path} ({len(classes)} classes: {shown})", labels, get)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def load_dataset(spec: str, split: str | None = None) -> Dataset:
+def load_dataset(spec: str, split: str | None = None, image_size: int | None = None) -> Dataset:
     """The data named by ``spec``: ``digits``, a CIFAR-10 folder, a ``.pt`` file or an image folder.
 
     ``split`` (``train`` or ``test``, default ``test``) chooses the split of the digits and of
-    CIFAR-10; the other kinds hold one set of inputs and refuse a split.
+    CIFAR-10; the other kinds hold one set of inputs and refuse a split. ``image_size`` (image
+    folders only) resizes and centre-crops every image to that square.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+        raise ValueError(f"--image-size must be a positive integer, got {image_size!r}")
     if spec == "digits":
+        if image_size is not None:
+            raise ValueError("--image-size applies to image folders, not to the digits")
         return _digits(split or "test")
     path = Path(spec)
     if not path.exists():
@@ -257,6 +300,8 @@ def load_dataset(spec: str, split: str | None = None) -> Dataset:
     if path.is_dir():
         cifar = _cifar_folder(path)
         if cifar is not None:
+            if image_size is not None:
+                raise ValueError("--image-size applies to image folders, not to CIFAR-10")
             return _cifar10(cifar, split or "test")
         kind = "image folder"
     else:
@@ -264,10 +309,18 @@ def load_dataset(spec: str, split: str | None = None) -> Dataset:
     if split is not None:
         raise ValueError(f"--split applies to --data digits and CIFAR-10 folders, not to a {kind} ({spec})")
     if path.is_dir():
-        return _image_folder(path)
+        return _image_folder(path, image_size)
+    if image_size is not None:
+        raise ValueError(f"--image-size applies to image folders, not to a {kind} ({spec})")
     return _tensor_file(path)
 
 
 def data_settings(spec: str, dataset: Dataset) -> dict:
     """What identifies the data in a result file's settings (paths made absolute)."""
     return {"data": spec if spec == "digits" else os.path.abspath(spec), "split": dataset.split}
+
+
+def image_settings(image_size: int | None) -> dict:
+    """The image-folder transform, for a result file's settings (only when one is asked for, so that
+    files of the other kinds keep their settings)."""
+    return {} if image_size is None else {"image_size": int(image_size)}

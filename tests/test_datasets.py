@@ -144,23 +144,74 @@ def test_other_errors(tmp_path):
         load_dataset(str(tmp_path / "d.pt"), "train")
 
 
-def test_image_folder(tmp_path):
-    (tmp_path / "a").mkdir()
-    try:
-        import torchvision  # noqa: F401
-        from PIL import Image
-    except ImportError:
-        with pytest.raises(ValueError, match="pip install torchvision"):
-            load_dataset(str(tmp_path))
-        return
-    (tmp_path / "b").mkdir()
-    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    Image.fromarray(pixels[0], "L").convert("RGB").save(tmp_path / "a" / "0.png")
-    Image.fromarray(pixels[1], "L").convert("RGB").save(tmp_path / "b" / "1.png")
+def _save(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_order_and_values(tmp_path):
+    """Classes are the sorted subfolders; files within a class sorted, nested folders walked in order,
+    non-images skipped (torchvision's ImageFolder numbering); grey images become RGB in [0, 1]."""
+    g = np.random.default_rng(0)
+    images = {
+        "b/x.png": g.integers(0, 256, (5, 4, 3), dtype=np.uint8),
+        "a/2.PNG": g.integers(0, 256, (5, 4, 3), dtype=np.uint8),
+        "a/10.bmp": g.integers(0, 256, (5, 4, 3), dtype=np.uint8),
+        "a/sub/0.png": g.integers(0, 256, (5, 4), dtype=np.uint8),  # greyscale
+    }
+    for name, array in images.items():
+        _save(tmp_path / name, array)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
     data = load_dataset(str(tmp_path))
-    assert data.labels.tolist() == [0, 1]
-    x = data.inputs([1])
-    assert x.shape == (1, 3, 3, 3) and torch.equal(x[0, 0], torch.from_numpy(pixels[1]).float() / 255)
+    assert len(data) == 4 and data.labels.tolist() == [0, 0, 0, 1]
+    order = ["a/10.bmp", "a/2.PNG", "a/sub/0.png", "b/x.png"]
+    x = data.inputs([0, 1, 2, 3])
+    assert x.shape == (4, 3, 5, 4) and x.dtype == torch.float32
+    for k, name in enumerate(order):
+        want = images[name]
+        if want.ndim == 2:
+            want = np.repeat(want[:, :, None], 3, axis=2)
+        assert torch.equal(x[k], torch.from_numpy(want.transpose(2, 0, 1).copy()).float() / 255), name
+
+
+def test_image_folder_resize_and_crop(tmp_path):
+    """--image-size S: shorter side to round(S*256/224) by bilinear resampling, then the central square."""
+    from PIL import Image
+
+    g = np.random.default_rng(1)
+    wide = g.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    _save(tmp_path / "c" / "wide.png", wide)
+    _save(tmp_path / "c" / "tall.png", g.integers(0, 256, (40, 16, 3), dtype=np.uint8))
+    data = load_dataset(str(tmp_path), image_size=14)
+    x = data.inputs([0, 1])  # sorted: tall, wide
+    assert x.shape == (2, 3, 14, 14)
+    short = round(14 * 256 / 224)  # 16
+    resized = Image.fromarray(wide).resize((int(short * 30 / 20), short), Image.BILINEAR)
+    w, h = resized.size
+    left, top = round((w - 14) / 2), round((h - 14) / 2)
+    want = np.asarray(resized.crop((left, top, left + 14, top + 14)))
+    assert torch.equal(x[1], torch.from_numpy(want.transpose(2, 0, 1).copy()).float() / 255)
+    # Without --image-size, images of different sizes are an error naming the option.
+    with pytest.raises(ValueError, match="--image-size"):
+        load_dataset(str(tmp_path)).inputs([0, 1])
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no CIFAR-10 batches and no class subfolders"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no image files"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_dataset(str(tmp_path)).inputs([0])
+    with pytest.raises(ValueError, match="--image-size applies to image folders"):
+        load_dataset("digits", image_size=8)
+    with pytest.raises(ValueError, match="positive integer"):
+        load_dataset(str(tmp_path), image_size=0)
 
 
 def test_cifar10_pickles_naming_numpy_core(tmp_path):
