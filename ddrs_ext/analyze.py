@@ -1,0 +1,252 @@
+"""Certified accuracy and average certified radius of certification result files, as tables and plots.
+
+    ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png
+
+Reads the tab-separated result files that :mod:`ddrs_ext.results` writes (and Cohen et al.'s, which
+lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction of rows with
+``correct == 1`` and ``radius >= r`` (an abstention is never correct); the average certified radius
+(ACR) is the mean of ``radius * correct`` over all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ddrs_ext.results import read_results
+
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Certified:
+    """One result file's certificates: ``correct`` (bool) and ``radius`` (float64), one entry per input."""
+
+    label: str
+    correct: np.ndarray
+    radius: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.radius)
+
+    def accuracy(self, radii: Sequence[float]) -> np.ndarray:
+        """Certified accuracy at each of ``radii``: correct and certified with ``radius >= r``."""
+        return certified_accuracy(self.correct, self.radius, radii)
+
+    @property
+    def acr(self) -> float:
+        return average_certified_radius(self.correct, self.radius)
+
+
+def certified_accuracy(correct, radius, radii: Sequence[float]) -> np.ndarray:
+    """Fraction of inputs with ``correct`` true and ``radius >= r``, for each ``r`` in ``radii``."""
+    correct = np.asarray(correct, dtype=bool)
+    radius = np.asarray(radius, dtype=np.float64)
+    if len(correct) == 0:
+        raise ValueError("no inputs: certified accuracy is undefined")
+    r = np.asarray(radii, dtype=np.float64)
+    hits = correct[None, :] & (radius[None, :] >= r[:, None])
+    return hits.mean(axis=1)
+
+
+def average_certified_radius(correct, radius) -> float:
+    """Mean of ``radius * correct`` over all inputs (abstentions and wrong answers count 0)."""
+    correct = np.asarray(correct, dtype=bool)
+    radius = np.asarray(radius, dtype=np.float64)
+    if len(correct) == 0:
+        raise ValueError("no inputs: the average certified radius is undefined")
+    return float(np.where(correct, radius, 0.0).mean())
+
+
+def load(path: str | os.PathLike, label: str | None = None) -> Certified:
+    """Reads a result file's ``correct`` and ``radius`` columns (``correct`` from ``predict == label``
+    when the file has no ``correct`` column). Raises ``ValueError`` on a missing, empty or malformed
+    file."""
+    path = Path(path)
+    columns = read_results(path)  # ResultFileError (a ValueError) for missing / unreadable files
+    if "radius" not in columns:
+        raise ValueError(
+            f"{path}: no 'radius' column (columns: {' '.join(columns)}); not a certification result"
+        )
+    if "correct" in columns:
+        correct = columns["correct"]
+    elif "predict" in columns and "label" in columns:
+        correct = (columns["predict"] == columns["label"]).astype(np.int64)
+    else:
+        raise ValueError(f"{path}: no 'correct' column, nor 'predict' and 'label' to derive it from")
+    radius = columns["radius"]
+    if len(radius) == 0:
+        raise ValueError(f"{path}: no rows, only a header")
+    if not np.isin(correct, (0, 1)).all():
+        raise ValueError(f"{path}: 'correct' must be 0 or 1 in every row")
+    if not (np.isfinite(radius).all() and (radius >= 0).all()):
+        raise ValueError(f"{path}: every radius must be finite and >= 0")
+    return Certified(label=path.stem if label is None else label, correct=correct == 1, radius=radius)
+
+
+def _radius_text(r: float) -> str:
+    return f"{r:g}"
+
+
+def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
+    """A markdown table: one row per result, certified accuracy at ``radii``, ACR and input count."""
+    head = ["result", *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for res in results:
+        cells = [res.label.replace("|", "\\|"), *(f"{a:.3f}" for a in res.accuracy(radii))]
+        cells += [f"{res.acr:.3f}", str(len(res))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "σ": r"$\sigma$",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``): certified accuracy at ``radii``,
+    ACR and input count, one row per result."""
+    k = len(radii)
+    lines = [
+        "% certified accuracy at L2 radius r; ACR = average certified radius; needs \\usepackage{booktabs}",
+        "\\begin{tabular}{l" + "r" * (k + 2) + "}",
+        "\\toprule",
+        f" & \\multicolumn{{{k}}}{{c}}{{certified accuracy at radius $r$}} & & \\\\",
+        f"\\cmidrule(lr){{2-{k + 1}}}",
+        "result & " + " & ".join(_radius_text(r) for r in radii) + " & ACR & inputs \\\\",
+        "\\midrule",
+    ]
+    for res in results:
+        cells = [latex_escape(res.label), *(f"{a:.3f}" for a in res.accuracy(radii))]
+        cells += [f"{res.acr:.3f}", str(len(res))]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_certified_accuracy(
+    results: Sequence[Certified],
+    path: str | os.PathLike,
+    *,
+    max_radius: float | None = None,
+    title: str | None = None,
+    points: int = 2001,
+) -> Path:
+    """Writes a PNG (or any format matplotlib infers from the suffix) of certified accuracy against
+    radius, one step curve per result over ``points`` radii from 0 to ``max_radius`` (default: a
+    little past the largest certified radius). Headless: draws on an Agg canvas without pyplot, so
+    it neither needs a display nor changes the backend of a session that uses pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("nothing to plot")
+    path = Path(path)
+    if max_radius is None:
+        largest = max(float(res.radius.max()) for res in results)
+        max_radius = 1.05 * largest if largest > 0 else 1.0
+    if not (math.isfinite(max_radius) and max_radius > 0):
+        raise ValueError(f"max_radius must be > 0, got {max_radius}")
+    grid = np.linspace(0.0, max_radius, points)
+    fig = Figure(figsize=(6.4, 4.0 + 0.22 * len(results)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for res in results:
+        ax.step(grid, res.accuracy(grid), where="post", label=f"{res.label} (ACR {res.acr:.3f})")
+    ax.set_xlabel("L2 radius r")
+    ax.set_ylabel("certified accuracy at radius r")
+    ax.set_xlim(0, max_radius)
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    if title:
+        ax.set_title(title)
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot write the plot {path}: {exc}") from None
+    return path
+
+
+def _radius_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"a radius must be finite and >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="certification result files")
+    parser.add_argument(
+        "--labels", nargs="+", metavar="LABEL", help="one row label per file (default: the file names' stems)"
+    )
+    parser.add_argument(
+        "--radii",
+        nargs="+",
+        type=_radius_arg,
+        default=list(DEFAULT_RADII),
+        metavar="R",
+        help="radii of the table's columns (default: %(default)s)",
+    )
+    parser.add_argument("--latex", action="store_true", help="print a LaTeX (booktabs) table, not markdown")
+    parser.add_argument(
+        "--output",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="also write the table to FILE: LaTeX if it ends in .tex, markdown otherwise (repeatable)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE", help="write a plot of certified accuracy vs radius"
+    )
+    parser.add_argument("--max-radius", type=_radius_arg, help="right end of the plot's radius axis")
+    parser.add_argument("--title", help="the plot's title")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.labels is not None and len(args.labels) != len(args.files):
+        raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.files)} files")
+    labels = args.labels or [None] * len(args.files)
+    results = [load(path, label) for path, label in zip(args.files, labels)]
+    print(latex_table(results, args.radii) if args.latex else markdown_table(results, args.radii), end="")
+    for out in args.output:
+        text = (
+            latex_table(results, args.radii) if out.suffix == ".tex" else markdown_table(results, args.radii)
+        )
+        try:
+            out.write_text(text)
+        except OSError as exc:
+            raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plot is not None:
+        if args.max_radius == 0:
+            raise ValueError("--max-radius must be > 0")
+        plot_certified_accuracy(results, args.plot, max_radius=args.max_radius, title=args.title)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,51 @@
+"""Every `ddrs ...` command shown in the README parses with the real command line (options and
+their values are accepted; no files are opened)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ddrs_ext.cli import build_parser
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[str]:
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        variables = {}
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            assignment = re.match(r"^([A-Z_]+)=(\S+)", line)
+            if assignment:
+                variables[assignment.group(1)] = assignment.group(2)
+                continue
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("ddrs "):
+                    for name, value in variables.items():
+                        part = part.replace(f"${name}", value)
+                    commands.append(part)
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_commands():
+    assert {c.split()[1] for c in COMMANDS} >= {"demo", "certify", "optimize-sigma", "analyze"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_parses(command):
+    argv = shlex.split(command)[1:]
+    if "--help" in argv or "-h" in argv:
+        return
+    args = build_parser().parse_args(argv)
+    assert args is not None
