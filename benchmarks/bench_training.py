@@ -16,7 +16,8 @@ Schemes (``SCHEMES``), with sigma 0.25:
 
 Sigma: ``fixed`` (0.25 for all examples) or ``dd`` (data-dependent: a bank of one sigma per training
 example, from 0.25; per minibatch 3 surrogate-ascent steps of 16 samples each, lr 0.04, with the
-model frozen, written back, then the loss with those sigmas).
+model frozen, written back, then the loss with those sigmas); ``dd-score`` is ``dd`` with
+``update_sigma(estimator="score")`` (forward passes only), against the same plain step as ``dd``.
 
 Versions: ``test_training_ddrs`` (``update_sigma`` and the scheme's ddrs_ext loss) in rounds
 interleaved with ``test_training_plain`` of the same scheme and sigma (``baselines.PlainTrainingStep``:
@@ -75,8 +76,14 @@ SCHEMES = {
 MODES = {
     "fixed": f"σ {SIGMA:g}",
     "dd": f"data-dependent σ ({SIGMA_STEPS} ascent steps × {SIGMA_SAMPLES} samples)",
+    "dd-score": f"data-dependent σ, score-function gradient ({SIGMA_STEPS} steps × {SIGMA_SAMPLES} samples)",
 }
+# update_sigma's gradient estimator per mode (None: no sigma update); plain PyTorch has one
+# data-dependent step (reverse-mode autograd), the baseline of both "dd" modes.
+ESTIMATOR = {"fixed": None, "dd": "reparam", "dd-score": "score"}
+PLAIN_MODE = {"fixed": "fixed", "dd": "dd", "dd-score": "dd"}
 CASES = [(scheme, mode) for scheme in SCHEMES for mode in MODES]
+PLAIN_CASES = [(scheme, mode) for scheme in SCHEMES for mode in MODES if PLAIN_MODE[mode] == mode]
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,13 @@ FULL = Settings(
     rounds={
         "gaussian-fixed": 300,
         "gaussian-dd": 50,
+        "gaussian-dd-score": 50,
         "macer-fixed": 60,
         "macer-dd": 50,
+        "macer-dd-score": 50,
         "smoothadv-fixed": 100,
         "smoothadv-dd": 50,
+        "smoothadv-dd-score": 50,
     },
 )
 QUICK = Settings(pretrain_epochs=1, rounds={f"{scheme}-{mode}": 1 for scheme in SCHEMES for mode in MODES})
@@ -105,10 +115,13 @@ def case_id(scheme: str, mode: str) -> str:
 
 
 class DdrsTrainingStep:
-    """The step with ddrs_ext: ``update_sigma`` (if a bank is given), the scheme's loss, backward, step."""
+    """The step with ddrs_ext: ``update_sigma`` (if a bank is given, with ``estimator``), the scheme's
+    loss, backward, step."""
 
-    def __init__(self, model, optimizer, scheme: str, bank: SigmaBank | None) -> None:
-        self.model, self.optimizer, self.bank = model, optimizer, bank
+    def __init__(
+        self, model, optimizer, scheme: str, bank: SigmaBank | None, estimator: str = "reparam"
+    ) -> None:
+        self.model, self.optimizer, self.bank, self.estimator = model, optimizer, bank, estimator
         loss, copies_name, copies, settings, _ = SCHEMES[scheme]
         self.loss, self.kwargs = loss, {copies_name: copies, **settings}
 
@@ -116,7 +129,14 @@ class DdrsTrainingStep:
         sigma = SIGMA
         if self.bank is not None:
             sigma = update_sigma(
-                self.model, self.bank, x, index, steps=SIGMA_STEPS, num_samples=SIGMA_SAMPLES, lr=0.04
+                self.model,
+                self.bank,
+                x,
+                index,
+                steps=SIGMA_STEPS,
+                num_samples=SIGMA_SAMPLES,
+                lr=0.04,
+                estimator=self.estimator,
             )
         loss = self.loss(self.model, x, y, sigma, index=index, **self.kwargs)
         self.optimizer.zero_grad()
@@ -165,8 +185,9 @@ class TrainingCase:
         # One-time costs out of the timed rounds: the first forward-mode call loads torch's JVP
         # decompositions, the first reverse-mode call its engine.
         for scheme, mode in CASES:
-            for version in ("ddrs", "plain"):
-                self.make_runner(version, scheme, mode)()
+            self.make_runner("ddrs", scheme, mode)()
+        for scheme, mode in PLAIN_CASES:
+            self.make_runner("plain", scheme, mode)()
 
     def fresh_model(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).train().requires_grad_(True)
@@ -175,11 +196,12 @@ class TrainingCase:
         model = self.fresh_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         if version == "ddrs":
-            bank = SigmaBank(self.num_examples, SIGMA) if mode == "dd" else None
-            step = DdrsTrainingStep(model, optimizer, scheme, bank)
+            estimator = ESTIMATOR[mode]
+            bank = SigmaBank(self.num_examples, SIGMA) if estimator is not None else None
+            step = DdrsTrainingStep(model, optimizer, scheme, bank, estimator or "reparam")
         else:
             _, _, copies, settings, _ = SCHEMES[scheme]
-            bank = torch.full((self.num_examples,), SIGMA) if mode == "dd" else None
+            bank = torch.full((self.num_examples,), SIGMA) if PLAIN_MODE[mode] == "dd" else None
             shape = self.batches[0][0].shape
             step = PlainTrainingStep(
                 model, optimizer, scheme, shape, copies, SIGMA, bank, SIGMA_STEPS, SIGMA_SAMPLES, **settings
@@ -248,11 +270,12 @@ def _info(training: TrainingCase, scheme: str, mode: str, label: str) -> dict:
 def test_training_ddrs(benchmark, training, scheme, mode):
     benchmark.group = f"training_{scheme}"
     cid = case_id(scheme, mode)
-    plain, fixed = f"test_training_plain[{cid}]", f"test_training_ddrs[{case_id(scheme, 'fixed')}]"
-    label = "ddrs_ext update_sigma + loss" if mode == "dd" else "ddrs_ext loss"
+    plain = f"test_training_plain[{case_id(scheme, PLAIN_MODE[mode])}]"
+    fixed = f"test_training_ddrs[{case_id(scheme, 'fixed')}]"
+    label = "ddrs_ext loss" if mode == "fixed" else f"ddrs_ext update_sigma ({ESTIMATOR[mode]}) + loss"
     benchmark.extra_info.update(_info(training, scheme, mode, label), baseline=plain)
-    others = {plain: training.runner("plain", scheme, mode)}
-    if mode == "dd":
+    others = {plain: training.runner("plain", scheme, PLAIN_MODE[mode])}
+    if mode != "fixed":
         benchmark.extra_info["fixed_sigma"] = fixed  # report.py's training section divides by it
         others[fixed] = training.runner("ddrs", scheme, "fixed")
     runner = training.runner("ddrs", scheme, mode)
@@ -262,7 +285,7 @@ def test_training_ddrs(benchmark, training, scheme, mode):
         other.check()
 
 
-@pytest.mark.parametrize("scheme, mode", CASES, ids=[case_id(*c) for c in CASES])
+@pytest.mark.parametrize("scheme, mode", PLAIN_CASES, ids=[case_id(*c) for c in PLAIN_CASES])
 def test_training_plain(benchmark, training, scheme, mode):
     benchmark.group = f"training_{scheme}"
     label = "plain PyTorch, σ ascent by autograd + loss" if mode == "dd" else "plain PyTorch loss"

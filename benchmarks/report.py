@@ -296,7 +296,7 @@ def memory_section(benches: dict) -> list[str]:
 
 
 TRAINING_SCHEMES = {"gaussian": "Gaussian augmentation", "macer": "MACER", "smoothadv": "SmoothAdv"}
-TRAINING_MODES = {"fixed": "fixed", "dd": "data-dependent"}
+TRAINING_MODES = {"fixed": "fixed", "dd": "data-dependent", "dd-score": "data-dependent, score gradient"}
 
 
 def training_section(benches: dict, stat: str) -> list[str]:
