@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sigma-surrogate", choices=("paper", "certify"), default="paper", help="surrogate the steps ascend"
     )
+    g.add_argument(
+        "--sigma-estimator",
+        choices=("reparam", "score"),
+        default="reparam",
+        help="gradient of the steps: through the model (the paper's) or score function (forward passes only)",
+    )
     g = p.add_argument_group("MACER")
     g.add_argument("--macer-samples", type=_positive(int), default=8)
     g.add_argument("--macer-lambda", type=_non_negative, default=12.0)
@@ -122,6 +128,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
                     num_samples=args.sigma_samples,
                     lr=args.sigma_lr,
                     surrogate=args.sigma_surrogate,
+                    estimator=args.sigma_estimator,
                 )
             if args.scheme == "gaussian":
                 loss = training.gaussian_augmentation_loss(model, x, y, sigma, index=index)

@@ -741,8 +741,17 @@ def test_train_digits_script_and_checkpoint(tmp_path):
     assert config["scheme"] == "macer" and config["data_dependent"]
     assert bank.sigma.numel() == 1300 and bank.sigma_range == (1e-3, 2.0)
     assert not model.training
+    assert config["sigma_estimator"] == "reparam"
+    # The score-function estimator moves the bank too, and is recorded in the checkpoint.
+    out2 = tmp_path / "ck_score.pt"
+    argv2 = ["--data-dependent", "--epochs", "1", "--sigma-estimator", "score", "--out", str(out2)]
+    assert train_digits.main(argv2) == 0
+    _, bank2, config2 = train_digits.load_checkpoint(out2)
+    assert config2["sigma_estimator"] == "score" and bool((bank2.sigma != 0.25).any())
     with pytest.raises(SystemExit):
         train_digits.main(["--sigma", "-1"])
+    with pytest.raises(SystemExit):
+        train_digits.main(["--sigma-estimator", "finite-difference"])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a ddrs_ext training checkpoint"):
         train_digits.load_checkpoint(tmp_path / "junk.pt")
