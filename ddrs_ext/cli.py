@@ -349,25 +349,28 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- shared steps
 
 
+# optimize_sigma's options that have a command-line flag of the same name (keep_prediction's is
+# --no-keep-prediction).
+_OPTIMIZE_OPTIONS = (
+    "iterations",
+    "num_samples",
+    "lr",
+    "estimator",
+    "rule",
+    "growth",
+    "surrogate",
+    "clip",
+    "sigma_range",
+)
+
+
 def _optimize_defaults() -> dict:
     import inspect
 
     from ddrs_ext.sigma import optimize_sigma
 
-    names = (
-        "iterations",
-        "num_samples",
-        "lr",
-        "estimator",
-        "rule",
-        "growth",
-        "surrogate",
-        "clip",
-        "sigma_range",
-        "keep_prediction",
-    )
     params = inspect.signature(optimize_sigma).parameters
-    return {k: params[k].default for k in names}
+    return {k: params[k].default for k in (*_OPTIMIZE_OPTIONS, "keep_prediction")}
 
 
 def _optimize_options(args) -> dict:
@@ -567,7 +570,7 @@ def run_certify(args: argparse.Namespace) -> int:
 
     from ddrs_ext.certification import certify
     from ddrs_ext.memory import CertificationMemory
-    from ddrs_ext.results import CERTIFY_COLUMNS, ResultFile
+    from ddrs_ext.results import CERTIFY_COLUMNS, ResultFile, certify_rows
     from ddrs_ext.sigma import optimize_sigma
 
     optimize = None
@@ -637,20 +640,8 @@ def run_certify(args: argparse.Namespace) -> int:
             )
             if memory is not None:
                 result = memory.adjust_result(x, result)
-            rows = []
-            for k, i in enumerate(index.tolist()):
-                predict = int(result.prediction[k])
-                rows.append(
-                    {
-                        "idx": i,
-                        "label": job.labels[i],
-                        "predict": predict,
-                        "radius": float(result.radius[k]),
-                        "correct": int(predict == job.labels[i]),
-                        "sigma": float(result.sigma[k]),
-                    }
-                )
-            return rows
+            index = index.tolist()
+            return certify_rows(result, index, [job.labels[i] for i in index])
 
         _run_chunks(args, job, out, "certify", work)
         print(_summary(args.out, [out.done[i] for i in job.selected if i in out.done]))
@@ -658,19 +649,8 @@ def run_certify(args: argparse.Namespace) -> int:
 
 
 def _sigma_options_given(args) -> bool:
-    names = (
-        "iterations",
-        "num_samples",
-        "lr",
-        "estimator",
-        "rule",
-        "growth",
-        "surrogate",
-        "clip",
-        "sigma_range",
-    )
     return (
-        any(getattr(args, k) is not None for k in names)
+        any(getattr(args, k) is not None for k in _OPTIMIZE_OPTIONS)
         or args.paper
         or args.probabilities
         or args.keep_prediction is not None

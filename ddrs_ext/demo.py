@@ -32,7 +32,14 @@ import torch
 import ddrs_ext
 from ddrs_ext import analyze, train_digits
 from ddrs_ext.data import load_digits_split
-from ddrs_ext.results import CERTIFY_COLUMNS, ResultFile, ResultFileError, read_results, read_rows
+from ddrs_ext.results import (
+    CERTIFY_COLUMNS,
+    ResultFile,
+    ResultFileError,
+    certify_rows,
+    read_results,
+    read_rows,
+)
 
 TEST_SIZE = 497  # the embedded split's test set
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -271,19 +278,8 @@ def _certify_row(
                 index=index,
             )
             per_input = (time.perf_counter() - began) / len(index)
-            for k, i in enumerate(index.tolist()):
-                predict = int(result.prediction[k])
-                out.write(
-                    dict(
-                        idx=i,
-                        label=int(y[i]),
-                        predict=predict,
-                        radius=float(result.radius[k]),
-                        correct=int(predict == int(y[i])),
-                        time=per_input,
-                        sigma=float(result.sigma[k]),
-                    )
-                )
+            for line in certify_rows(result, index.tolist(), y[index].tolist()):
+                out.write({**line, "time": per_input})
             clock.log(f"  {len(out.done)}/{len(y)} inputs")
 
 

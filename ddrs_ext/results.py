@@ -156,6 +156,25 @@ def read_results(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[dict]:
+    """The rows (every CERTIFY_COLUMNS entry but ``time``) of a :class:`ddrs_ext.CertifyResult` whose
+    inputs have dataset indices ``index`` and true classes ``labels``."""
+    rows = []
+    for k, (i, label) in enumerate(zip(index, labels)):
+        predict = int(result.prediction[k])
+        rows.append(
+            {
+                "idx": int(i),
+                "label": int(label),
+                "predict": predict,
+                "radius": float(result.radius[k]),
+                "correct": int(predict == int(label)),
+                "sigma": float(result.sigma[k]),
+            }
+        )
+    return rows
+
+
 class ResultFile:
     """A result file open for appending rows, resuming whatever complete rows it already holds.
 
