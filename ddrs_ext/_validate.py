@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,6 +16,47 @@ def check_model(model: Callable) -> None:
         raise TypeError(
             f"model must be callable (an nn.Module or a function returning logits), got {model!r}"
         )
+
+
+def _module_of(model) -> torch.nn.Module | None:
+    """The nn.Module behind ``model``: the model itself, or the module a bound method belongs to."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    owner = getattr(model, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def evaluating(model: Callable) -> Iterator[None]:
+    """Samples ``model`` in eval mode, as ``core.Smooth`` does, and puts every submodule back in the
+    mode it was in afterwards.
+
+    A module in training mode must never be sampled as is: BatchNorm would normalise each noisy
+    copy with the statistics of the other rows of its forward batch (so the votes would not be
+    draws from one fixed classifier) and overwrite its running statistics; dropout would add
+    noise of its own. Plain functions are called as they are (their owner is responsible for the
+    modules they call), but a bound method of an ``nn.Module`` (``net.forward``) counts as that module.
+    A module whose ``eval()`` is not supported (``torch.export``'s, whose mode was fixed at export) has
+    its flags set directly.
+    """
+    module = _module_of(model)
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    try:
+        module.eval()
+    except NotImplementedError:
+        for m, _ in modes:
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def check_inputs(x: torch.Tensor, name: str = "x") -> torch.Tensor:

@@ -17,6 +17,7 @@ from ddrs_ext._validate import (
     check_model,
     check_num_classes,
     check_sigma,
+    evaluating,
 )
 
 ABSTAIN = -1
@@ -32,6 +33,8 @@ class CertifyResult:
     counts: (B, C) int64, the estimation-phase vote counts.
     sigma: (B,) float64, the noise level each input was certified with.
     seed: the seed that generated the noise (pass it back to reproduce the run).
+    samples: (B,) int64, model evaluations spent on each input (selection included);
+        ``n0 + n`` for :func:`certify`, fewer for sequential certification that stops early.
     """
 
     prediction: torch.Tensor
@@ -40,6 +43,7 @@ class CertifyResult:
     counts: torch.Tensor
     sigma: torch.Tensor
     seed: int
+    samples: torch.Tensor | None = None
 
 
 def plan_chunks(num_inputs: int, samples: Sequence[int], batch_size: int):
@@ -109,7 +113,7 @@ class VoteSampler:
             self._buffer = torch.empty((rows, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
         perturb, vote = torch.ops.ddrs_ext.perturb_gaussian_out, torch.ops.ddrs_ext.count_votes_
         x, sigma, stream, seed = self.x, self.sigma, self.stream, ops.as_signed64(self.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(self.model):
             for rows, segments in chunks:
                 batch = self._buffer[:rows]
                 for k, row0, seg, off in segments:
@@ -200,6 +204,7 @@ def certify(
         counts=estimate,
         sigma=torch.from_numpy(sig),
         seed=seed,
+        samples=torch.full((len(sig),), n0 + n, dtype=torch.int64),
     )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ddrs_ext import ops, rng
-from ddrs_ext._validate import check_count, check_logits
+from ddrs_ext._validate import check_count, check_logits, evaluating
 from ddrs_ext.certification import check_sampling_args, plan_chunks
 
 ESTIMATORS = ("reparam", "score")
@@ -278,7 +278,8 @@ def optimize_sigma(
     for t in steps:
         if B == 0:
             break
-        with torch.no_grad():  # forward-mode derivatives still flow; no reverse graph is kept
+        # forward-mode derivatives still flow under no_grad; no reverse graph is kept
+        with torch.no_grad(), evaluating(sampler.model):
             mean, deriv = sampler.run(sigma, rng.PHASE_SIGMA + t * num_samples, num_samples, derivatives=True)
         top2, which = mean.topk(2, dim=1)
         dtop2 = deriv.gather(1, which)
@@ -336,7 +337,7 @@ def surrogate_radius(
     sampler, sigma, _ = _prepare(model, x, sigma, batch_size, seed, index, "score", probabilities, "sigma")
     if sampler.x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(sampler.model):
         mean, _ = sampler.run(sigma, rng.PHASE_SURROGATE, num_samples, derivatives=False)
     top2 = mean.topk(2, dim=1).values.clamp(*clip)
     normal = torch.distributions.Normal(
