@@ -174,13 +174,28 @@ inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top
                     "sigma_step: growth must be finite and > 1");
 }
 
-// Names the offending row after a kernel found a non-finite logit.
-[[noreturn]] inline void fail_non_finite(int64_t bad_row, int64_t row_start, int64_t samples_per_input,
-                                         const char* op = "count_votes") {
+// Names the offending row after the vote kernel found a NaN logit.
+[[noreturn]] inline void fail_nan_vote(int64_t bad_row, int64_t row_start, int64_t samples_per_input) {
   const int64_t g = row_start + bad_row;
-  TORCH_CHECK_VALUE(false, op, ": the model returned NaN or Inf for input ", g / samples_per_input,
+  TORCH_CHECK_VALUE(false, "count_votes: the model returned NaN for input ", g / samples_per_input,
                     " (noise sample ", g % samples_per_input, ", logits row ", bad_row,
-                    "); a NaN or Inf logit cannot be counted as a vote");
+                    "); a NaN logit cannot be counted as a vote (+-Inf can: they are ordered values)");
+  abort();  // unreachable; TORCH_CHECK_VALUE throws
+}
+
+// Names the offending row after the soft-vote kernel found a row it cannot turn into
+// class probabilities.
+[[noreturn]] inline void fail_soft_vote(int64_t bad_row, int64_t row_start, int64_t samples_per_input,
+                                        bool probabilities) {
+  const int64_t g = row_start + bad_row;
+  TORCH_CHECK_VALUE(false, "soft_votes: the model returned ",
+                    probabilities ? "a NaN or infinite probability" : "NaN, +Inf or only -Inf logits",
+                    " (or a non-finite derivative of a ", probabilities ? "probability" : "finite logit",
+                    ") for input ", g / samples_per_input, " (noise sample ", g % samples_per_input,
+                    ", logits row ", bad_row, "); ",
+                    probabilities ? "probabilities must be finite"
+                                  : "softmax needs at least one finite logit and no NaN or +Inf (-Inf is "
+                                    "allowed: a class of probability 0)");
   abort();  // unreachable; TORCH_CHECK_VALUE throws
 }
 

@@ -11,6 +11,25 @@
 
 namespace ddrs {
 
+// What the soft votes accept of a model's output row. With logits (softmax mode),
+// -Inf is an ordinary value (a class of probability 0, as from log(softmax(z)));
+// NaN, +Inf and rows of only -Inf have no softmax. Probabilities must be finite.
+// A tangent (d logit / d sigma) must be finite wherever the logit is finite.
+struct SoftRowCheck {
+  double top = -INFINITY;
+  bool good = true;
+  DDRS_HD void value(double v, bool probabilities) {
+    const bool finite = v - v == 0.0;
+    good = good && (finite || (!probabilities && v == -INFINITY));
+    top = v > top ? v : top;
+  }
+  DDRS_HD void tangent(double v, double d) { good = good && (v == -INFINITY || d - d == 0.0); }
+  DDRS_HD bool ok(bool probabilities) const { return good && (probabilities || top > -INFINITY); }
+};
+
+// The tangent a class contributes: none for a -Inf logit, whose probability is 0 nearby.
+DDRS_HD double tangent_of(double v, double d) { return v == -INFINITY ? 0.0 : d; }
+
 constexpr double kSqrt2Pi = 2.50662827463100050242;
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 

@@ -8,22 +8,23 @@
 namespace ddrs {
 
 // Index of the largest logit (lowest index among ties), or -1 if any logit is
-// NaN or +-Inf. Reads each value once, in the model's dtype promoted to float
-// or double.
+// NaN. +-Inf are ordinary ordered values (a model returning log-probabilities
+// gives -Inf for classes of probability 0). Reads each value once, in the
+// model's dtype promoted to float or double.
 template <typename scalar_t, typename acc_t = float>
 DDRS_HD int32_t row_argmax_as(const scalar_t* row, int64_t C) {
   int32_t best = 0;
   acc_t best_v = static_cast<acc_t>(row[0]);
-  bool finite = true;
+  bool ordered = true;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(row[c]);
-    finite = finite && (v - v == v - v);  // false for NaN and +-Inf
+    ordered = ordered && (v == v);  // false for NaN only
     if (v > best_v) {
       best_v = v;
       best = static_cast<int32_t>(c);
     }
   }
-  return finite ? best : -1;
+  return ordered ? best : -1;
 }
 
 template <typename scalar_t>
@@ -36,7 +37,7 @@ DDRS_HD int32_t row_argmax<double>(const double* row, int64_t C) {
   return row_argmax_as<double, double>(row, C);
 }
 
-// The same argmax for rows already known to be finite: branch-free selects,
+// The same argmax for rows already known to hold no NaN: branch-free selects,
 // which the CPU runs faster than the data-dependent branch above.
 template <typename scalar_t, typename acc_t>
 DDRS_HD int32_t finite_row_argmax(const scalar_t* row, int64_t C) {

@@ -95,10 +95,16 @@ class VoteSampler:
         self.model, self.x, self.sigma, self.stream, self.seed = model, x, sigma, stream, seed
         self.batch_size = batch_size
         self.num_classes = num_classes
+        self.max_classes: int | None = None  # Smooth: num_classes may exceed the model's outputs
         self._buffer: torch.Tensor | None = None
 
     def _check_logits(self, logits, rows: int) -> torch.Tensor:
         self.num_classes = check_logits(logits, rows, self.num_classes)
+        if self.max_classes is not None and self.num_classes > self.max_classes:
+            raise ValueError(
+                f"num_classes is {self.max_classes} but the model returned {self.num_classes} classes; "
+                "pass at least the model's number of outputs as num_classes"
+            )
         return logits
 
     def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:
@@ -183,12 +189,19 @@ def certify(
     each forward batch of ``batch_size`` rows. ``seed`` (None: drawn from torch's
     generator) and ``index`` (per-input noise stream ids, default ``0..B-1``)
     determine the noise; nothing else does, so results do not depend on
-    ``batch_size`` or threads. The model should be in eval mode.
+    ``batch_size`` or threads. An ``nn.Module`` (or a bound method of one) is evaluated in eval
+    mode, as ``core.Smooth`` does, and every submodule's mode is restored afterwards; a plain
+    function is called as it is.
     """
     n0 = check_count(n0, "n0")
     n = check_count(n, "n")
     alpha = check_alpha(alpha)
     sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
+    return certify_with(sampler, seed, n0, n, alpha)
+
+
+def certify_with(sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float) -> CertifyResult:
+    """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked)."""
     select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
     guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
     n_a = estimate.gather(1, guess[:, None])[:, 0].numpy() if estimate.shape[0] else np.zeros(0)
@@ -230,6 +243,12 @@ def predict(
     alpha = check_alpha(alpha)
     sampler, _ = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
     (counts,) = sampler.counts([_Phase(rng.PHASE_PREDICT, n)])
+    return predict_from_counts(counts, alpha)
+
+
+def predict_from_counts(counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PREDICT's decision per row of class counts (B, C): the top class, or ABSTAIN unless a
+    two-sided binomial test rejects at level alpha that the top two classes are equally likely."""
     if counts.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64)
     top, pvalue = stats.top_two_pvalue(counts.numpy())

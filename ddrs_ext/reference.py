@@ -7,6 +7,8 @@ same order as csrc/philox.h, so the kernels must match them bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -108,10 +110,10 @@ def perturb_gaussian(x, sigma, stream, seed, sample_offset, samples_per_input, r
 
 
 def count_votes(logits, row_start, samples_per_input, num_inputs):
-    """Reference for ops.count_votes (raises ValueError on a non-finite logit)."""
+    """Reference for ops.count_votes (raises ValueError on a NaN logit; +-Inf are ordered values)."""
     logits = logits.cpu()
-    if not torch.isfinite(logits).all():
-        raise ValueError("non-finite logit")
+    if torch.isnan(logits).any():
+        raise ValueError("NaN logit")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cls = logits.to(acc).argmax(1)  # first maximum on ties
     b = (row_start + torch.arange(logits.shape[0])) // samples_per_input
@@ -131,15 +133,28 @@ def soft_votes(
     dim=0,
     probabilities=False,
 ):
-    """Reference for ops.soft_votes_ from zero: returns (prob_sum, deriv_sum, score_total) in float64."""
+    """Reference for ops.soft_votes_ from zero: returns (prob_sum, deriv_sum, score_total) in float64.
+
+    Raises ValueError on a row the kernel refuses: with logits, NaN, +Inf or a row of only -Inf
+    (-Inf is a class of probability 0, whose tangent is ignored); with probabilities, any non-finite
+    value; a non-finite tangent of a finite value."""
     logits = logits.cpu().double()
     b = (row_start + torch.arange(logits.shape[0])) // samples_per_input
+    if probabilities:
+        bad = ~torch.isfinite(logits).all(1)
+    else:
+        bad = (torch.isnan(logits) | (logits == math.inf)).any(1) | (logits == -math.inf).all(1)
+    if dlogits is not None:
+        d = dlogits.cpu().double()
+        bad |= (~torch.isfinite(d) & (logits != -math.inf)).any(1)
+    if bool(bad.any()):
+        raise ValueError(f"soft_votes: row {int(bad.nonzero()[0, 0])} has no softmax")
     p = logits if probabilities else torch.softmax(logits, dim=1)
     C = logits.shape[1]
     prob_sum = torch.zeros(num_inputs, C, dtype=torch.float64).index_add_(0, b, p)
     deriv = score_total = None
     if dlogits is not None:
-        d = dlogits.cpu().double()
+        d = torch.where(logits == -math.inf, 0.0, d)
         dp = d if probabilities else p * (d - (p * d).sum(1, keepdim=True))
         deriv = torch.zeros(num_inputs, C, dtype=torch.float64).index_add_(0, b, dp)
     elif sq_norm is not None:

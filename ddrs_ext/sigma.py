@@ -29,11 +29,17 @@ ESTIMATORS = ("reparam", "score")
 RULES = {"ascent": 0, "bisect": 1}
 SURROGATES = ("paper", "certify")
 
-#: The published procedure's settings (100 samples per iteration, lr 0.04, 900 iterations,
-#: autograd through the model, plain ascent, clip range 0.02-0.98).
+#: The published procedure as in the authors' ``OptimzeSigma.py`` (the function their README says to
+#: embed): 900 iterations of 100 samples, lr 0.04, autograd through the model (reparameterisation),
+#: plain ascent, ``E_A, E_B`` clipped to [0.02, 0.98]. It matches the published loop step for step
+#: while sigma stays inside ``sigma_range`` (the published loop has no range and lets sigma go negative).
 PAPER_SETTINGS = dict(
     iterations=900, lr=0.04, num_samples=100, estimator="reparam", rule="ascent", clip=(0.02, 0.98)
 )
+
+#: The same procedure as the authors' ``run_optimization_dataset.py`` runs it (through their
+#: ``ddsmoothing`` package, whose ``L2Certificate`` clamps ``E_A, E_B`` to [0.001, 0.999]).
+PAPER_DATASET_SETTINGS = dict(PAPER_SETTINGS, clip=(0.001, 0.999))
 
 
 @dataclass
@@ -79,6 +85,7 @@ class _SoftSampler:
         self.batch_size, self.estimator, self.probabilities = batch_size, estimator, probabilities
         self.dim = x[0].numel() if x.shape[0] else 0
         self.num_classes: int | None = None
+        self._kind_checked = False
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
@@ -90,6 +97,9 @@ class _SoftSampler:
 
     def _logits(self, out, rows: int) -> torch.Tensor:
         self.num_classes = check_logits(out, rows, self.num_classes, min_classes=2)
+        if not self._kind_checked:  # once per call: it costs a device sync
+            check_output_kind(out, self.probabilities)
+            self._kind_checked = True
         return out
 
     def run(self, sigma: torch.Tensor, sample_offset: int, m: int, derivatives: bool):
@@ -174,6 +184,32 @@ class _SoftSampler:
         return mean, deriv
 
 
+def check_output_kind(out: torch.Tensor, probabilities: bool) -> None:
+    """Refuses a model output that is plainly of the other kind than ``probabilities`` says.
+
+    Softmax of probabilities is not the model's class distribution: taken as logits, a model that
+    ends in softmax looks almost indifferent between its classes, and every sigma is driven to the
+    floor of its range. Every row non-negative and summing to 1 is, for logits, a coincidence
+    nobody meets in practice."""
+    rows = out.detach().to(torch.float64)
+    if rows.shape[0] == 0:
+        return
+    tolerance = 1e-3 if out.dtype in (torch.float32, torch.float64) else 2e-2
+    finite = bool(torch.isfinite(rows).all())
+    sums_to_one = finite and bool((rows >= 0).all()) and bool(((rows.sum(1) - 1).abs() <= tolerance).all())
+    if not probabilities and sums_to_one:
+        raise ValueError(
+            "the model seems to return class probabilities (every row is non-negative and sums to 1), "
+            "but they are taken as logits and a softmax of probabilities drives sigma to its floor; "
+            "pass probabilities=True, or return logits (drop the final softmax)"
+        )
+    if probabilities and finite and not sums_to_one:
+        raise ValueError(
+            "probabilities=True, but the model's rows are not probability vectors (non-negative, "
+            "summing to 1); pass probabilities=False if the model returns logits"
+        )
+
+
 def _prepare(model, x, sigma, batch_size, seed, index, estimator, probabilities, sigma_name):
     x, sigma, batch_size, seed, stream = check_sampling_args(
         model, x, sigma, batch_size, seed, index, sigma_name
@@ -220,10 +256,11 @@ def optimize_sigma(
     rule: ``"bisect"`` (default) doubles or halves sigma (by ``growth``) until the gradient's
     sign brackets the optimum, then bisects the bracket geometrically: ``iterations`` steps pin
     sigma down to a factor ``growth ** 2 ** -(steps after bracketing)``. ``"ascent"`` is the
-    paper's plain step ``sigma += lr * dR/dsigma``; with :data:`PAPER_SETTINGS` it follows the
-    published algorithm.
-    clip: the range ``E_A, E_B`` are clipped to (the published code uses (0.02, 0.98) and
-    (0.001, 0.999)); a clipped value contributes no derivative.
+    paper's plain step ``sigma += lr * dR/dsigma``; with :data:`PAPER_SETTINGS` (or
+    :data:`PAPER_DATASET_SETTINGS`) it follows the published algorithm step for step as long as
+    sigma stays inside ``sigma_range``.
+    clip: the range ``E_A, E_B`` are clipped to (the authors' ``OptimzeSigma.py`` uses (0.02, 0.98),
+    their ``run_optimization_dataset.py`` (0.001, 0.999)); a clipped value contributes no derivative.
     sigma_range: sigma never leaves ``[low, high]`` (the published code lets it go negative).
     surrogate: ``"paper"`` maximises ``sigma/2 * (Phi^-1(E_A) - Phi^-1(E_B))`` with ``E_B`` the
     runner-up class; ``"certify"`` maximises ``sigma * Phi^-1(E_A)``, the radius CERTIFY actually
@@ -234,7 +271,10 @@ def optimize_sigma(
     abstains). Without it the bracket can run away to a huge sigma where noise swamps the input:
     the surrogate, ``sigma/2 * (Phi^-1(E_A) - Phi^-1(E_B))``, still grows there with sigma even
     when the model calls pure noise some other class, or no class with probability above 1/2.
-    probabilities: the model returns class probabilities rather than logits.
+    probabilities: the model returns class probabilities rather than logits (a model ending in
+    softmax). Outputs of the other kind are refused with a ValueError (checked on the first forward
+    batch). With logits, -Inf entries (log-probabilities of impossible classes) are allowed; NaN,
+    +Inf and rows of only -Inf are refused, as is any non-finite probability.
     seed, index: as for :func:`ddrs_ext.certify`; the noise of iteration ``t`` is sample indices
     ``[t * num_samples, (t + 1) * num_samples)`` of the optimisation phase, so results do not
     depend on ``batch_size``, the chunking or threads.

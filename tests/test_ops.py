@@ -177,12 +177,33 @@ def test_votes_ties_go_to_lowest_class():
     assert ops.count_votes(logits, 0, 1, 3).argmax(1).tolist() == [1, 0, 0]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [3, 70])  # the AVX2 path (C <= 64, float32) and the scalar one
+def test_votes_infinite_logits_are_ordered_values(dtype, C):
+    # log(softmax(z)) gives -Inf for classes of probability 0; +Inf beats everything; ties as usual
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(53, C, generator=g).to(dtype)
+    pick = torch.rand(53, C, generator=g)
+    logits[pick < 0.3] = float("-inf")
+    logits[pick > 0.93] = float("inf")
+    logits[5] = float("-inf")  # a row of only -Inf votes for class 0, like any full tie
+    logits[11, :] = float("inf")
+    logits[12, 1:] = float("-inf")
+    counts = ops.count_votes(logits, 2, 5, 11)
+    torch.testing.assert_close(counts, reference.count_votes(logits, 2, 5, 11), rtol=0, atol=0)
+    cls = ops.count_votes(logits, 0, 1, 53).argmax(1)
+    expected = [max(range(C), key=lambda c, r=r: (float(logits[r, c]), -c)) for r in range(53)]
+    assert cls.tolist() == expected
+    assert cls[5] == 0 and cls[11] == 0 and cls[12] == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row", [1, 8, 17])  # inside and after the first groups of eight rows
-def test_votes_non_finite_names_the_input(bad, dtype, row):
+def test_votes_nan_names_the_input(dtype, row):
+    bad = float("nan")
     logits = torch.zeros(20, 3, dtype=dtype)
     logits[row, 2] = bad
+    logits[row - 1, 1] = float("inf")  # infinite logits before it are not the error
     logits[19, 0] = bad  # a later bad row must not hide the first one
     g = row + 3  # row_start 3, 4 samples per input
     with pytest.raises(ValueError, match=rf"input {g // 4} \(noise sample {g % 4}, logits row {row}\)"):

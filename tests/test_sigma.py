@@ -82,14 +82,75 @@ def test_soft_votes_score_total_without_deriv_sum():
     torch.testing.assert_close(total, ref_total, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_soft_votes_non_finite_names_the_input(bad):
-    logits = torch.zeros(12, 3)
-    logits[7, 1] = bad
-    with pytest.raises(
-        ValueError, match=r"soft_votes: the model returned NaN or Inf for input 2 \(noise sample 1"
-    ):
-        ops.soft_votes_(logits, 0, 3, torch.zeros(4, 3, dtype=torch.float64))
+@pytest.mark.parametrize(
+    "row, probabilities",
+    [
+        ([0.0, float("nan"), 0.0], False),
+        ([0.0, float("inf"), 0.0], False),  # softmax of +Inf is undefined
+        ([float("-inf")] * 3, False),  # no class has any probability
+        ([0.5, float("-inf"), 0.5], True),  # probabilities must be finite
+        ([0.5, float("nan"), 0.5], True),
+    ],
+)
+def test_soft_votes_refused_rows_name_the_input(row, probabilities):
+    logits = torch.full((12, 3), 1 / 3)
+    logits[7] = torch.tensor(row)
+    with pytest.raises(ValueError, match=r"soft_votes: the model returned .* for input 2 \(noise sample 1"):
+        ops.soft_votes_(logits, 0, 3, torch.zeros(4, 3, dtype=torch.float64), probabilities=probabilities)
+    with pytest.raises(ValueError, match="has no softmax"):
+        reference.soft_votes(logits, 0, 3, 4, probabilities=probabilities)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["score", "tangent"])
+def test_soft_votes_accept_minus_inf_logits(dtype, mode):
+    # A model returning log(softmax(z)) gives -Inf for a class of probability 0: that class gets
+    # probability 0, and its tangent (often NaN or -Inf there) contributes nothing.
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(18, 4, generator=g).to(dtype)
+    logits[torch.rand(18, 4, generator=g) < 0.4] = float("-inf")
+    logits[3, 1:] = float("-inf")  # one finite logit: probability 1
+    logits[torch.isinf(logits).all(1), 0] = 0.0  # at least one finite logit per row
+    assert bool(torch.isfinite(logits).any(1).all())
+    dlogits = torch.randn(18, 4, generator=g).to(dtype) if mode == "tangent" else None
+    if dlogits is not None:
+        dlogits[logits == float("-inf")] = float("nan")
+    sq = torch.rand(18, generator=g, dtype=torch.float64) * 10 if mode == "score" else None
+    prob, deriv = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    for at, n in ((0, 5), (5, 13)):
+        ops.soft_votes_(
+            logits[at : at + n],
+            at,
+            6,
+            prob,
+            dlogits=None if dlogits is None else dlogits[at : at + n],
+            sq_norm=None if sq is None else sq[at : at + n],
+            dim=3,
+            deriv_sum=deriv,
+        )
+    ref_prob, ref_deriv, _ = reference.soft_votes(logits, 0, 6, 3, dlogits=dlogits, sq_norm=sq, dim=3)
+    torch.testing.assert_close(prob, ref_prob, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(deriv, ref_deriv, rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(deriv).all()) and prob[0].sum().item() == pytest.approx(6.0)
+    # the same rows with the -Inf classes given a very negative finite logit agree
+    finite = torch.where(logits == float("-inf"), torch.tensor(-1e4, dtype=dtype), logits)
+    ref_finite, _, _ = reference.soft_votes(finite, 0, 6, 3)
+    torch.testing.assert_close(prob, ref_finite, rtol=1e-12, atol=1e-12)
+
+
+def test_optimize_sigma_with_a_log_softmax_model():
+    # log(softmax) with class 2 impossible: -Inf everywhere in that column, for both estimators
+    model = Stripes()
+
+    def log_probs(z):
+        out = torch.log_softmax(model(z), 1)
+        return torch.cat([out, torch.full_like(out[:, :1], float("-inf"))], 1)
+
+    x = model.points([0.05, 0.2, 0.35])
+    for estimator in ("reparam", "score"):
+        got = optimize_sigma(log_probs, x, 0.1, estimator=estimator, iterations=4, num_samples=64, seed=3)
+        want = optimize_sigma(model, x, 0.1, estimator=estimator, iterations=4, num_samples=64, seed=3)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
 def test_soft_votes_bad_arguments():
@@ -342,48 +403,95 @@ def test_paper_ascent_converges_too():
         assert model.exact_surrogate(t, float(sigma[b])) >= 0.98 * r_star
 
 
-def test_reparam_ascent_follows_the_published_algorithm():
-    """Same noise, same settings: sigma after each step equals the paper's autograd loop."""
+def _published_loop(model, x, sigma0, seed, iterations, lr, num_samples, clip):
+    """The published ascent (OptimzeSigma.py; ddsmoothing's isotropic_dds), transcribed with
+    reverse-mode autograd on ddrs_ext's noise and NOT clamped to any range, as published."""
+    B, m = x.shape[0], num_samples
+    stream = torch.arange(B)
+    sigma = torch.full((B,), sigma0, dtype=torch.float64)
+    path = []
+    for t in range(iterations):
+        eps, _ = ops.perturb_gaussian(
+            torch.zeros_like(x), torch.ones(B), stream, seed, rng.PHASE_SIGMA + t * m, m
+        )
+        s = sigma.clone().requires_grad_()
+        noisy = x.repeat_interleave(m, 0) + s.repeat_interleave(m)[:, None] * eps
+        psi = torch.softmax(model(noisy), 1).view(B, m, -1).mean(1)
+        top = psi.topk(2, dim=1).values
+        radius = reference.surrogate_radius(s, top[:, 0], top[:, 1], clip)
+        (grad,) = torch.autograd.grad(radius.sum(), s)
+        sigma = sigma + lr * grad
+        path.append(sigma)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["PAPER_SETTINGS", "PAPER_DATASET_SETTINGS"])
+def test_reparam_ascent_follows_the_published_algorithm(preset):
+    """Same noise, same settings: inside sigma_range, sigma after each step equals the paper's
+    (unclamped) autograd loop."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
     x = torch.randn(3, 6, dtype=torch.float64)
-    settings = dict(lr=0.04, num_samples=50, clip=(0.02, 0.98))
-    iterations, seed = 12, 77
-    seen = []
+    settings = {**getattr(ddrs_ext, preset), "iterations": 12, "num_samples": 50}
+    seed, seen = 77, []
     ours = optimize_sigma(
         model,
         x,
         0.25,
-        iterations=iterations,
-        estimator="reparam",
-        rule="ascent",
         seed=seed,
         sigma_range=(1e-3, 10.0),
         callback=lambda s: seen.append(s.next_sigma),
         **settings,
     )
-    stream = torch.arange(3)
-    sigma = torch.full((3,), 0.25, dtype=torch.float64)
-    m = settings["num_samples"]
-    for t in range(iterations):
-        eps, _ = ops.perturb_gaussian(
-            torch.zeros_like(x), torch.ones(3), stream, seed, rng.PHASE_SIGMA + t * m, m
-        )
-        s = sigma.clone().requires_grad_()
-        noisy = x.repeat_interleave(m, 0) + s.repeat_interleave(m)[:, None] * eps
-        psi = torch.softmax(model(noisy), 1).view(3, m, -1).mean(1)
-        top = psi.topk(2, dim=1).values
-        radius = reference.surrogate_radius(s, top[:, 0], top[:, 1], settings["clip"])
-        (grad,) = torch.autograd.grad(radius.sum(), s)
-        sigma = (sigma + settings["lr"] * grad).clamp(1e-3, 10.0)
+    path = _published_loop(
+        model,
+        x,
+        0.25,
+        seed,
+        settings["iterations"],
+        settings["lr"],
+        settings["num_samples"],
+        settings["clip"],
+    )
+    moved = 0.0
+    for t, sigma in enumerate(path):
+        assert bool(((sigma > 1e-3) & (sigma < 10.0)).all())  # the published path stays inside the range
         torch.testing.assert_close(seen[t], sigma, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ours, sigma, rtol=1e-10, atol=1e-12)
+        moved = max(moved, float((sigma - 0.25).abs().max()))
+    torch.testing.assert_close(ours, path[-1], rtol=1e-10, atol=1e-12)
+    assert moved > 1e-3  # sigma actually moved, so the comparison has teeth
+
+
+def test_published_algorithm_leaves_the_range_and_ours_does_not():
+    """Outside sigma_range the two part ways on purpose: the published loop has no range (its sigma
+    can grow without bound or go negative); ours stops at the range's ends."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    settings = dict(PAPER_SETTINGS, iterations=30, num_samples=20, lr=2.0)
+    seen = []
+    ours = optimize_sigma(
+        model,
+        x,
+        0.3,
+        seed=5,
+        sigma_range=(0.01, 2.0),
+        callback=lambda s: seen.append(s.next_sigma),
+        **settings,
+    )
+    path = torch.stack(_published_loop(model, x, 0.3, 5, 30, 2.0, 20, settings["clip"]))
+    assert bool((path.max(0).values > 2.0).any())  # the published loop left the range
+    assert bool(((torch.stack(seen) >= 0.01) & (torch.stack(seen) <= 2.0)).all())
+    assert bool((ours == 2.0).any())
+    inside = int((path > 2.0).any(1).nonzero()[0, 0])  # the first step that left
+    torch.testing.assert_close(torch.stack(seen[:inside]), path[:inside], rtol=1e-10, atol=1e-12)
 
 
 def test_paper_settings_are_the_published_ones():
     assert PAPER_SETTINGS == dict(
         iterations=900, lr=0.04, num_samples=100, estimator="reparam", rule="ascent", clip=(0.02, 0.98)
     )
+    assert ddrs_ext.PAPER_DATASET_SETTINGS == dict(PAPER_SETTINGS, clip=(0.001, 0.999))
 
 
 @pytest.mark.parametrize("rule", ["ascent", "bisect"])
@@ -502,6 +610,22 @@ def test_probabilities_output():
     a = optimize_sigma(model, x, 0.2, **kw)
     b = optimize_sigma(lambda z: torch.softmax(model(z), 1), x, 0.2, probabilities=True, **kw)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "score"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_of_the_other_kind_is_refused(estimator, dtype):
+    # The authors' models end in softmax; passed as logits they silently drove every sigma to the
+    # floor (issue 9). Both mistakes are refused, for optimize_sigma and surrogate_radius.
+    model = Stripes()
+    x = model.points([0.0, 0.3]).to(dtype)
+    kw = dict(iterations=2, num_samples=16, seed=1, estimator=estimator)
+    with pytest.raises(ValueError, match="seems to return class probabilities.*probabilities=True"):
+        optimize_sigma(lambda z: torch.softmax(model(z).float(), 1).to(dtype), x, 0.2, **kw)
+    with pytest.raises(ValueError, match="rows are not probability vectors"):
+        optimize_sigma(model, x, 0.2, probabilities=True, **kw)
+    with pytest.raises(ValueError, match="seems to return class probabilities"):
+        surrogate_radius(lambda z: torch.softmax(model(z).float(), 1).to(dtype), x, 0.2, num_samples=8)
 
 
 def test_surrogate_radius_matches_quadrature():

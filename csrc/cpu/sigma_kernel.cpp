@@ -19,24 +19,22 @@ namespace {
 
 // Accumulates rows [r0, r1) of one input into its float64 sums, in row order,
 // so that the sums do not depend on how the rows were chunked. Returns the first
-// row with a non-finite value, or r1.
+// row it cannot use (soft_row_ok in sigma.h), or r1.
 template <typename scalar_t>
 int64_t accumulate_input(const scalar_t* logits, const scalar_t* dlogits, const double* sq_norm, int64_t r0,
                          int64_t r1, int64_t C, double dim, bool probabilities, double* prob_sum,
                          double* deriv_sum, double* score_total, std::vector<double>& p) {
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = logits + r * C;
-    bool finite = true;
-    double top = -INFINITY;
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = static_cast<double>(row[c]);
-      finite = finite && std::isfinite(v);
-      top = std::max(top, v);
-    }
+    SoftRowCheck check;
+    for (int64_t c = 0; c < C; ++c) check.value(static_cast<double>(row[c]), probabilities);
     if (dlogits != nullptr) {
-      for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(static_cast<double>(dlogits[r * C + c]));
+      for (int64_t c = 0; c < C; ++c) {
+        check.tangent(static_cast<double>(row[c]), static_cast<double>(dlogits[r * C + c]));
+      }
     }
-    if (!finite) return r;
+    if (!check.ok(probabilities)) return r;
+    const double top = check.top;
     if (probabilities) {
       for (int64_t c = 0; c < C; ++c) p[c] = static_cast<double>(row[c]);
     } else {
@@ -55,10 +53,12 @@ int64_t accumulate_input(const scalar_t* logits, const scalar_t* dlogits, const 
       if (probabilities) {
         for (int64_t c = 0; c < C; ++c) deriv_sum[c] += static_cast<double>(d[c]);
       } else {
-        // d softmax = p * (d - <p, d>)
+        // d softmax = p * (d - <p, d>); a -Inf logit (p = 0) contributes nothing, whatever its tangent.
         double mean = 0.0;
-        for (int64_t c = 0; c < C; ++c) mean += p[c] * static_cast<double>(d[c]);
-        for (int64_t c = 0; c < C; ++c) deriv_sum[c] += p[c] * (static_cast<double>(d[c]) - mean);
+        for (int64_t c = 0; c < C; ++c) mean += p[c] * tangent_of(static_cast<double>(row[c]), static_cast<double>(d[c]));
+        for (int64_t c = 0; c < C; ++c) {
+          deriv_sum[c] += p[c] * (tangent_of(static_cast<double>(row[c]), static_cast<double>(d[c])) - mean);
+        }
       }
     } else {
       const double s = sq_norm[r] - dim;
@@ -107,7 +107,7 @@ void soft_votes_cpu_(const at::Tensor& logits, const std::optional<at::Tensor>& 
       }
     });
   });
-  if (first_bad.load() < rows) fail_non_finite(first_bad.load(), row_start, m, "soft_votes");
+  if (first_bad.load() < rows) fail_soft_vote(first_bad.load(), row_start, m, probabilities);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cpu(const at::Tensor& sigma, const at::Tensor& top2,

@@ -18,12 +18,12 @@ namespace ddrs {
 namespace {
 
 template <typename scalar_t>
-bool all_finite(const scalar_t* v, int64_t n) {
+bool no_nan(const scalar_t* v, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {  // vectorised: no early exit
-    const acc_t d = static_cast<acc_t>(v[i]) - static_cast<acc_t>(v[i]);
-    bad |= !(d == acc_t(0));
+    const acc_t a = static_cast<acc_t>(v[i]);
+    bad |= !(a == a);
   }
   return bad == 0;
 }
@@ -31,28 +31,27 @@ bool all_finite(const scalar_t* v, int64_t n) {
 #if DDRS_X86
 // float32 logits with few classes: eight rows at a time, one gather per class,
 // which beats a row-by-row loop of data-dependent selects. Rows [begin, end);
-// returns false (cls untouched for that group) if a group of eight holds a
-// NaN or Inf, leaving the diagnosis to the scalar code.
+// stops (cls untouched for that group) at a group of eight that holds a NaN,
+// leaving the diagnosis to the scalar code.
 __attribute__((target("avx2"))) int64_t argmax_rows_f32_avx2(const float* logits, int64_t begin, int64_t end,
                                                              int64_t C, int32_t* cls) {
   const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                              _mm256_set1_epi32(static_cast<int>(C)));
-  const __m256 zero = _mm256_setzero_ps();
   int64_t r = begin;
   for (; r + 8 <= end; r += 8) {
     const float* base = logits + r * C;
     __m256 best_v = _mm256_i32gather_ps(base, offsets, 4);
     __m256i best = _mm256_setzero_si256();
-    __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(best_v, best_v), zero, _CMP_EQ_OQ);
+    __m256 ordered = _mm256_cmp_ps(best_v, best_v, _CMP_ORD_Q);
     for (int64_t c = 1; c < C; ++c) {
       const __m256 v = _mm256_i32gather_ps(base + c, offsets, 4);
-      finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_EQ_OQ));
+      ordered = _mm256_and_ps(ordered, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
       const __m256 greater = _mm256_cmp_ps(v, best_v, _CMP_GT_OQ);
       best_v = _mm256_blendv_ps(best_v, v, greater);
       best = _mm256_castps_si256(_mm256_blendv_ps(
           _mm256_castsi256_ps(best), _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(c))), greater));
     }
-    if (_mm256_movemask_ps(finite) != 0xFF) return r;
+    if (_mm256_movemask_ps(ordered) != 0xFF) return r;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(cls + r), best);
   }
   return r;  // the scalar code takes the rest
@@ -60,8 +59,8 @@ __attribute__((target("avx2"))) int64_t argmax_rows_f32_avx2(const float* logits
 
 #endif
 
-// Argmax class of every row into cls; returns the first row holding a NaN or
-// Inf, or `rows` if there is none.
+// Argmax class of every row into cls; returns the first row holding a NaN, or
+// `rows` if there is none.
 template <typename scalar_t>
 int64_t argmax_rows(const scalar_t* logits, int64_t rows, int64_t C, int32_t* cls) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -72,7 +71,7 @@ int64_t argmax_rows(const scalar_t* logits, int64_t rows, int64_t C, int32_t* cl
       if (C <= 64 && use_avx2()) begin = argmax_rows_f32_avx2(logits, begin, end, C, cls);
     }
 #endif
-    if (all_finite(logits + begin * C, (end - begin) * C)) {
+    if (no_nan(logits + begin * C, (end - begin) * C)) {
       for (int64_t r = begin; r < end; ++r) cls[r] = finite_row_argmax<scalar_t, acc_t>(logits + r * C, C);
       return;
     }
@@ -101,7 +100,7 @@ void count_votes_cpu_(const at::Tensor& logits, int64_t row_start, int64_t sampl
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lc.scalar_type(), "count_votes_cpu", [&] {
     bad = argmax_rows<scalar_t>(lc.const_data_ptr<scalar_t>(), rows, C, cls.data());
   });
-  if (bad < rows) fail_non_finite(bad, row_start, samples_per_input);
+  if (bad < rows) fail_nan_vote(bad, row_start, samples_per_input);
   int64_t* cnt = counts.mutable_data_ptr<int64_t>();
   // Walk the inputs alongside the rows rather than dividing per row.
   int64_t b = row_start / samples_per_input, k = row_start % samples_per_input;

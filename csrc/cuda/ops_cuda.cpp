@@ -93,7 +93,7 @@ void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samp
                                           first_bad.mutable_data_ptr<int64_t>(), cu_stream));
   // The kernels leave counts untouched when a row is bad; only the error needs the host.
   const int64_t bad = first_bad.item<int64_t>();
-  if (bad < rows) fail_non_finite(bad, row_start, samples_per_input);
+  if (bad < rows) fail_nan_vote(bad, row_start, samples_per_input);
 }
 
 void soft_votes_cuda_(const at::Tensor& logits, const std::optional<at::Tensor>& dlogits,
@@ -124,7 +124,7 @@ void soft_votes_cuda_(const at::Tensor& logits, const std::optional<at::Tensor>&
   // Unlike the CPU kernel, which may have added other inputs' rows by then, the
   // kernels leave every sum untouched when a row is bad.
   const int64_t bad = first_bad.item<int64_t>();
-  if (bad < rows) fail_non_finite(bad, row_start, samples_per_input, "soft_votes");
+  if (bad < rows) fail_soft_vote(bad, row_start, samples_per_input, probabilities);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor& sigma, const at::Tensor& top2,

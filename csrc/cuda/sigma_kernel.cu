@@ -51,7 +51,7 @@ __device__ __forceinline__ bool group_all(bool v, int width) {
 // group reads columns j, j + width, ... in order, then the group reduces.
 //   stats[3r] = max of the row, stats[3r + 1] = sum of exp(v - max),
 //   stats[3r + 2] = <p, d> with p = softmax(row), d = the row's tangents.
-// Only what the mode needs is computed. A NaN/Inf in the row (or in its tangents)
+// Only what the mode needs is computed. A row that SoftRowCheck (sigma.h) refuses
 // lowers *first_bad to r.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -69,29 +69,27 @@ __global__ void __launch_bounds__(kThreads)
     const bool active = r < rows;
     const scalar_t* row = logits + (active ? r : 0) * C;
     const scalar_t* d = dlogits != nullptr ? dlogits + (active ? r : 0) * C : nullptr;
-    bool finite = true;
-    double top = -INFINITY;
+    SoftRowCheck check;
     if (active) {
-      for (int64_t c = sub; c < C; c += width) {
-        const double v = to_double(row[c]);
-        finite = finite && isfinite(v);
-        top = v > top ? v : top;
-      }
+      for (int64_t c = sub; c < C; c += width) check.value(to_double(row[c]), !softmax);
       if (d != nullptr) {
-        for (int64_t c = sub; c < C; c += width) finite = finite && isfinite(to_double(d[c]));
+        for (int64_t c = sub; c < C; c += width) check.tangent(to_double(row[c]), to_double(d[c]));
       }
     }
-    finite = group_all(finite, width);
+    double top = group_max(check.top, width);
+    const bool finite = group_all(check.good, width) && (!softmax || top > -INFINITY);
     double total = 0.0, mean = 0.0;
     if (softmax) {
-      top = group_max(top, width);
       if (active && finite) {
         for (int64_t c = sub; c < C; c += width) total += exp(to_double(row[c]) - top);
       }
       total = group_sum(total, width);
       if (d != nullptr) {
         if (active && finite) {
-          for (int64_t c = sub; c < C; c += width) mean += exp(to_double(row[c]) - top) / total * to_double(d[c]);
+          for (int64_t c = sub; c < C; c += width) {
+            const double v = to_double(row[c]);
+            mean += exp(v - top) / total * tangent_of(v, to_double(d[c]));
+          }
         }
         mean = group_sum(mean, width);
       }
@@ -134,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
       const double p = softmax ? exp(v - stats[3 * r]) / stats[3 * r + 1] : v;
       ps += p;
       if (dlogits != nullptr) {
-        const double dv = to_double(dlogits[r * C + c]);
+        const double dv = tangent_of(v, to_double(dlogits[r * C + c]));
         ds += softmax ? p * (dv - stats[3 * r + 2]) : dv;  // d softmax = p * (d - <p, d>)
       } else if (sq_norm != nullptr) {
         const double s = sq_norm[r] - dim;
