@@ -6,6 +6,7 @@ result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
 
 from ddrs_ext import ops  # noqa: F401  (loads and registers the kernels first)
 from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
+from ddrs_ext.dual import DualCertifyResult, certify_dual
 from ddrs_ext.memory import CertificationMemory
 from ddrs_ext.sigma import PAPER_DATASET_SETTINGS, PAPER_SETTINGS, SigmaStep, optimize_sigma, surrogate_radius
 from ddrs_ext.smooth import Smooth
@@ -17,9 +18,11 @@ __all__ = [
     "PAPER_SETTINGS",
     "CertifyResult",
     "CertificationMemory",
+    "DualCertifyResult",
     "SigmaStep",
     "Smooth",
     "certify",
+    "certify_dual",
     "ops",
     "optimize_sigma",
     "predict",

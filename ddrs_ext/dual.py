@@ -1,0 +1,326 @@
+"""Dual certification: a sound data-dependent sigma without a memory (Sun, Mao, Vechev, ICLR 2026).
+
+A sigma chosen per input is not by itself a certificate: if sigma changes inside the ball, the
+smoothed classifier the ball is about changes too. Randomized smoothing stays valid where sigma
+is *locally constant*, so let a second smoothed classifier choose it: a *selector* over a few
+sigma levels ``sigma_1 < ... < sigma_K``, smoothed at its own fixed ``selector_sigma``.
+
+For an input x, with the failure probability split ``alpha = alpha_selector + alpha_classifier``:
+
+1. CERTIFY on the selector picks level k and certifies radius R_sigma: with probability at least
+   ``1 - alpha_selector`` the smoothed selector chooses k everywhere in B(x, R_sigma);
+2. CERTIFY on the classifier smoothed at ``sigma_k`` (fresh, independent noise) certifies class c
+   with radius R_c: with probability at least ``1 - alpha_classifier`` that smoothed classifier
+   returns c everywhere in B(x, R_c);
+3. so the combined classifier ``h(x') = g_{sigma_{k(x')}}(x')`` returns c everywhere in
+   B(x, min(R_sigma, R_c)), with probability at least ``1 - alpha`` (union bound). If either step
+   abstains, so does the answer.
+
+Nothing depends on other inputs or on the order of queries (unlike the memory of
+:class:`ddrs_ext.CertificationMemory`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddrs_ext import rng
+from ddrs_ext._validate import check_alpha, check_count, check_inputs, check_model
+from ddrs_ext.certification import ABSTAIN, CertifyResult, certify
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+#: Mixed into the seed of the selector's noise, so that it is independent of the classifier's
+#: (Philox under another key), while the classifier's noise stays that of ``certify(seed=seed)``.
+SELECTOR_SEED_KEY = 0x9E3779B97F4A7C15
+
+
+def selector_seed(seed: int) -> int:
+    """The key of the selector's noise for a run with ``seed`` (a splitmix64 step of ``seed ^ key``)."""
+    z = (seed ^ SELECTOR_SEED_KEY) & 0xFFFFFFFFFFFFFFFF
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+@dataclass
+class DualCertifyResult:
+    """Per-input results of :func:`certify_dual` (all tensors on the CPU).
+
+    prediction: (B,) int64, the certified class or ``ABSTAIN`` (-1).
+    radius: (B,) float64, ``min(radius_selector, radius_classifier)``; 0 when abstaining.
+    level: (B,) int64, the sigma level the selector chose (index into ``sigma_levels``), or
+        ``ABSTAIN`` where the selector abstained (the classifier was then not run).
+    sigma: (B,) float64, the chosen level's sigma (NaN where the selector abstained).
+    radius_selector, radius_classifier: (B,) float64, the two certified radii (0 when abstaining).
+    alpha_selector, alpha_classifier: the split of alpha (their sum is the failure probability).
+    selector, classifier: the two :class:`CertifyResult` (the classifier's rows of inputs whose
+        selector abstained hold ABSTAIN, radius 0, no counts and 0 samples).
+    seed: the seed (the classifier's noise is that of ``certify(..., seed=seed)``; the selector's
+        uses ``selector_seed(seed)``).
+    samples: (B,) int64, model evaluations per input, selector's and classifier's together.
+    """
+
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    level: torch.Tensor
+    sigma: torch.Tensor
+    radius_selector: torch.Tensor
+    radius_classifier: torch.Tensor
+    alpha_selector: float
+    alpha_classifier: float
+    selector: CertifyResult
+    classifier: CertifyResult
+    seed: int
+    samples: torch.Tensor
+
+
+def check_sigma_levels(sigma_levels) -> torch.Tensor:
+    """Levels as a float64 tensor (K,): finite, > 0 and strictly increasing, K >= 1."""
+    try:
+        levels = torch.as_tensor(sigma_levels, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sigma_levels must be a sequence of numbers, got {sigma_levels!r}") from None
+    if levels.dim() != 1 or levels.numel() == 0:
+        raise ValueError(f"sigma_levels must be a non-empty 1-d sequence, got shape {tuple(levels.shape)}")
+    if not bool((torch.isfinite(levels) & (levels > 0)).all()):
+        raise ValueError(f"sigma_levels must all be finite and > 0, got {levels.tolist()}")
+    if levels.numel() > 1 and not bool((levels[1:] > levels[:-1]).all()):
+        raise ValueError(f"sigma_levels must be strictly increasing, got {levels.tolist()}")
+    return levels
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number > 0, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def _experts(model, levels: int) -> list[Model]:
+    if isinstance(model, (list, tuple)):
+        if len(model) != levels:
+            raise ValueError(
+                f"model is a list of {len(model)} models but there are {levels} sigma levels; "
+                "pass one model per level (or a single model for every level)"
+            )
+        for m in model:
+            check_model(m)
+        return list(model)
+    check_model(model)
+    return [model] * levels
+
+
+def certify_dual(
+    model: Model | Sequence[Model],
+    selector: Model,
+    x: torch.Tensor,
+    sigma_levels: Sequence[float] | torch.Tensor,
+    *,
+    selector_sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    alpha_selector: float | None = None,
+    selector_n0: int | None = None,
+    selector_n: int | None = None,
+    batch_size: int = 1000,
+    num_classes: int | None = None,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> DualCertifyResult:
+    """Certifies every input of ``x`` with a sigma chosen by a certified, smoothed selector.
+
+    ``selector`` returns one logit per entry of ``sigma_levels`` (strictly increasing); smoothed at
+    ``selector_sigma`` and certified with CERTIFY (``selector_n0``, ``selector_n``, default ``n0``,
+    ``n``; failure probability ``alpha_selector``, default ``alpha / 2``), it picks level k and a
+    radius within which that choice is constant. ``model`` (one model for every level, or a list of
+    one model per level, e.g. experts trained at each sigma) is then certified at ``sigma_levels[k]``
+    with ``n0``, ``n`` and failure probability ``alpha - alpha_selector``. The result's radius is the
+    smaller of the two; it holds for the combined classifier with probability at least
+    ``1 - alpha``. Inputs whose selector abstains abstain (their classifier is not run).
+
+    ``seed`` and ``index`` determine all noise, as for :func:`ddrs_ext.certify`: the classifier's
+    counts for an input equal ``certify(model_k, x, sigma_k, seed=seed, index=...)``'s, and nothing
+    depends on ``batch_size``, on the other inputs or on their order.
+    """
+    levels = check_sigma_levels(sigma_levels)
+    K = levels.numel()
+    experts = _experts(model, K)
+    check_model(selector)
+    x = check_inputs(x)
+    selector_sigma = _check_positive(selector_sigma, "selector_sigma")
+    alpha = check_alpha(alpha)
+    if alpha_selector is None:
+        alpha_selector = alpha / 2
+    alpha_selector = check_alpha(alpha_selector)
+    if not alpha_selector < alpha:
+        raise ValueError(
+            f"alpha_selector must be smaller than alpha ({alpha}), got {alpha_selector}: the rest, "
+            "alpha - alpha_selector, is the classifier's failure probability"
+        )
+    alpha_classifier = alpha - alpha_selector
+    n0, n = check_count(n0, "n0"), check_count(n, "n")
+    selector_n0 = n0 if selector_n0 is None else check_count(selector_n0, "selector_n0")
+    selector_n = n if selector_n is None else check_count(selector_n, "selector_n")
+    seed = rng.resolve_seed(seed)
+    B = x.shape[0]
+    stream = rng.resolve_streams(index, B, torch.device("cpu"))
+
+    try:
+        chosen = certify(
+            selector,
+            x,
+            selector_sigma,
+            n0=selector_n0,
+            n=selector_n,
+            alpha=alpha_selector,
+            batch_size=batch_size,
+            num_classes=K,
+            seed=selector_seed(seed),
+            index=stream,
+        )
+    except ValueError as exc:
+        if "num_classes is" in str(exc):
+            raise ValueError(
+                f"the selector must return one logit per sigma level ({K} levels); {exc}"
+            ) from None
+        raise
+    level = chosen.prediction.clone()
+    active = level != ABSTAIN
+    sigma = torch.full((B,), math.nan, dtype=torch.float64)
+    sigma[active] = levels[level[active]]
+
+    prediction = torch.full((B,), ABSTAIN, dtype=torch.int64)
+    radius_c = torch.zeros(B, dtype=torch.float64)
+    p_lower = torch.zeros(B, dtype=torch.float64)
+    samples_c = torch.zeros(B, dtype=torch.int64)
+    counts = None
+    groups = (
+        [active.nonzero()[:, 0]]
+        if len({id(e) for e in experts}) == 1
+        else [(active & (level == k)).nonzero()[:, 0] for k in range(K)]
+    )
+    for rows in groups:
+        if rows.numel() == 0:
+            continue
+        expert = experts[int(level[rows[0]])]
+        part = certify(
+            expert,
+            x[rows.to(x.device)],
+            sigma[rows],
+            n0=n0,
+            n=n,
+            alpha=alpha_classifier,
+            batch_size=batch_size,
+            num_classes=num_classes,
+            seed=seed,
+            index=stream[rows],
+        )
+        num_classes = part.counts.shape[1]
+        if counts is None:
+            counts = torch.zeros((B, num_classes), dtype=torch.int64)
+        prediction[rows] = part.prediction
+        radius_c[rows] = part.radius
+        p_lower[rows] = part.p_lower
+        counts[rows] = part.counts
+        samples_c[rows] = part.samples
+    if counts is None:
+        counts = torch.zeros((B, num_classes or 0), dtype=torch.int64)
+    classifier = CertifyResult(
+        prediction=prediction.clone(),
+        radius=radius_c,
+        p_lower=p_lower,
+        counts=counts,
+        sigma=sigma.clone(),
+        seed=seed,
+        samples=samples_c,
+    )
+    certified = prediction != ABSTAIN  # the selector abstained -> the classifier did not run
+    radius = torch.where(certified, torch.minimum(chosen.radius, radius_c), torch.zeros_like(radius_c))
+    return DualCertifyResult(
+        prediction=prediction,
+        radius=radius,
+        level=level,
+        sigma=sigma,
+        radius_selector=chosen.radius,
+        radius_classifier=radius_c,
+        alpha_selector=alpha_selector,
+        alpha_classifier=alpha_classifier,
+        selector=chosen,
+        classifier=classifier,
+        seed=seed,
+        samples=chosen.samples + samples_c,
+    )
+
+
+def nearest_level(sigma: torch.Tensor | Sequence[float], sigma_levels) -> torch.Tensor:
+    """Selector training labels: the index of the level nearest to each sigma, on a log scale
+    (levels are usually geometric, e.g. 0.12, 0.25, 0.5); ties go to the lower level."""
+    levels = check_sigma_levels(sigma_levels)
+    s = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        raise ValueError("sigma must be finite and > 0 to be matched to a level")
+    distance = (s.log()[:, None] - levels.log()[None, :]).abs()
+    return distance.argmin(dim=1)
+
+
+def train_selector(
+    selector: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    selector_sigma: float,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int | None = None,
+) -> list[float]:
+    """Trains ``selector`` to predict ``labels`` (sigma-level indices, e.g. :func:`nearest_level` of
+    :func:`ddrs_ext.optimize_sigma`'s result on each training input) under Gaussian augmentation at
+    ``selector_sigma``, the noise it will be certified with. Adam, shuffled minibatches; ``seed``
+    (None: drawn from torch's generator) fixes the order and the noise. The selector's mode is
+    restored afterwards. Returns the mean loss of every epoch."""
+    from ddrs_ext.training import gaussian_augmentation_loss
+
+    x = check_inputs(x)
+    labels = torch.as_tensor(labels).to(device=x.device, dtype=torch.int64).reshape(-1)
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have one entry per input ({x.shape[0]}), got {labels.shape[0]}")
+    selector_sigma = _check_positive(selector_sigma, "selector_sigma")
+    epochs, batch_size = check_count(epochs, "epochs", minimum=0), check_count(batch_size, "batch_size")
+    lr = _check_positive(lr, "lr")
+    seed = rng.resolve_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(selector.parameters(), lr=lr)
+    was_training = selector.training
+    selector.train()
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(x.shape[0], generator=order_gen).to(x.device)
+        total = 0.0
+        for start in range(0, x.shape[0], batch_size):
+            rows = order[start : start + batch_size]
+            loss = gaussian_augmentation_loss(
+                selector,
+                x[rows],
+                labels[rows],
+                selector_sigma,
+                seed=(seed + epoch + 1) % 2**64,
+                index=rows.cpu(),
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * rows.numel()
+        losses.append(total / max(x.shape[0], 1))
+    selector.train(was_training)
+    return losses
