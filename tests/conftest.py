@@ -1,5 +1,15 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -8,6 +18,46 @@ def _seed_and_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def _inside_checkout(path: str) -> bool:
+    resolved = Path(path or os.getcwd()).resolve()
+    return resolved == CHECKOUT or CHECKOUT in resolved.parents
+
+
+@dataclass
+class OutsideCheckout:
+    """Where and how to start a Python subprocess so that it imports the installed ddrs_ext, as a user's
+    script would, and never the checkout's source tree (which, without compiled kernels, compiles them
+    again): ``cwd`` is a folder outside the checkout and ``env`` has no PYTHONPATH entry inside it."""
+
+    cwd: Path
+    env: dict[str, str]
+
+    def python(
+        self, code: str, *args: object, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs ``python -c code *args`` there, with ``env`` added to the environment; output captured."""
+        return subprocess.run(
+            [sys.executable, "-c", code, *map(str, args)],
+            cwd=self.cwd,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def outside_checkout(tmp_path) -> OutsideCheckout:
+    cwd = tmp_path / "outside_checkout"
+    cwd.mkdir()
+    assert not _inside_checkout(str(cwd)), f"pytest's tmp_path {tmp_path} lies inside the checkout {CHECKOUT}"
+    env = dict(os.environ)
+    kept = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and not _inside_checkout(p)]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    return OutsideCheckout(cwd, env)
 
 
 class LinearBinary(torch.nn.Module):

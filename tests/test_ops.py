@@ -1,9 +1,5 @@
 """Kernels against their slow PyTorch references, opcheck and torch.compile."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -74,23 +70,22 @@ def test_perturb_non_contiguous_input():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_perturb_generic_path_matches():
+def test_perturb_generic_path_matches(outside_checkout):
     """The AVX2 and the portable CPU code paths (noise and votes) give identical results
     (each run in a fresh process, since the path is chosen once)."""
     code = (
-        "import torch; from ddrs_ext import ops;"
+        "import sys, torch; from ddrs_ext import ops;"
         "x = torch.zeros(2, 3000); s = torch.tensor([1.0, 2.0]); st = torch.tensor([3, 4]);"
         "o, q = ops.perturb_gaussian(x, s, st, 123, 7, 5, with_sq_norm=True);"
         "v = ops.count_votes(o[:, :7].contiguous(), 0, 5, 2);"
-        "torch.save((o, q, v), __import__('sys').argv[1])"
+        "torch.save((o, q, v), sys.argv[1])"
     )
     results = []
     for generic in ("0", "1"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ddrs_generic_{generic}_{os.getpid()}.pt")
-        env = dict(os.environ, DDRS_EXT_CPU_GENERIC=generic)
-        subprocess.run([sys.executable, "-c", code, path], check=True, env=env)
+        path = outside_checkout.cwd / f"generic_{generic}.pt"
+        run = outside_checkout.python(code, path, env={"DDRS_EXT_CPU_GENERIC": generic})
+        assert run.returncode == 0, run.stderr
         results.append(torch.load(path))
-        os.remove(path)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
