@@ -24,6 +24,7 @@ import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ddrs_ext import ops, rng
@@ -40,6 +41,11 @@ class SigmaBank(torch.nn.Module):
     saved and restored, with its ``sigma_range``, by ``state_dict()`` / ``load_state_dict()``
     (e.g. in a checkpoint beside the model's). An index repeated within one ``update`` keeps one
     of its values.
+
+    Under DistributedDataParallel every rank keeps a whole bank and updates the examples of its own
+    minibatches; :meth:`synchronize` (a collective call) then hands every rank's updates to every
+    rank. The bank remembers which entries :meth:`update` changed since the last synchronisation
+    (one flag per example, not saved).
     """
 
     def __init__(
@@ -58,6 +64,9 @@ class SigmaBank(torch.nn.Module):
             raise ValueError(f"sigma_range must satisfy 0 < low <= sigma0 <= high < inf, got {sigma_range}")
         self.sigma_range = (float(lo), float(hi))
         self.register_buffer("sigma", torch.full((num_examples,), sigma0, dtype=torch.float64, device=device))
+        # which entries update() changed since the last synchronize(): not a buffer (the bank's only
+        # buffer is sigma), so it follows sigma's device lazily (_flags)
+        self._changed = torch.zeros(num_examples, dtype=torch.bool, device=device)
 
     def _index(self, index) -> torch.Tensor:
         index = torch.as_tensor(index, device=self.sigma.device)
@@ -83,15 +92,95 @@ class SigmaBank(torch.nn.Module):
         if not bool((torch.isfinite(values) & (values >= lo) & (values <= hi)).all()):
             raise ValueError(f"sigma values must be finite and inside sigma_range {self.sigma_range}")
         self.sigma[index] = values
+        self._flags()[index] = True
+
+    def _flags(self) -> torch.Tensor:
+        if self._changed.device != self.sigma.device:
+            self._changed = self._changed.to(self.sigma.device)
+        return self._changed
+
+    def synchronize(self, group: dist.ProcessGroup | None = None) -> int:
+        """Makes the banks of all ranks of ``group`` (default: the default process group) equal: every
+        rank receives the entries the others changed through :meth:`update` since the last call.
+
+        Call it on every rank at the same point: at least after each epoch (a ``DistributedSampler``
+        hands each example to one rank per epoch, and to another in the next) and before saving a
+        checkpoint; every step costs little more (16 bytes per changed entry and rank). An entry that
+        several ranks changed (a ``DistributedSampler`` pads an uneven epoch with a few repeats)
+        takes the value of the highest of those ranks. Without an initialised process group (or with
+        one rank) it only forgets what changed. Returns the number of distinct entries changed over
+        all ranks.
+
+        Three collective calls, bounded by the group's timeout. The banks must have been equal at the
+        previous synchronisation (created alike or loaded from one checkpoint); a size or content
+        mismatch afterwards is an error on every rank, not a silent divergence.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            changed = int(self._flags().sum())
+            self._flags().zero_()
+            return changed
+        world = dist.get_world_size(group)
+        comm = _comm_device(group, self.sigma.device)
+        index = self._flags().nonzero().flatten()
+        # (index, sigma's bits) per changed entry: one int64 tensor carries both exactly
+        mine = torch.stack([index, self.sigma[index].view(torch.int64)]).to(comm)
+        sizes = [torch.zeros(2, dtype=torch.int64, device=comm) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([mine.shape[1], self.sigma.numel()], device=comm), group=group)
+        lengths = [int(s[0]) for s in sizes]
+        if len({int(s[1]) for s in sizes}) > 1:
+            raise ValueError(
+                "the sigma banks of the ranks have different sizes "
+                f"({', '.join(str(int(s[1])) for s in sizes)} by rank); create them alike on every rank"
+            )
+        longest = max(lengths)
+        padded = torch.zeros(2, longest, dtype=torch.int64, device=comm)
+        padded[:, : mine.shape[1]] = mine
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        merged = torch.cat([p[:, :k] for p, k in zip(parts, lengths)], dim=1).to(self.sigma.device)
+        index, bits = merged[0], merged[1]
+        # entries changed on several ranks: the last occurrence (highest rank) wins, deterministically
+        order = torch.arange(index.numel(), device=index.device)
+        last = torch.full((self.sigma.numel(),), -1, dtype=torch.int64, device=index.device)
+        last.scatter_reduce_(0, index, order, reduce="amax")
+        winners = last[last >= 0]
+        self.sigma[index[winners]] = bits[winners].view(torch.float64)
+        self._flags().zero_()
+        sums = [torch.zeros(2, dtype=torch.int64, device=comm) for _ in range(world)]
+        dist.all_gather(sums, _checksum(self.sigma).to(comm), group=group)
+        if any(not torch.equal(s, sums[0]) for s in sums):
+            differ = [r for r, s in enumerate(sums) if not torch.equal(s, sums[0])]
+            raise RuntimeError(
+                f"the sigma banks of ranks {differ} differ from rank 0's after synchronize: they differed "
+                "before it; create the banks alike (or load one checkpoint) on every rank and change them "
+                "only through update() / update_sigma()"
+            )
+        return int(winners.numel())
 
     def get_extra_state(self) -> dict:
         return {"sigma_range": self.sigma_range}
 
     def set_extra_state(self, state: dict) -> None:
         self.sigma_range = tuple(float(v) for v in state["sigma_range"])
+        self._flags().zero_()  # a loaded bank is the new common starting point
 
     def extra_repr(self) -> str:
         return f"num_examples={self.sigma.numel()}, sigma_range={self.sigma_range}"
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: a CUDA device under NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _checksum(values: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums of the bit patterns of ``values`` (plain and position-weighted, wrapping): equal
+    for equal tensors, and for different ones equal only by a coincidence nobody meets."""
+    bits = values.view(torch.int64)
+    weights = torch.arange(1, 2 * bits.numel(), 2, dtype=torch.int64, device=bits.device)
+    return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -106,6 +195,19 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         item = self.dataset[index]
         return (*item, index) if isinstance(item, tuple) else (item, index)
+
+
+def unwrap_ddp(model):
+    """The module inside a ``DistributedDataParallel`` wrapper, else ``model`` itself.
+
+    Sigma steps and SmoothAdv's attack evaluate the model without training it, so they run on the
+    inner module: no DDP hooks or collectives (which a different number of forward batches per rank
+    would leave waiting), and forward-mode autograd works (DDP with ``find_unused_parameters=True``
+    wraps outputs in a function without a forward-mode derivative). The parameters are the same.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 @contextlib.contextmanager
@@ -147,8 +249,11 @@ def update_sigma(
 
     Returns the new sigma (float32 on x's device, ready for the losses). The step rule, estimator
     and surrogate are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
-    steps on its surrogate here (the defaults).
+    steps on its surrogate here (the defaults). A ``DistributedDataParallel`` model is stepped through
+    its inner module (:func:`unwrap_ddp`); the bank is this rank's, to be merged with the other ranks'
+    by :meth:`SigmaBank.synchronize`.
     """
+    model = unwrap_ddp(model)
     index = bank._index(index)
     if index.numel() != x.shape[0]:
         raise ValueError(f"index must have one entry per example ({x.shape[0]}), got {index.numel()}")
@@ -295,8 +400,9 @@ def smoothadv_attack(
     ``steps`` normalised-gradient steps of ``step_size`` (default ``2 * epsilon / steps``) and the same
     ``num_samples`` noise draws at every step (``seed``, ``index``); ``clamp`` keeps ``x'`` in the data
     range. Returns ``x'`` (detached). The model is run as it is (call it in eval mode to attack the
-    deployed network, as SmoothAdv does).
+    deployed network, as SmoothAdv does); a ``DistributedDataParallel`` model through its inner module.
     """
+    model = unwrap_ddp(model)
     y = _check_labels(y, x)
     x = check_inputs(x)
     steps = check_count(steps, "steps", minimum=0)
