@@ -28,10 +28,10 @@ class PlainNoise:
     def __init__(self, x: torch.Tensor, sigma: torch.Tensor, m: int) -> None:
         B = x.shape[0]
         self.m = m
-        self.buf = torch.empty((B * m, *x.shape[1:]), dtype=x.dtype)
+        self.buf = torch.empty((B * m, *x.shape[1:]), dtype=x.dtype, device=x.device)
         self.view = self.buf.view(B, m, *x.shape[1:])
         self.x = x.view(B, 1, *x.shape[1:])
-        self.sigma = sigma.to(x.dtype).view(B, *([1] * x.dim()))
+        self.sigma = sigma.to(device=x.device, dtype=x.dtype).view(B, *([1] * x.dim()))
 
     def __call__(self) -> torch.Tensor:
         torch.randn(self.buf.shape, out=self.buf)
@@ -51,18 +51,43 @@ class PlainVotes:
     allocates its result).
     """
 
-    def __init__(self, B: int, m: int, C: int) -> None:
+    def __init__(
+        self, B: int, m: int, C: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         rows = B * m
-        self.values = torch.empty(rows)
-        self.cls = torch.empty(rows, dtype=torch.int64)
-        self.flat = torch.empty(rows, dtype=torch.int64)
-        self.base = torch.arange(B, dtype=torch.int64).repeat_interleave(m) * C
-        self.ones = torch.ones(rows, dtype=torch.int64)
+        self.values = torch.empty(rows, dtype=dtype, device=device)
+        self.cls = torch.empty(rows, dtype=torch.int64, device=device)
+        self.flat = torch.empty(rows, dtype=torch.int64, device=device)
+        self.base = torch.arange(B, dtype=torch.int64, device=device).repeat_interleave(m) * C
+        self.ones = torch.ones(rows, dtype=torch.int64, device=device)
 
     def __call__(self, logits: torch.Tensor, counts: torch.Tensor) -> None:
         torch.max(logits, 1, out=(self.values, self.cls))
         torch.add(self.base, self.cls, out=self.flat)
         counts.view(-1).index_add_(0, self.flat, self.ones)
+
+
+class PlainSoftVotes:
+    """Adds each row's softmax, in float64, into ``prob_sum`` (B, C) at its input, and with tangents
+    ``d`` also the forward-mode derivatives ``p * (d - <p, d>)`` into ``deriv_sum``: what
+    ``ops.soft_votes_`` does, as ``softmax(dtype=float64)`` and ``index_add_`` (which on a GPU adds
+    with atomics, so its sums are not reproducible to the last bit, unlike the op's)."""
+
+    def __init__(self, B: int, m: int, device: torch.device | str = "cpu") -> None:
+        self.index = torch.arange(B, device=device).repeat_interleave(m)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        prob_sum: torch.Tensor,
+        d: torch.Tensor | None = None,
+        deriv_sum: torch.Tensor | None = None,
+    ) -> None:
+        p = torch.softmax(logits, 1, dtype=torch.float64)
+        prob_sum.index_add_(0, self.index, p)
+        if d is not None:
+            d = d.to(torch.float64)
+            deriv_sum.index_add_(0, self.index, p * (d - (p * d).sum(1, keepdim=True)))
 
 
 @dataclass
@@ -89,14 +114,14 @@ def plain_certify(
     turned into ``x + sigma * noise`` by one fused ``torch.add(alpha=sigma)``,
     the forward pass, the argmax (``max(dim=1)``) and a ``bincount``; then
     Clopper-Pearson through ``scipy.stats.beta.ppf``. One input buffer for all
-    chunks, inference mode throughout.
+    chunks, inference mode throughout; all of it on ``x``'s device.
     """
-    B = x.shape[0]
-    buf = torch.empty((min(batch_size, max(n0, n)), *x.shape[1:]), dtype=x.dtype)
-    values = torch.empty(buf.shape[0], dtype=x.dtype)
-    cls = torch.empty(buf.shape[0], dtype=torch.int64)
-    counts = torch.zeros((B, num_classes), dtype=torch.int64)
-    select = torch.zeros(num_classes, dtype=torch.int64)
+    B, device = x.shape[0], x.device
+    buf = torch.empty((min(batch_size, max(n0, n)), *x.shape[1:]), dtype=x.dtype, device=device)
+    values = torch.empty(buf.shape[0], dtype=x.dtype, device=device)
+    cls = torch.empty(buf.shape[0], dtype=torch.int64, device=device)
+    counts = torch.zeros((B, num_classes), dtype=torch.int64, device=device)
+    select = torch.zeros(num_classes, dtype=torch.int64, device=device)
     prediction = torch.full((B,), -1, dtype=torch.int64)
     radius = torch.zeros(B, dtype=torch.float64)
     p_lower = torch.zeros(B, dtype=torch.float64)
@@ -125,7 +150,7 @@ def plain_certify(
             if p >= 0.5:
                 prediction[b] = guess
                 radius[b] = s * float(norm.ppf(p))
-    return PlainResult(prediction, radius, p_lower, counts)
+    return PlainResult(prediction, radius, p_lower, counts.cpu())
 
 
 def forward_floor(model: nn.Module, buf: torch.Tensor, total_rows: int) -> int:
@@ -158,6 +183,44 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 8 * 8, num_classes),
     ).eval()
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and an identity (or 1x1-projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def cifar_resnet(depth: int = 110, num_classes: int = 10) -> nn.Module:
+    """The CIFAR ResNet of He et al. (2016) that randomized-smoothing papers certify: depth 6k + 2
+    (110: three stages of 18 basic blocks, 16/32/64 channels, 1.7 M parameters), on 3x32x32,
+    randomly initialised (the speed of a forward pass does not depend on the weights), in eval mode."""
+    if (depth - 2) % 6:
+        raise ValueError(f"depth must be 6k + 2, got {depth}")
+    k = (depth - 2) // 6
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(k):
+            layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers).eval()
 
 
 def sigmas(B: int) -> torch.Tensor:
@@ -271,13 +334,14 @@ def plain_memory_adjust(
     ``vector_norm(stored - q, dim=1)``), ``gap = d - R`` with entries of its own class masked to
     inf, ``argmin`` (first on ties); inside a ball the answer becomes ``(c_j, -gap)``, otherwise
     the radius shrinks to ``min(R, gap)``; then the answer is stored. Abstentions (-1) pass
-    through and are not stored. Stored rows live in buffers allocated once for the whole stream.
+    through and are not stored. Stored rows live in buffers allocated once for the whole stream, on
+    ``x``'s device; the answers are on the CPU.
     """
     Q = x.shape[0]
     flat = x.reshape(Q, -1).to(torch.float64)
     stored = torch.empty_like(flat)
-    classes = torch.empty(Q, dtype=torch.int64)
-    radii = torch.empty(Q, dtype=torch.float64)
+    classes = torch.empty(Q, dtype=torch.int64, device=x.device)
+    radii = torch.empty(Q, dtype=torch.float64, device=x.device)
     out_class, out_radius = prediction.clone(), radius.to(torch.float64, copy=True)
     n = 0
     for i in range(Q):

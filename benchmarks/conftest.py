@@ -1,5 +1,10 @@
-"""Benchmark session setup: thread count, kernel build before any timing, machine info for the json.
+"""Benchmark session setup: options, thread count, kernel build before any timing, machine info for the json.
 
+Options (``pytest benchmarks/ --help``, group "ddrs_ext benchmarks"):
+  --device cpu|cuda|cuda:N  where the benchmarks run (default cpu). A module runs on the devices its
+                            ``DEVICES`` tuple names (default: the CPU only); the others skip.
+  --quick                   small sizes and few rounds: proves the code runs and exercises the report
+                            (also implied by --benchmark-disable, which CI uses).
 Threads: ``DDRS_BENCH_THREADS`` if set, else torch's default (one per core).
 Every ratio in the report comes from one pytest run. How much CPU other
 processes (and the hypervisor, as steal time) took during it is recorded,
@@ -12,6 +17,7 @@ import os
 import platform
 import time
 
+import pytest
 import torch
 
 import ddrs_ext  # noqa: F401  (compiles the kernels now, not inside a timed round)
@@ -36,6 +42,70 @@ def cpu_snapshot() -> dict[str, float] | None:
         "steal": steal / hz,
         "own": own.user + own.system + own.children_user + own.children_system,
     }
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("ddrs", "ddrs_ext benchmarks")
+    group.addoption(
+        "--device",
+        default="cpu",
+        help="where to run: cpu (default), cuda or cuda:N; modules that do not list the device in their "
+        "DEVICES skip",
+    )
+    group.addoption(
+        "--quick",
+        action="store_true",
+        help="small sizes and few rounds (implied by --benchmark-disable)",
+    )
+
+
+def bench_device(config) -> torch.device:
+    """The --device option, checked: a usage error if it names no device of this machine."""
+    value = config.getoption("device")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device must be cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise pytest.UsageError(f"--device {value}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device must be cpu, cuda or cuda:N, got {value!r}")
+    return device
+
+
+def is_quick(config) -> bool:
+    return bool(config.getoption("quick") or config.getoption("benchmark_disable"))
+
+
+def pytest_configure(config) -> None:
+    device = bench_device(config)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # so that "cuda" tensors made without an index land there too
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The --device the benchmarks run on."""
+    return bench_device(request.config)
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    """True for --quick or --benchmark-disable: small sizes, few rounds."""
+    return is_quick(request.config)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    device = bench_device(config)
+    for item in items:
+        module = getattr(item, "module", None)
+        devices = getattr(module, "DEVICES", ("cpu",))
+        if device.type not in devices:
+            item.add_marker(
+                pytest.mark.skip(reason=f"{module.__name__} benchmarks run on {', '.join(devices)} only")
+            )
 
 
 _LOAD_AT_START = os.getloadavg()
@@ -76,4 +146,21 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "loadavg_start": list(_LOAD_AT_START),
         "loadavg_end": list(os.getloadavg()),
         "cpu_share_during_run": others_share(),
+        "device": str(bench_device(config)),
+        "quick": is_quick(config),
+    }
+    if torch.cuda.is_available():
+        machine_info["ddrs"]["gpu"] = gpu_info()
+
+
+def gpu_info() -> dict:
+    """The current CUDA device: name, capability, memory, the CUDA version torch was built with."""
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+        "torch_cuda": torch.version.cuda,
     }

@@ -15,6 +15,7 @@ ball) and the answer becomes ``(c_j, -m)``; otherwise the radius becomes ``min(R
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from typing import Any
@@ -30,13 +31,15 @@ __all__ = ["CertificationMemory"]
 _FORMAT = "ddrs_ext.CertificationMemory"
 _VERSION = 1
 _MIN_CAPACITY = 16
-# Queries handled together; their (Q, Q) distances are walked on the CPU in query order.
+# Queries handled together: their (Q, Q) distances are computed on the memory's device.
 _QUERY_BLOCK = 1024
 # Upper bound, in float64 elements, on one (queries, stored entries) tile of distances.
 _TILE_ELEMENTS = 1 << 21
-# Stored inputs are converted to float64 and compared in slices of about this many elements
-# (2 MiB), so that a slice stays in cache while every query of a block is compared with it.
+# On the CPU, stored inputs are converted to float64 and compared in slices of about this many
+# elements (2 MiB), so that a slice stays in cache while every query of a block is compared with it.
 _SLICE_ELEMENTS = 1 << 18
+# Elsewhere (a GPU) in slices of up to this many elements (128 MiB), to bound the float64 copy.
+_DEVICE_SLICE_ELEMENTS = 1 << 24
 # cdist's direct kernel computes each distance from the coordinate differences, so a pair's
 # distance is accurate to float64 rounding and bitwise the same whichever batch it sits in.
 # (||a||^2 + ||b||^2 - 2ab loses accuracy for nearby points far from the origin, and its
@@ -55,24 +58,37 @@ def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _slice_rows(flat: torch.Tensor) -> int:
-    """Rows of inputs like ``flat`` (B, D) in one cache-sized slice."""
-    return max(1, _SLICE_ELEMENTS // max(flat.shape[1], 1))
+    """Rows of inputs like ``flat`` (B, D) compared in one go: a cache-sized slice on the CPU, a larger
+    one elsewhere (fewer kernel launches). Results do not depend on it."""
+    elements = _SLICE_ELEMENTS if flat.device.type == "cpu" else _DEVICE_SLICE_ELEMENTS
+    return max(1, elements // max(flat.shape[1], 1))
 
 
-def _earlier_distances(flat: torch.Tensor) -> np.ndarray:
-    """(Q, Q) float64 array whose entry [i, k] is the distance between rows i and k for k < i.
+def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """float64 host copies of small 1-d device tensors, moved in one transfer (one synchronisation)."""
+    packed = torch.cat([t.to(torch.float64) for t in tensors]).cpu().numpy()
+    ends = list(itertools.accumulate(t.numel() for t in tensors))
+    return [packed[end - t.numel() : end] for t, end in zip(tensors, ends)]
 
-    Entries with k >= i are not computed (they hold garbage): the walk over queries never reads them.
+
+def _earlier_pairs_within(
+    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs (i, k), k < i, of rows of ``flat`` (Q, D) with ``d_ik - reach < threshold[i]``.
+
+    Returns ``(pairs, d)``: ``pairs`` (P, 2) int64 in row-major order (i, then k ascending) and
+    their distances ``d`` (P,) float64, on ``flat``'s device. ``reach`` is a 0-d tensor.
     """
     q = flat.shape[0]
-    if q < 2:
-        return np.empty((q, q))
     distance = torch.empty((q, q), dtype=torch.float64, device=flat.device)
     step = _slice_rows(flat)
     for start in range(0, q, step):
         stop = min(start + step, q)
+        # Only the lower triangle is read below; the rest of the columns [start, stop) is skipped.
         distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop])
-    return distance.cpu().numpy()
+    near = ((distance - reach) < threshold[:, None]).tril_(-1)
+    pairs = near.nonzero()
+    return pairs, distance[pairs[:, 0], pairs[:, 1]]
 
 
 class CertificationMemory:
@@ -91,8 +107,10 @@ class CertificationMemory:
     ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to the float64 rounding of
     distances and differences: a relative shortfall of a few ulps (the tests allow ``1e-12``).
 
-    Distances are computed in float64 on the memory's device; the stored inputs keep their
-    dtype (promoted, exactly, when inputs of a wider float dtype arrive).
+    Distances are computed in float64 on the memory's device (a GPU too); per block of queries
+    only their gaps to the stored entries, and the few pairs of queries near enough to change
+    each other's answers, come to the CPU, where the block is walked in query order. The stored
+    inputs keep their dtype (promoted, exactly, when inputs of a wider float dtype arrive).
 
     Args:
         device: where stored inputs live and distances are computed; ``None`` takes the
@@ -151,8 +169,8 @@ class CertificationMemory:
         for start in range(0, certified.numel(), _QUERY_BLOCK):
             rows = certified[start : start + _QUERY_BLOCK]
             new_class, new_radius = self._adjust_block(x[rows.to(x.device)], prediction[rows], radius[rows])
-            prediction[rows] = torch.from_numpy(new_class)
-            radius[rows] = torch.from_numpy(new_radius)
+            prediction[rows] = new_class
+            radius[rows] = new_radius
         return prediction, radius
 
     @torch.no_grad()
@@ -171,7 +189,7 @@ class CertificationMemory:
         x, prediction, radius = self._check_queries(x, prediction, radius)
         certified = (prediction != ABSTAIN).nonzero().flatten()
         if certified.numel():
-            self._append(x[certified.to(x.device)], prediction[certified].numpy(), radius[certified].numpy())
+            self._append(x[certified.to(x.device)], prediction[certified], radius[certified])
 
     def adjust_result(self, x: torch.Tensor, result: CertifyResult) -> CertifyResult:
         """``adjust`` applied to a ``CertifyResult`` for the inputs ``x``.
@@ -189,55 +207,89 @@ class CertificationMemory:
 
     def _adjust_block(
         self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Adjusts certified queries in order, then stores them; returns their new answers."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjusts certified queries in order, then stores them; returns their new answers.
+
+        ``x`` is on the memory's device, ``prediction`` and ``radius`` on the CPU. Distances are
+        computed on the device; only per-query gaps and the few pairs of queries that can change
+        each other's answers come to the CPU, where the block is walked in query order.
+        """
         flat = _flat64(x)
-        gap, gap_class = self._smallest_gap_to_stored(flat, prediction)
-        # Gaps to the block's own queries depend on the adjusted answers of the earlier ones,
-        # so this part is walked in query order: a few numpy operations on one row per query.
-        distance = _earlier_distances(flat)
+        device = flat.device
+        own_class = prediction.to(device)
+        own_radius = radius.to(device)
+        gap, gap_class = self._smallest_gap_to_stored(flat, own_class)
+        # An earlier query k of the block changes query i's answer only if d_ik - R_k' < min(gap_i, R_i),
+        # R_k' being k's adjusted radius. R_k' is R_k, something smaller, or k's depth inside a ball:
+        # a stored one (at most -gap_k) or an earlier query's (at most that query's R'). So every
+        # R_k' <= reach = max over the block of R_k and -gap_k, and pairs with d_ik - reach >=
+        # min(gap_i, R_i) cannot matter; d - R_k' >= d - reach in floating point too (rounding is
+        # monotone), so leaving them out changes no bit.
+        if flat.shape[0] > 1:
+            reach = torch.maximum(own_radius.max(), (-gap).max())
+            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach)
+            gap, gap_class, pair_i, pair_k, pair_distance = _to_host(
+                gap, gap_class, pairs[:, 0], pairs[:, 1], pair_distance
+            )
+        else:
+            gap, gap_class = _to_host(gap, gap_class)
+            pair_i = pair_k = pair_distance = np.zeros(0)
+        gap_class = gap_class.astype(np.int64)
+        pair_i, pair_k = pair_i.astype(np.int64), pair_k.astype(np.int64)
         classes = prediction.numpy().copy()
         radii = radius.numpy().copy()
-        for i in range(classes.shape[0]):
+        # Queries with no such pair: their answers follow from the gap to the stored entries alone.
+        alone = np.ones(classes.shape[0], dtype=bool)
+        alone[pair_i] = False
+        inside = alone & (gap < 0)  # inside the ball of an entry of another class
+        classes[inside], radii[inside] = gap_class[inside], -gap[inside]  # -(d - R) == R - d exactly
+        shrink = alone & ~inside & (gap < radii)
+        radii[shrink] = gap[shrink]
+        # The others in query order: a few numpy operations on the pairs of one query each.
+        rows, first = np.unique(pair_i, return_index=True)
+        for i, lo, hi in zip(rows.tolist(), first.tolist(), [*first[1:].tolist(), pair_i.shape[0]]):
             m, m_class = gap[i], gap_class[i]
-            if i:
-                g = distance[i, :i] - radii[:i]
-                g[classes[:i] == classes[i]] = math.inf
-                k = int(g.argmin())  # first minimum: the earliest entry on ties
-                if g[k] < m:  # strict: earlier (stored) entries win ties
-                    m, m_class = g[k], classes[k]
-            if m < 0:  # inside the ball of an entry of another class
-                classes[i], radii[i] = m_class, -m  # -(d - R) == R - d exactly in IEEE arithmetic
+            k = pair_k[lo:hi]  # ascending
+            g = pair_distance[lo:hi] - radii[k]
+            g[classes[k] == classes[i]] = math.inf
+            j = int(g.argmin())  # first minimum: the earliest entry on ties
+            if g[j] < m:  # strict: earlier (stored) entries win ties
+                m, m_class = g[j], classes[k[j]]
+            if m < 0:
+                classes[i], radii[i] = m_class, -m
             elif m < radii[i]:
                 radii[i] = m
+        classes, radii = torch.from_numpy(classes), torch.from_numpy(radii)
         self._append(x, classes, radii)
         return classes, radii
 
     def _smallest_gap_to_stored(
-        self, flat: torch.Tensor, prediction: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per query: min over stored entries of other classes of d - R (inf if none), and its class."""
+        self, flat: torch.Tensor, own_class: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query: min over stored entries of other classes of d - R (inf if none), and its class.
+
+        ``own_class`` is on ``flat``'s device, as are the results."""
         q = flat.shape[0]
         best = torch.full((q,), math.inf, dtype=torch.float64, device=flat.device)
         best_class = torch.full((q,), ABSTAIN, dtype=torch.int64, device=flat.device)
         if self._size and q:
-            own_class = prediction.to(flat.device)[:, None]
             step = max(1, min(_TILE_ELEMENTS // q, _slice_rows(flat)))
             for start in range(0, self._size, step):
                 stop = min(start + step, self._size)
                 points = _flat64(self._x[start:stop])
                 classes = self._prediction[start:stop]
                 gap = _pairwise_distances(flat, points) - self._radius[start:stop]
-                gap.masked_fill_(classes[None, :] == own_class, math.inf)
+                gap.masked_fill_(classes[None, :] == own_class[:, None], math.inf)
                 index = gap.argmin(dim=1)  # first minimum: the earliest entry on ties
                 value = gap.gather(1, index[:, None])[:, 0]
                 smaller = value < best  # strict: earlier tiles win ties
                 best = torch.where(smaller, value, best)
                 best_class = torch.where(smaller, classes[index], best_class)
-        return best.cpu().numpy(), best_class.cpu().numpy()
+        return best, best_class
 
-    def _append(self, x: torch.Tensor, prediction: np.ndarray, radius: np.ndarray) -> None:
-        """Stores rows of x with their answers, growing the buffers by doubling."""
+    def _append(self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor) -> None:
+        """Stores rows of x (on the memory's device) with their answers (int64, float64, any device),
+        growing the buffers by doubling."""
         n = x.shape[0]
         if n == 0:
             return
@@ -247,8 +299,8 @@ class CertificationMemory:
         if need > capacity or dtype != self._x.dtype:
             self._reallocate(max(need, 2 * capacity if need > capacity else capacity, _MIN_CAPACITY), dtype)
         self._x[self._size : need] = x  # exact: dtype is at least as wide as x's
-        self._prediction[self._size : need] = torch.from_numpy(prediction)
-        self._radius[self._size : need] = torch.from_numpy(radius)
+        self._prediction[self._size : need] = prediction
+        self._radius[self._size : need] = radius
         self._size = need
 
     def _reallocate(self, capacity: int, dtype: torch.dtype) -> None:
@@ -322,14 +374,20 @@ class CertificationMemory:
         ((N,) float64).
         """
         n = self._size
-        empty = self._x is None
+        if self._x is None:
+            x = None
+            prediction = torch.zeros(0, dtype=torch.int64, device=self._device)
+            radius = torch.zeros(0, dtype=torch.float64, device=self._device)
+        else:
+            x = self._x[:n].clone()
+            prediction, radius = self._prediction[:n].clone(), self._radius[:n].clone()
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "input_shape": None if self._shape is None else list(self._shape),
-            "x": None if empty else self._x[:n].clone(),
-            "prediction": torch.zeros(0, dtype=torch.int64) if empty else self._prediction[:n].clone(),
-            "radius": torch.zeros(0, dtype=torch.float64) if empty else self._radius[:n].clone(),
+            "x": x,
+            "prediction": prediction,
+            "radius": radius,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,7 +1,10 @@
 """CUDA kernels against the PyTorch references and the CPU kernels: the same bits.
 
-Skipped without a GPU. Without one, .ci/check_cuda.sh at least compiles the CUDA code.
+Skipped without a GPU; `.ci/gpu` runs them (and the other CUDA tests) on a machine with one.
+Without one, .ci/check_cuda.sh at least compiles the CUDA code.
 """
+
+import re
 
 import pytest
 import torch
@@ -35,6 +38,15 @@ def _logits(rows, C, dtype, device=DEVICE, seed=0):
 def _assert_same_bits(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+def _cpu_error(fn, *args, **kwargs):
+    """The ValueError message of ``fn(*args, **kwargs)`` on CPU tensors, or None if it returns."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 # ---------------------------------------------------------------- perturb_gaussian
@@ -213,14 +225,39 @@ def test_votes_ties_go_to_lowest_class():
     assert ops.count_votes(wide, 0, 1, 2).argmax(1).tolist() == [40, 999]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_votes_non_finite_names_the_input(bad, dtype):
+def test_votes_nan_names_the_input(dtype):
     logits = torch.zeros(12, 3, dtype=dtype, device=DEVICE)
-    logits[8, 2] = bad  # row 8 with row_start 3 is virtual row 11: input 2, noise sample 3
-    logits[10, 0] = bad  # a later bad row: the lowest one is named
+    logits[7, 1] = float("inf")  # an infinite logit before it is not the error
+    logits[8, 2] = float("nan")  # row 8 with row_start 3 is virtual row 11: input 2, noise sample 3
+    logits[10, 0] = float("nan")  # a later bad row: the lowest one is named
     with pytest.raises(ValueError, match=r"input 2 \(noise sample 3, logits row 8\)"):
         ops.count_votes(logits, 3, 4, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [3, 40, 1000])  # one class per lane or fewer; several; long rows
+def test_votes_infinite_logits_like_cpu(dtype, C):
+    """+-Inf logits (log-probabilities give -Inf): the CUDA op does what the CPU op does, error or counts."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(53, C, generator=g).to(dtype)
+    pick = torch.rand(53, C, generator=g)
+    logits[pick < 0.3] = float("-inf")
+    logits[pick > 0.93] = float("inf")
+    logits[5] = float("-inf")
+    logits[11] = float("inf")
+    logits[12, 1:] = float("-inf")
+    logits[13, :-1] = float("-inf")  # the one finite logit in the last lane's segment
+    error = _cpu_error(ops.count_votes, logits, 2, 5, 11)
+    if error is not None:
+        counts = torch.zeros(11, C, dtype=torch.int64, device=DEVICE)
+        with pytest.raises(ValueError, match=re.escape(error)):
+            ops.count_votes_(logits.to(DEVICE), 2, 5, counts)
+        assert counts.abs().sum().item() == 0
+        return
+    counts = ops.count_votes(logits.to(DEVICE), 2, 5, 11)
+    _assert_same_bits(counts, ops.count_votes(logits, 2, 5, 11))
+    _assert_same_bits(counts, reference.count_votes(logits, 2, 5, 11))
 
 
 def test_votes_error_leaves_counts_untouched():
@@ -393,21 +430,56 @@ def test_soft_votes_score_total_without_deriv_sum():
     torch.testing.assert_close(st.cpu(), expected, rtol=1e-14, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["tangent", "probs-tangent"])
 @pytest.mark.parametrize("in_tangents", [False, True])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_soft_votes_non_finite_names_the_input(dtype, bad, in_tangents):
-    logits, d, _ = _soft_inputs(12, 3, dtype, "tangent")
+def test_soft_votes_nan_names_the_input(dtype, in_tangents, mode):
+    logits, d, _ = _soft_inputs(12, 3, dtype, mode)
     target = d if in_tangents else logits
-    target[8, 2] = bad  # row 8 with row_start 3 is virtual row 11: input 2, noise sample 3
-    target[10, 0] = bad  # a later bad row: the lowest one is named
-    sums = _soft_sums(4, 3, "tangent", DEVICE)
+    target[8, 2] = float("nan")  # row 8 with row_start 3 is virtual row 11: input 2, noise sample 3
+    target[10, 0] = float("nan")  # a later bad row: the lowest one is named
+    sums = _soft_sums(4, 3, mode, DEVICE)
     before = [t.clone() for t in sums if t is not None]
     with pytest.raises(ValueError, match=r"soft_votes: .*input 2 \(noise sample 3, logits row 8\)"):
-        _soft_votes(logits.to(DEVICE), d.to(DEVICE), None, 3, 4, "tangent", sums)
+        _soft_votes(logits.to(DEVICE), d.to(DEVICE), None, 3, 4, mode, sums)
     # Unlike the CPU kernel, the CUDA one adds nothing when a row is bad.
     for a, b in zip([t for t in sums if t is not None], before):
         _assert_same_bits(a, b)
+
+
+# Rows with infinite values: (where, what). Which of them the op refuses is the CPU op's rule
+# (csrc/sigma.h); the CUDA op must refuse the same rows with the same message.
+INFINITE_CASES = {
+    "+inf logit": [("logits", 8, [2], float("inf"))],
+    "-inf logit": [("logits", 8, [2], float("-inf"))],
+    "some -inf logits": [("logits", r, [0, 2], float("-inf")) for r in (1, 8, 9)],
+    "only -inf logits": [("logits", 8, [0, 1, 2], float("-inf"))],
+    "inf tangent": [("d", 8, [1], float("inf"))],
+    "inf tangent of a -inf logit": [("logits", 8, [1], float("-inf")), ("d", 8, [1], float("inf"))],
+}
+
+
+@pytest.mark.parametrize("case", list(INFINITE_CASES))
+@pytest.mark.parametrize("mode", ["tangent", "probs-tangent"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_votes_infinite_values_like_cpu(dtype, mode, case):
+    logits, d, _ = _soft_inputs(12, 3, dtype, mode, seed=4)
+    tensors = {"logits": logits, "d": d}
+    for where, row, cols, value in INFINITE_CASES[case]:
+        tensors[where][row, cols] = value
+    cpu_sums = _soft_sums(4, 3, mode, "cpu")
+    error = _cpu_error(_soft_votes, logits, d, None, 3, 4, mode, cpu_sums)
+    sums = _soft_sums(4, 3, mode, DEVICE)
+    if error is not None:
+        before = [t.clone() for t in sums if t is not None]
+        with pytest.raises(ValueError, match=re.escape(error)):
+            _soft_votes(logits.to(DEVICE), d.to(DEVICE), None, 3, 4, mode, sums)
+        for a, b in zip([t for t in sums if t is not None], before):
+            _assert_same_bits(a, b)
+        return
+    got = _soft_votes(logits.to(DEVICE), d.to(DEVICE), None, 3, 4, mode, sums)
+    _assert_sums_close(got, cpu_sums, 4)
+    assert all(torch.isfinite(t).all() for t in got if t is not None)
 
 
 def test_soft_votes_empty_and_bad_arguments():
@@ -520,23 +592,33 @@ def test_opcheck_cuda():
         torch.library.opcheck(torch.ops.ddrs_ext.soft_votes_.default, args)
     # No NaN: opcheck compares NaN outputs as unequal.
     sigma, top2, dtop2, bracket = (t.to(DEVICE) for t in _sigma_inputs(9, with_nan=False))
+    beyond = torch.tensor([True, False, False] * 3, device=DEVICE)
     for rule in (0, 1):
-        torch.library.opcheck(
-            torch.ops.ddrs_ext.sigma_step.default,
-            (sigma, top2, dtop2, bracket.clone(), 0.1, 0.02, 0.98, 0.01, 3.0, rule, 1.5),
-        )
+        for past in (None, beyond):
+            torch.library.opcheck(
+                torch.ops.ddrs_ext.sigma_step.default,
+                (sigma, top2, dtop2, bracket.clone(), past, 0.1, 0.02, 0.98, 0.01, 3.0, rule, 1.5),
+            )
+
+
+def _ops_with_kernel(key):
+    """Names of the ddrs_ext ops with a kernel registered for dispatch key ``key`` (None: every op)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ddrs_ext::")]
+    return {
+        n.removeprefix("ddrs_ext::")
+        for n in names
+        if key is None or torch._C._dispatch_has_kernel_for_dispatch_key(n, key)
+    }
 
 
 def test_cuda_kernels_registered():
-    for op in (
-        "perturb_gaussian",
-        "perturb_gaussian_out",
-        "count_votes",
-        "count_votes_",
-        "soft_votes_",
-        "sigma_step",
-    ):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddrs_ext::{op}", "CUDA"), op
+    """Every op with a CPU kernel has a CUDA kernel; the others are composites (functional wrappers
+    such as perturb_gaussian and count_votes, which call an in-place op through the dispatcher)."""
+    cpu, cuda = _ops_with_kernel("CPU"), _ops_with_kernel("CUDA")
+    composite = _ops_with_kernel("CompositeExplicitAutograd")
+    assert cuda == cpu and {"perturb_gaussian_out", "count_votes_", "soft_votes_", "sigma_step"} <= cuda
+    assert {"perturb_gaussian", "count_votes"} <= composite
+    assert cuda | composite == _ops_with_kernel(None)
 
 
 def test_compile_fullgraph_cuda():

@@ -61,8 +61,8 @@ def assert_no_overlap(memory):
     state = memory.state_dict()
     if state["x"] is None:
         return
-    x = state["x"].double().flatten(1).numpy()
-    c, r = state["prediction"].numpy(), state["radius"].numpy()
+    x = state["x"].double().flatten(1).cpu().numpy()
+    c, r = state["prediction"].cpu().numpy(), state["radius"].cpu().numpy()
     d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
     need = r[:, None] + r[None, :]
     bad = (c[:, None] != c[None, :]) & (d < need - INVARIANT_RTOL * np.maximum(need, d))
@@ -478,3 +478,87 @@ def test_cuda_memory_matches_cpu():
     torch.testing.assert_close(a[1], b[1], rtol=1e-12, atol=1e-12)
     assert cuda.state_dict()["x"].device.type == "cuda"
     assert_no_overlap(cuda)
+
+
+# ----------------------------------------------------------------------------- on a device
+
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_GPU)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_on_device_matches_reference(device, monkeypatch):
+    """The same code runs on every device: answers as the spec's, entries kept on the device."""
+    x, p, r = random_stream(41, n=300, dim=6)
+    memory = CertificationMemory(device=device)
+    c, radius = memory.adjust(x[:120], p[:120], r[:120])  # CPU queries move to the memory's device
+    rest = memory.adjust(x[120:].to(device), p[120:].to(device), r[120:].to(device))
+    c, radius = torch.cat([c, rest[0]]), torch.cat([radius, rest[1]])
+    assert c.device.type == radius.device.type == "cpu"
+    ref_c, ref_r = reference_adjust([], x, p, r)
+    assert torch.equal(c, ref_c) and int((c != p).sum()) > 0
+    torch.testing.assert_close(radius, ref_r, rtol=1e-12, atol=1e-12)
+    state = memory.state_dict()
+    assert all(state[k].device.type == device for k in ("x", "prediction", "radius"))
+    assert_no_overlap(memory)
+    # Bit for bit whatever the calls, query blocks and distance tiles.
+    monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 16)
+    monkeypatch.setattr(memory_module, "_TILE_ELEMENTS", 50)
+    monkeypatch.setattr(memory_module, "_SLICE_ELEMENTS", 13)
+    monkeypatch.setattr(memory_module, "_DEVICE_SLICE_ELEMENTS", 13)
+    tiled = CertificationMemory(device=device)
+    for i in range(0, 300, 37):
+        tiled.adjust(x[i : i + 37], p[i : i + 37], r[i : i + 37])
+    assert_states_equal(tiled.state_dict(), state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_memory_state_on_its_device(device):
+    state = CertificationMemory(device=device).state_dict()
+    assert state["x"] is None
+    assert state["prediction"].device.type == state["radius"].device.type == device
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pairs_left_out_never_matter(seed, monkeypatch):
+    """Only pairs of queries within reach go to the in-order walk; walking every pair gives the same bits."""
+    x, p, r = random_stream(300 + seed, n=250, dim=2 + seed)
+    filtered = CertificationMemory()
+    expected = filtered.adjust(x[:60], p[:60], r[:60]), filtered.adjust(x[60:], p[60:], r[60:])
+
+    within = memory_module._earlier_pairs_within
+
+    def every_pair(flat, threshold, reach):
+        return within(flat, torch.full_like(threshold, math.inf), reach)
+
+    monkeypatch.setattr(memory_module, "_earlier_pairs_within", every_pair)
+    walked = CertificationMemory()
+    got = walked.adjust(x[:60], p[:60], r[:60]), walked.adjust(x[60:], p[60:], r[60:])
+    for a, b in zip(got, expected):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_states_equal(walked.state_dict(), filtered.state_dict())
+
+
+def test_only_small_results_reach_the_host(monkeypatch):
+    """Per block of queries, one transfer of O(queries) numbers, not the (Q, Q) distances."""
+    moved = []
+    to_host = memory_module._to_host
+
+    def counting(*tensors):
+        moved.append(sum(t.numel() for t in tensors))
+        return to_host(*tensors)
+
+    monkeypatch.setattr(memory_module, "_to_host", counting)
+    # Far-apart queries with small balls: no pair of queries can change each other's answer.
+    g = torch.Generator().manual_seed(5)
+    q = 400
+    x = torch.randn(q, 16, generator=g, dtype=torch.float64) * 100
+    p, r = torch.randint(0, 3, (q,), generator=g), torch.rand(q, generator=g, dtype=torch.float64)
+    memory = CertificationMemory()
+    memory.adjust(x[:100], p[:100], r[:100])
+    memory.adjust(x[100:], p[100:], r[100:])
+    assert moved == [2 * 100, 2 * 300]  # a gap and its class per query
+    monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 128)
+    moved.clear()
+    memory.adjust(x, p, r)
+    assert moved == [2 * 128] * 3 + [2 * 16]
