@@ -273,6 +273,35 @@ def nearest_level(sigma: torch.Tensor | Sequence[float], sigma_levels) -> torch.
     return distance.argmin(dim=1)
 
 
+def best_level(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma_levels,
+    *,
+    n0: int = 64,
+    n: int = 512,
+    alpha: float = 0.01,
+    batch_size: int = 1000,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Selector training labels: per input, the level whose CERTIFY radius for the true class ``y``
+    is largest (certified at every level with ``n0``, ``n``, ``alpha``; an input certified wrongly or
+    abstaining at a level counts as radius -1 there; ties go to the lowest level)."""
+    levels = check_sigma_levels(sigma_levels)
+    x = check_inputs(x)
+    y = torch.as_tensor(y, dtype=torch.int64).cpu().reshape(-1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have one label per input ({x.shape[0]}), got {y.shape[0]}")
+    seed = rng.resolve_seed(seed)
+    radii = []
+    for sigma in levels.tolist():
+        r = certify(model, x, sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, index=index)
+        radii.append(torch.where(r.prediction == y, r.radius, torch.full_like(r.radius, -1.0)))
+    return torch.stack(radii, 1).argmax(1) if radii else torch.zeros(0, dtype=torch.int64)
+
+
 def train_selector(
     selector: torch.nn.Module,
     x: torch.Tensor,
@@ -284,11 +313,11 @@ def train_selector(
     lr: float = 1e-3,
     seed: int | None = None,
 ) -> list[float]:
-    """Trains ``selector`` to predict ``labels`` (sigma-level indices, e.g. :func:`nearest_level` of
-    :func:`ddrs_ext.optimize_sigma`'s result on each training input) under Gaussian augmentation at
-    ``selector_sigma``, the noise it will be certified with. Adam, shuffled minibatches; ``seed``
-    (None: drawn from torch's generator) fixes the order and the noise. The selector's mode is
-    restored afterwards. Returns the mean loss of every epoch."""
+    """Trains ``selector`` to predict ``labels`` (sigma-level indices: :func:`nearest_level` of
+    :func:`ddrs_ext.optimize_sigma`'s result on each training input, or :func:`best_level`) under
+    Gaussian augmentation at ``selector_sigma``, the noise it will be certified with. Adam, shuffled
+    minibatches; ``seed`` (None: drawn from torch's generator) fixes the order and the noise. The
+    selector's mode is restored afterwards. Returns the mean loss of every epoch."""
     from ddrs_ext.training import gaussian_augmentation_loss
 
     x = check_inputs(x)

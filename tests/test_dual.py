@@ -9,7 +9,14 @@ import torch
 from scipy import stats
 
 from ddrs_ext import ABSTAIN, certify
-from ddrs_ext.dual import certify_dual, check_sigma_levels, nearest_level, selector_seed, train_selector
+from ddrs_ext.dual import (
+    best_level,
+    certify_dual,
+    check_sigma_levels,
+    nearest_level,
+    selector_seed,
+    train_selector,
+)
 
 
 class Halfspace(torch.nn.Module):
@@ -260,3 +267,16 @@ def test_train_selector_learns_the_levels():
         train_selector(torch.nn.Linear(6, 2).requires_grad_(True), x, labels, selector_sigma=0.1, epochs=0),
         [],
     )
+
+
+def test_best_level_takes_the_largest_correct_certificate():
+    _, classifier = _pair()
+    w = classifier.w / classifier.w.norm()
+    offset = -classifier.b / classifier.w.norm() * w  # a point on the boundary
+    x = torch.stack([offset + 3.0 * w, offset + 0.02 * w, offset - 3.0 * w])  # far, near, far (class 0)
+    y = torch.tensor([1, 1, 1])  # the third input's label is wrong at every level
+    labels = best_level(classifier, x, y, [0.1, 0.5, 1.0], n0=32, n=400, alpha=0.01, seed=0)
+    assert labels[0] == 2  # far from the boundary the largest sigma certifies the largest radius
+    assert labels[2] == 0  # wrong everywhere: all -1, the lowest level
+    with pytest.raises(ValueError, match="one label per input"):
+        best_level(classifier, x, y[:2], [0.1, 0.5])
