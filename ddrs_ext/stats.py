@@ -30,3 +30,11 @@ def top_two_pvalue(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     c2 = ordered[:, -2] if counts.shape[1] > 1 else np.zeros_like(c1)
     pvalue = np.array([binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(c1, c2)], dtype=np.float64)
     return top, pvalue
+
+
+def clopper_pearson_upper(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion (1 when all succeed)."""
+    k = np.asarray(successes, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bound = beta.isf(alpha, k + 1, trials - k)
+    return np.where(k < trials, bound, 1.0)
