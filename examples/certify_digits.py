@@ -52,7 +52,7 @@ def train(model, x, y, sigma: float, epochs: int = 20) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--n0", type=int, default=100)

@@ -66,7 +66,7 @@ def row(name, prediction, radius, y) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--sigma", type=float, default=0.25, help="training sigma and the fixed sigma")
     parser.add_argument("--count", type=int, default=200, help="test images to certify")

@@ -1,7 +1,10 @@
-"""The ddrs command line, end to end in-process (and once as a killed subprocess), with tiny models."""
+"""The ddrs command line, end to end in-process (and as subprocesses of the installed package, started
+outside the checkout), with tiny models."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import signal
 import subprocess
@@ -15,10 +18,12 @@ import pytest
 import torch
 
 import ddrs_ext
-from ddrs_ext import cli
+from ddrs import cli, commands
+from ddrs.results import PREDICT_COLUMNS, SIGMA_COLUMNS, ResultFile, read_rows
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.memory import CertificationMemory
-from ddrs_ext.results import SIGMA_COLUMNS, ResultFile, read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = textwrap.dedent(
     """
@@ -54,8 +59,22 @@ MODELS = textwrap.dedent(
             return torch.stack([0.5 - a, a - 0.5], 1) * 10
 
 
+    class Normalize(torch.nn.Module):
+        # like Cohen et al.'s NormalizeLayer: constants as plain attributes, no weights
+        def __init__(self):
+            super().__init__()
+            self.mean = 0.0
+
+        def forward(self, x):
+            return x - self.mean
+
+
     def build():
         return Tiny()
+
+
+    def build_normalized():
+        return torch.nn.Sequential(Normalize(), Tiny())
 
 
     def build5():
@@ -119,7 +138,7 @@ def digits_test(count):
 
 
 def load_builder(models: Path, name: str):
-    from ddrs_ext.loading import load_model
+    from ddrs.loading import load_model
 
     return load_model(f"{models}:{name}", None, torch.device("cpu"))
 
@@ -161,36 +180,71 @@ def test_batch_size_and_chunk_do_not_change_rows_and_resume_is_exact(capsys, mod
     assert code == 0 and "12/12" in err and "input/s" in err
 
 
+def installed(tmp_path, **extra) -> dict:
+    """Keyword arguments for a subprocess that runs the installed package: started in ``tmp_path``,
+    outside the checkout, with no PYTHONPATH (so ``./ddrs_ext``'s uncompiled sources are not found).
+    Fails at once, saying why, when the packages are not installed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    found = subprocess.run(
+        [sys.executable, "-c", "import ddrs.cli"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if found.returncode != 0:
+        last = (found.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.fail(f"the ddrs package is not installed (pip install the checkout): {last}")
+    return {"cwd": tmp_path, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_subprocess_resumes_to_the_same_file(capsys, models, tmp_path, sig):
     common = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 60, *TINY]
     out = tmp_path / "k.tsv"
-    env = {**os.environ, "TINY_SLEEP": "0.05", "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "ddrs_ext", *map(str, common), "--chunk", "1", "--out", str(out)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "ddrs", *map(str, common), "--chunk", "1", "--out", str(out)]
+    proc = subprocess.Popen(argv, **installed(tmp_path, TINY_SLEEP="0.05"))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a cold start imports torch (and may compile the kernels)
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists() and out.read_text().count("\n") >= 6:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, proc.communicate(timeout=60)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
     done = len(read_rows(out)[1])
     assert 5 <= done < 60
     if sig == signal.SIGINT:
         assert proc.returncode == 130
-        assert (
-            err.strip().splitlines()[-1] == "ddrs certify: interrupted; run the same command again to resume"
-        )
-    ok(capsys, *common, "--out", out)
+        assert err.strip().splitlines()[-1] == (
+            "ddrs certify: interrupted; run the same command again to resume"
+        ), err
+        assert "Traceback" not in err
+    code, _, err = run(capsys, *common, "--no-progress", "--out", out)
+    assert code == 0 and f"resuming; {done} of 60 selected inputs already done, {60 - done} to go" in err
     ok(capsys, *common, "--out", tmp_path / "whole.tsv")
     assert rows(out) == rows(tmp_path / "whole.tsv")
+
+
+def test_installed_commands_start_outside_the_checkout(tmp_path):
+    """``python -m ddrs`` and ``python -m ddrs_ext`` (kept for torchrun -m ddrs_ext) are the same command,
+    from the installed package."""
+    for module in ("ddrs", "ddrs_ext"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], timeout=300, **installed(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: ddrs [-h] COMMAND ...")
+    code = "import ddrs, ddrs_ext; print(ddrs.__file__); print(ddrs_ext.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], timeout=300, **installed(tmp_path))
+    assert done.returncode == 0, done.stderr
+    for line in done.stdout.split():
+        assert not Path(line).is_relative_to(tmp_path)
 
 
 def write_abs_data(tmp_path, n=24):
@@ -265,7 +319,9 @@ def test_optimize_sigma_rows_resume_and_certify_with_them(capsys, models, tmp_pa
     x, y = digits_test(6)
     model = load_builder(models, "build")
     idx = torch.arange(6)
-    sigma = ddrs_ext.optimize_sigma(model, x, 0.12, iterations=2, num_samples=8, seed=0, index=idx)
+    sigma = ddrs_ext.optimize_sigma(
+        model, x, 0.12, iterations=2, num_samples=8, surrogate="certify", seed=0, index=idx
+    )
     surrogate = ddrs_ext.surrogate_radius(model, x, sigma, num_samples=16, seed=0, index=idx)
     assert [r["sigma"] for r in got] == sigma.tolist()
     assert [r["surrogate"] for r in got] == surrogate.tolist()
@@ -284,18 +340,64 @@ def test_optimize_sigma_rows_resume_and_certify_with_them(capsys, models, tmp_pa
 
 
 def test_paper_flag_and_explicit_options():
-    parser = cli.build_parser()
-    args = parser.parse_args(
+    args = cli.parse_args(
         ["optimize-sigma", "--data", "digits", "--out", "x", "--paper", "--iterations", "3"]
     )
-    options = cli._optimize_options(args)
+    options = args.optimize_options
     assert options["iterations"] == 3 and options["rule"] == "ascent" and options["num_samples"] == 100
+    assert options["surrogate"] == "paper" and options["estimator"] == "reparam"
     assert args.sigma0 == 0.12
-    args = parser.parse_args(["optimize-sigma", "--data", "digits", "--out", "x", "--clip", "0.1", "0.9"])
-    options = cli._optimize_options(args)
+    args = cli.parse_args(["optimize-sigma", "--data", "digits", "--out", "x", "--clip", "0.1", "0.9"])
+    options = args.optimize_options
     assert (
         options["clip"] == (0.1, 0.9) and options["rule"] == "bisect" and options["keep_prediction"] is True
     )
+    assert options["surrogate"] == "certify" and options["estimator"] == "reparam"  # the measured defaults
+
+
+def test_the_parser_mirrors_the_library():
+    """The names and defaults written out in ddrs.cli (so that --help needs no torch) are the library's."""
+    from ddrs import analyze
+    from ddrs_ext import sigma
+
+    assert cli.ESTIMATORS == sigma.ESTIMATORS and cli.SURROGATES == sigma.SURROGATES
+    assert set(cli.RULES) == set(sigma.RULES)
+    assert cli.PAPER_SETTINGS == sigma.PAPER_SETTINGS == ddrs_ext.PAPER_SETTINGS
+    params = inspect.signature(sigma.optimize_sigma).parameters
+    assert cli.LIBRARY_OPTIMIZE_DEFAULTS == {k: params[k].default for k in cli.LIBRARY_OPTIMIZE_DEFAULTS}
+    assert set(cli.OPTIMIZE_DEFAULTS) | {"probabilities"} == set(params) - {
+        "model", "x", "sigma0", "batch_size", "seed", "index", "progress", "callback"
+    }  # fmt: skip
+    assert cli.ANALYZE_RADII == analyze.DEFAULT_RADII
+    test_size = inspect.signature(load_digits_split).parameters["test_size"].default
+    assert cli.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
+
+
+def test_cohen_spellings_are_aliases_and_abbreviations_are_refused(capsys, models, tmp_path):
+    common = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 4]
+    ok(capsys, *common, "--n0", 16, "--n", 64, "--batch-size", 50, "--out", tmp_path / "a.tsv")
+    ok(capsys, *common, "--N0", 16, "--N", 64, "--batch", 50, "--out", tmp_path / "b.tsv")
+    assert rows(tmp_path / "a.tsv") == rows(tmp_path / "b.tsv")
+    base = ["certify", "--data", "digits", "--sigma", "0.5", "--out", "x.tsv"]
+    for wrong in (["--batc", "5"], ["--num", "5"], ["--no-prog"], ["--sigma-f", "s.tsv"], ["--mem"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*base, *wrong])
+        assert exit_.value.code == 2
+        want = f"ddrs certify: error: unrecognized arguments: {' '.join(wrong)} (see 'ddrs certify --help')"
+        assert capsys.readouterr().err == want + "\n"
+    args = cli.parse_args([*base, "--n", "7", "--batch", "9"])  # exact names, not prefixes
+    assert (args.n, args.n0, args.batch_size) == (7, 100, 9)
+    for p in [cli.build_parser(), *_subparsers()]:
+        assert p.allow_abbrev is False, p.prog
+
+
+def _subparsers():
+    import argparse
+
+    for action in cli.build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices.values())
+    return []
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -329,7 +431,8 @@ def test_checkpoint_torchscript_export_and_module_name_give_the_same_rows(
 
 
 def test_train_digits_checkpoint_alone(capsys, tmp_path):
-    from ddrs_ext import models, train_digits
+    from ddrs import train_digits
+    from ddrs_ext import models
 
     torch.manual_seed(0)
     net = models.digits_cnn()
@@ -369,35 +472,128 @@ def test_cifar10_folder_and_pt_file(capsys, models, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_help_says_what_each_command_does(capsys):
-    for argv in (["--help"], ["certify", "--help"], ["optimize-sigma", "--help"]):
+COMMANDS = ("demo", "certify", "optimize-sigma", "predict", "analyze")
+
+
+def test_help_says_what_each_command_does_in_plain_text(capsys):
+    for argv in (["--help"], *([c, "--help"] for c in COMMANDS)):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 0
         text = capsys.readouterr().out
-        assert "examples:" in text
-    assert "idx label predict radius correct time sigma" in text or "idx label sigma" in text
+        flat = " ".join(text.split())  # argparse wraps to the terminal's width
+        assert "examples:" in text, argv
+        for markup in ("``", ":mod:", ":func:", ":class:", ":data:", ":meth:", "%(default"):
+            assert markup not in text, (argv, markup)
+        if argv[0] in ("certify", "predict", "optimize-sigma"):
+            assert "idx label predict radius correct time sigma" in text
+            assert "cuda when torch sees a GPU, else cpu" in flat and "--N0" in flat
+        if argv[0] in ("certify", "optimize-sigma"):
+            assert "--paper gives the published procedure" in flat
+
+
+def test_help_and_usage_errors_answer_before_torch_is_imported(tmp_path):
+    """--help and argument errors never import torch, numpy or ddrs_ext (they took seconds)."""
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from ddrs import cli
+        runs = [["--help"], ["certify", "--help"], ["demo", "--help"], ["certify", "--sigma", "x"],
+                ["certify", "--data", "digits", "--sigma", "1", "--out", "o", "--batc", "2"],
+                ["demo", "--sigma", "2", "--sigma-max", "1"], ["frobnicate"], []]
+        for argv in runs:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    cli.main(argv)
+                except SystemExit as exit_:
+                    assert exit_.code == (0 if "--help" in argv else 2), (argv, exit_.code)
+                else:
+                    raise AssertionError(argv)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "ddrs_ext"))
+        print(heavy)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=300, **installed(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    argv = ["-X", "importtime", "-m", "ddrs", "certify", "--data", "x", "--out", "y", "--sigma", "-1"]
+    done = subprocess.run([sys.executable, *argv], timeout=300, **installed(tmp_path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "ddrs.cli" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "ddrs_ext")]
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert errors == [
+        "ddrs certify: error: argument --sigma: must be > 0, got -1 (see 'ddrs certify --help')"
+    ]
+
+
+def test_the_library_does_not_import_the_application():
+    for path in sorted((ROOT / "ddrs_ext").glob("*.py")):
+        if path.name == "__main__.py":  # python -m ddrs_ext: the command line under the library's name
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] == "ddrs"], (path.name, names)
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, message",
     [
-        ["certify", "--data", "digits", "--out", "x.tsv"],  # no sigma choice
-        ["certify", "--data", "digits", "--sigma", "0.2", "--optimize", "--out", "x.tsv"],
-        ["certify", "--data", "digits", "--sigma", "-1", "--out", "x.tsv"],
-        ["certify", "--data", "digits", "--sigma", "0.2", "--alpha", "2", "--out", "x.tsv"],
-        ["certify", "--data", "digits", "--sigma", "0.2", "--skip", "0", "--out", "x.tsv"],
-        ["certify", "--data", "digits", "--sigma", "0.2"],  # no --out
-        ["optimize-sigma", "--data", "digits", "--estimator", "magic", "--out", "x.tsv"],
-        ["frobnicate"],
-        [],
+        (
+            ["certify", "--data", "digits", "--out", "x.tsv"],
+            "one of the arguments --sigma --sigma-file --optimize",
+        ),
+        (
+            ["certify", "--data", "digits", "--sigma", "0.2", "--optimize", "--out", "x.tsv"],
+            "not allowed with",
+        ),
+        (["certify", "--data", "digits", "--sigma", "-1", "--out", "x.tsv"], "argument --sigma: must be > 0"),
+        (["certify", "--data", "digits", "--sigma", "0.2", "--alpha", "2", "--out", "x.tsv"], "must be < 1"),
+        (["certify", "--data", "digits", "--sigma", "0.2", "--skip", "0", "--out", "x.tsv"], "must be >= 1"),
+        (["certify", "--data", "digits", "--sigma", "0.2"], "required: --out"),
+        (
+            ["certify", "--data", "digits", "--sigma", "0.2", "--sigma0", "0.3", "--out", "x"],
+            "need --optimize",
+        ),
+        (["optimize-sigma", "--data", "digits", "--estimator", "magic", "--out", "x.tsv"], "invalid choice"),
+        (["optimize-sigma", "--data", "digits", "--clip", "0.9", "0.1", "--out", "x"], "LOW must be below"),
+        (["optimize-sigma", "--data", "digits", "--sigma0", "20", "--out", "x"], "outside --sigma-range"),
+        (
+            ["predict", "--data", "digits", "--sigma", "1", "--optimize", "--out", "x"],
+            "unrecognized arguments: --optimize",
+        ),
+        (["analyze", "a.tsv", "--labels", "a", "b"], "--labels: 2 labels for 1 files"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
     ],
 )
-def test_bad_arguments_exit_2(capsys, argv):
+def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    prog = "ddrs " + argv[0] if argv and argv[0] != "frobnicate" else "ddrs"
+    assert err.startswith(f"{prog}: error: ") and err.endswith(f"(see '{prog} --help')\n"), err
+
+
+def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch, models, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # during start-up: quiet
+    assert cli.main(["certify", "--help"]) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.undo()
+    monkeypatch.setattr(commands, "certify", interrupted)  # while certifying: how to resume
+    argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 3, *TINY]
+    code, _, err = run(capsys, *argv, "--no-progress", "--out", tmp_path / "c.tsv")
+    assert code == 130 and err == "ddrs certify: interrupted; run the same command again to resume\n"
 
 
 def test_user_errors_are_one_line(capsys, models, tmp_path):
@@ -415,7 +611,6 @@ def test_user_errors_are_one_line(capsys, models, tmp_path):
     assert "no such file" in fails(capsys, "certify", *m, "--data", tmp_path / "nope.pt", "--sigma", 1, *out)
     assert "CUDA is not available" in fails(capsys, *c, *m, "--device", "cuda", *out)
     assert "--split applies" in fails(capsys, *c, *m, "--data", models, "--split", "test", *out)
-    assert "need --optimize" in fails(capsys, *c, *m, "--sigma0", 0.3, *out)
     assert "does not exist" in fails(capsys, *c, *m, "--out", tmp_path / "nofolder" / "o.tsv")
     # a checkpoint that does not fit
     bad = load_builder(models, "build5").state_dict()
@@ -441,9 +636,8 @@ def test_user_errors_are_one_line(capsys, models, tmp_path):
         capsys, "certify", *m, "--data", "digits", "--sigma-file", tmp_path / "s.tsv", "--max", 9, *out
     )
     assert "6 selected input(s): idx 2, 4, 5, 6, 7 and 1 more" in msg
-    assert "no such file" in fails(
-        capsys, "certify", *m, "--data", "digits", "--sigma-file", tmp_path / "x", *out
-    )
+    msg = fails(capsys, "certify", *m, "--data", "digits", "--sigma-file", tmp_path / "nope.tsv", *out)
+    assert msg == f"ddrs certify: error: --sigma-file {tmp_path / 'nope.tsv'}: no such file"
     # settings changed on resume
     ok(capsys, *c, *m, *out)
     msg = fails(capsys, *c[:-1], "32", *m, *out)
@@ -456,7 +650,8 @@ def test_bad_data_files(capsys, models, tmp_path):
     torch.save({"x": torch.zeros(3, 1, 8, 8), "y": torch.zeros(2, dtype=torch.long)}, tmp_path / "len.pt")
     assert "3 inputs but 2 labels" in fails(capsys, *c, "--data", tmp_path / "len.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a torch file")
-    assert "cannot be read" in fails(capsys, *c, "--data", tmp_path / "junk.pt")
+    msg = fails(capsys, *c, "--data", tmp_path / "junk.pt")
+    assert "junk.pt is a pickle that torch.load(weights_only=True) cannot read" in msg
     torch.save({"a": 1}, tmp_path / "keys.pt")
     assert "expected x/y" in fails(capsys, *c, "--data", tmp_path / "keys.pt")
     folder = tmp_path / "images"
@@ -465,3 +660,207 @@ def test_bad_data_files(capsys, models, tmp_path):
     assert "--image-size applies to image folders" in fails(
         capsys, *c, "--data", "digits", "--image-size", "8"
     )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def cohen_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """A checkpoint as Cohen et al.'s train.py writes it: Sequential(NormalizeLayer, DataParallel(model))
+    (the NormalizeLayer keeps its constants outside the state_dict), with arch, epoch and optimizer."""
+
+    class NormalizeLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.means = torch.zeros(1)  # a plain attribute, as theirs
+
+        def forward(self, x):
+            return x - self.means
+
+    wrapped = torch.nn.Sequential(NormalizeLayer(), torch.nn.DataParallel(model))
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    state = {
+        "epoch": 90,
+        "arch": "tiny",
+        "state_dict": wrapped.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+    assert all(k.startswith("1.module.") for k in state["state_dict"])
+    torch.save(state, path)
+
+
+def test_cohen_checkpoints_load_into_the_bare_or_the_normalised_network(capsys, models, tmp_path):
+    common = ["certify", "--data", "digits", "--sigma", 0.5, "--max", 4, *TINY, "--no-progress"]
+    trained = load_builder(models, "build")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(-1)  # other weights than build() gives, so loading must happen
+    cohen_checkpoint(trained, tmp_path / "cohen.pth.tar")
+    ck = ["--checkpoint", tmp_path / "cohen.pth.tar"]
+    code, _, err = run(capsys, *common, "--model", f"{models}:build", *ck, "--out", tmp_path / "bare.tsv")
+    assert code == 0 and "keys 1.module.* loaded as *" in err and "must normalise them itself" in err, err
+    code, _, err = run(
+        capsys, *common, "--model", f"{models}:build_normalized", *ck, "--out", tmp_path / "seq.tsv"
+    )
+    assert code == 0 and "note" not in err, err  # 1.module.* -> 1.*: the model has its own layer 0
+    want = ddrs_ext.certify(trained.eval(), digits_test(4)[0], 0.5, n0=16, n=64, seed=0)
+    for name in ("bare.tsv", "seq.tsv"):
+        assert [r["radius"] for r in rows(tmp_path / name)] == want.radius.tolist(), name
+    from ddrs.loading import load_model
+
+    for builder in ("build", "build_normalized"):
+        loaded = load_model(f"{models}:{builder}", tmp_path / "cohen.pth.tar", torch.device("cpu"))
+        x = digits_test(4)[0]
+        assert torch.equal(loaded(x), trained(x)) and not torch.equal(
+            loaded(x), load_builder(models, "build")(x)
+        )
+    # a checkpoint of another network names the checkpoint's arch
+    msg = fails(capsys, *common[:-1], "--model", f"{models}:build5", *ck, "--out", tmp_path / "x.tsv")
+    assert "does not fit the model (its keys 1.module.* read as *)" in msg and "arch: tiny" in msg
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in torch 2.13
+def test_unreadable_checkpoints_say_what_the_file_is(capsys, models, tmp_path):
+    import argparse
+
+    c = ["certify", "--data", "digits", "--sigma", 0.25, "--max", 2, *TINY, "--out", tmp_path / "o.tsv"]
+    m = ["--model", f"{models}:build"]
+    good = tmp_path / "good.pt"
+    torch.save(load_builder(models, "build").state_dict(), good)
+    data = good.read_bytes()
+    files = {
+        "truncated.pt": data[: len(data) // 2],
+        "end_missing.pt": data[:-30],
+        "text.pt": b"epoch 3: loss 0.25\nthis is a log file, not weights\n",
+        "random.pt": bytes(
+            torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1)).tolist()
+        ),
+        "empty.pt": b"",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": {}}, tmp_path / "objects.pt")
+    torch.jit.script(torch.nn.Linear(64, 10)).save(str(tmp_path / "scripted.pt"))
+    expected = {
+        "truncated.pt": "is truncated or damaged",
+        "end_missing.pt": "is truncated or damaged",
+        "text.pt": "is a text file",
+        "random.pt": "is not a file written by torch.save (it starts with bytes",
+        "empty.pt": "is empty",
+        "objects.pt": "holds Python objects besides tensors and plain containers (argparse.Namespace)",
+        "scripted.pt": "is a TorchScript model, not a file of weights: give it as --model",
+    }
+    for name, words in expected.items():
+        msg = fails(capsys, *c, *m, "--checkpoint", tmp_path / name)
+        assert msg.startswith(f"ddrs certify: error: --checkpoint {tmp_path / name} {words}"), msg
+        assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+        assert len(msg) - len(str(tmp_path / name)) < 250, msg
+        # the same file as --data: the same diagnosis under that option's name
+        msg = fails(
+            capsys, "certify", *m, "--sigma", 0.25, *TINY, "--data", tmp_path / name, "--out", tmp_path / "d"
+        )
+        assert msg.startswith(f"ddrs certify: error: --data {tmp_path / name} {words}"), msg
+        assert "weights_only=False" not in msg
+    # a checkpoint given as --model
+    msg = fails(capsys, *c, "--model", good)
+    assert msg == (
+        f"ddrs certify: error: --model {good} is a checkpoint (a torch.save file of weights), not a model "
+        f"file: give it as --checkpoint {good}, with --model module:callable naming the function that "
+        "builds its network"
+    )
+    from ddrs import train_digits
+    from ddrs_ext import models as library_models
+
+    state = {"format": train_digits.FORMAT, "version": 1, "builder": train_digits.BUILDER,
+             "model": library_models.digits_cnn().state_dict(), "sigma_bank": None, "config": {}}  # fmt: skip
+    torch.save(state, tmp_path / "digits.pt")
+    msg = fails(capsys, *c, "--model", tmp_path / "digits.pt")
+    assert (
+        "a checkpoint of python -m ddrs.train_digits" in msg
+        and "--checkpoint" in msg
+        and "without --model" in msg
+    )
+    msg = fails(capsys, *c, "--model", tmp_path / "text.pt")
+    assert "is not a TorchScript file: it is a text file" in msg
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_rows_match_the_library_and_resume(capsys, models, tmp_path):
+    common = ["predict", "--model", f"{models}:build", "--data", "digits", "--max", 10, "--N", 64]
+    summary = ok(capsys, *common, "--sigma", 0.25, "--chunk", 3, "--out", tmp_path / "p.tsv")
+    assert "10 inputs, accuracy" in summary and "abstained" in summary
+    header, got = read_rows(tmp_path / "p.tsv")
+    assert header == PREDICT_COLUMNS == ("idx", "label", "predict", "correct", "time", "sigma")
+    x, y = digits_test(10)
+    want = ddrs_ext.predict(load_builder(models, "build"), x, 0.25, n=64, seed=0, index=torch.arange(10))
+    assert [r["predict"] for r in got] == want.tolist()
+    assert [r["correct"] for r in got] == (want == y).long().tolist()
+    lines = (tmp_path / "p.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "p.tsv").write_text("".join(lines[:5]))
+    code, _, err = run(capsys, *common, "--sigma", 0.25, "--no-progress", "--out", tmp_path / "p.tsv")
+    assert code == 0 and "resuming; 4 of 10 selected inputs already done, 6 to go" in err
+    assert rows(tmp_path / "p.tsv") == [{k: v for k, v in r.items() if k != "time"} for r in got]
+    # a sigma per input from a file
+    with ResultFile(tmp_path / "s.tsv", ("idx", "sigma")) as f:
+        for i in range(10):
+            f.write({"idx": i, "sigma": 0.1 + 0.05 * i})
+    ok(capsys, *common, "--sigma-file", tmp_path / "s.tsv", "--out", tmp_path / "ps.tsv")
+    sigma = torch.tensor([0.1 + 0.05 * i for i in range(10)], dtype=torch.float64)
+    want = ddrs_ext.predict(load_builder(models, "build"), x, sigma, n=64, seed=0, index=torch.arange(10))
+    assert [r["predict"] for r in rows(tmp_path / "ps.tsv")] == want.tolist()
+    assert [r["sigma"] for r in rows(tmp_path / "ps.tsv")] == sigma.tolist()
+
+
+# ----------------------------------------------------------------------------- chunks and devices
+
+
+def plan(total, fixed=None, minimum=1, seconds_per_input=None, seconds=3.0):
+    """The chunk sizes chunk_sizes gives when every input takes ``seconds_per_input``."""
+    sizes, gen = [], commands.chunk_sizes(total, fixed, minimum, seconds)
+    size = next(gen)
+    while True:
+        sizes.append(size)
+        try:
+            size = gen.send(None if seconds_per_input is None else seconds_per_input * size)
+        except StopIteration:
+            return sizes
+
+
+def test_chunk_planner():
+    assert commands.min_chunk(2000, 512) == 16  # 4 forward batches of sigma-optimisation rows
+    assert commands.min_chunk(1000, 100) == 40  # the paper's 100 samples per step
+    assert commands.min_chunk(1000, 100_000) == 1  # certification alone: one input fills many batches
+    assert plan(10, fixed=4) == [4, 4, 2]
+    # slow inputs (5 s each) go min_chunk at a time, not one at a time
+    assert plan(100, minimum=16, seconds_per_input=5.0) == [16] * 6 + [4]
+    # fast inputs grow at most fourfold per call towards 3 s a call
+    assert plan(1000, minimum=2, seconds_per_input=0.01) == [2, 8, 32, 128, 300, 300, 230]
+    assert plan(7, seconds_per_input=0.5) == [1, 4, 2]
+    for total, minimum, per_input in ((1, 5, 1.0), (57, 3, 0.2), (1000, 1, 1e-9), (33, 40, 10.0)):
+        sizes = plan(total, minimum=minimum, seconds_per_input=per_input)
+        assert sum(sizes) == total and all(s >= 1 for s in sizes)
+        assert all(s >= min(minimum, total - sum(sizes[:k])) for k, s in enumerate(sizes))
+
+
+def test_automatic_chunks_fill_the_forward_batches(capsys, models, tmp_path, monkeypatch):
+    calls = []
+    real = commands.optimize_sigma
+
+    def spy(model, x, *args, **kwargs):
+        calls.append(len(x))
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "optimize_sigma", spy)
+    argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--max", 30, *TINY, "--optimize"]
+    ok(capsys, *argv, *SIGMA_FAST, "--batch-size", 20, "--out", tmp_path / "o.tsv")
+    assert calls[0] == commands.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
+    assert sum(calls) == 30
+
+
+def test_device_defaults_to_cuda_when_there_is_a_gpu():
+    from ddrs.loading import resolve_device
+
+    assert cli.parse_args(["certify", "--data", "d", "--sigma", "1", "--out", "o"]).device is None
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""ddrs_ext.datasets: the data formats the ddrs command line reads, and their one-line errors."""
+"""ddrs.datasets: the data formats the ddrs command line reads, and their one-line errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddrs.datasets import CIFAR10_FILES, load_dataset
 from ddrs_ext.data import load_digits_split
-from ddrs_ext.datasets import CIFAR10_FILES, load_dataset
 
 
 def test_digits_splits():
@@ -137,7 +137,7 @@ def test_other_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_dataset(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="junk.pt is a text file"):
         load_dataset(str(tmp_path / "junk.pt"))
     torch.save((torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)), tmp_path / "d.pt")
     with pytest.raises(ValueError, match="--split applies"):

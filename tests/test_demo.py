@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import shutil
@@ -10,16 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from ddrs_ext import analyze, demo
-from ddrs_ext.results import ResultFileError, read_results
+from ddrs import analyze, cli, demo
+from ddrs.results import ResultFileError, read_results
 
 TINY = ["--quick", "--count", "8", "--n", "100", "--sigma-iterations", "2", "--sigma-samples", "32"]
 
 
 def run(argv):
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    return demo.run(parser.parse_args([str(a) for a in argv]))
+    return demo.run(cli.parse_args(["demo", *map(str, argv)]))
 
 
 def table_lines(text: str) -> list[str]:
@@ -116,24 +113,31 @@ def test_other_settings_refused_then_fresh(first_run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--count", "0"], "--count must lie in 1..497"),
+        (["--count", "0"], "argument --count: must be >= 1, got 0"),
         (["--count", "498"], "--count must lie in 1..497"),
-        (["--n", "0"], "--n must be a positive integer"),
-        (["--n0", "-5"], "--n0 must be a positive integer"),
-        (["--epochs", "0"], "--epochs must be a positive integer"),
-        (["--sigma-samples", "0"], "--sigma-samples must be a positive integer"),
-        (["--alpha", "1.5"], r"--alpha must lie in \(0, 1\)"),
-        (["--sigma", "-0.1"], r"--sigma must lie in \(0, --sigma-max = 1\]"),
-        (["--sigma", "nan"], r"--sigma must lie in \(0, --sigma-max = 1\]"),
-        (["--seed", "-1"], "--seed must lie in"),
-        (["--batch-size", "0"], "--batch-size must be a positive integer"),
-        (["--sigma-max", "0"], "--sigma-max must be > 0"),
-        (["--sigma", "0.5", "--sigma-max", "0.4"], r"--sigma must lie in \(0, --sigma-max = 0.4\]"),
+        (["--n", "0"], "argument --n/--N: must be >= 1"),
+        (["--n0", "-5"], "argument --n0/--N0: must be >= 1"),
+        (["--epochs", "0"], "argument --epochs: must be >= 1"),
+        (["--sigma-samples", "0"], "argument --sigma-samples: must be >= 1"),
+        (["--alpha", "1.5"], "argument --alpha: must be < 1"),
+        (["--sigma", "-0.1"], "argument --sigma: must be > 0"),
+        (["--sigma", "nan"], "argument --sigma: must be finite"),
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--seed", str(2**32)], "argument --seed: must be < 4294967296"),
+        (["--batch-size", "0"], "argument --batch-size/--batch: must be >= 1"),
+        (["--sigma-max", "0"], "argument --sigma-max: must be > 0"),
+        (["--sigma", "0.5", "--sigma-max", "0.4"], "--sigma 0.5 exceeds --sigma-max 0.4"),
+        (["--n", "many"], "argument --n/--N: not an integer: 'many'"),
+        (["--sigma-s", "8"], "unrecognized arguments: --sigma-s 8"),  # no abbreviations
     ],
 )
-def test_bad_options(argv, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
+def test_bad_options_are_one_line_usage_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         run([*argv, "--out", tmp_path / "never"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ddrs demo: error: ") and message in err, err
+    assert err.rstrip().endswith("(see 'ddrs demo --help')")
     assert not (tmp_path / "never").exists()
 
 
@@ -143,8 +147,9 @@ def test_out_is_a_file(tmp_path):
         run(["--quick", "--out", tmp_path / "file"])
 
 
-def test_parser_rejects_non_numbers():
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--n", "many"])
+def test_quick_fills_only_unset_options():
+    args = cli.parse_args(["demo", "--quick", "--n", "300"])
+    assert (args.n, args.n0, args.count, args.epochs) == (300, cli.DEMO_QUICK["n0"], 20, 1)
+    args = cli.parse_args(["demo"])
+    assert {k: getattr(args, k) for k in cli.DEMO_DEFAULTS} == cli.DEMO_DEFAULTS
+    assert args.out.name == "ddrs_demo"

@@ -3,22 +3,26 @@ their values are accepted; no files are opened)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from ddrs_ext.cli import build_parser
+from ddrs.cli import build_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_commands() -> list[str]:
+    """The ``ddrs ...`` commands of the README's bash blocks: continuation lines joined, ``VAR=value``
+    assignments substituted, and one command per value combination of the ``for x in a b; do`` loops
+    around them."""
     text = README.read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        variables = {}
+        variables, loops = {}, {}
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             line = line.split("  #")[0].strip()
@@ -26,12 +30,21 @@ def readme_commands() -> list[str]:
             if assignment:
                 variables[assignment.group(1)] = assignment.group(2)
                 continue
+            for name, values in re.findall(r"for (\w+) in ([^;]+); do", line):
+                loops[name] = values.split()
             for part in line.split("&&"):
                 part = part.strip()
-                if part.startswith("ddrs "):
-                    for name, value in variables.items():
-                        part = part.replace(f"${name}", value)
-                    commands.append(part)
+                if not part.startswith("ddrs "):
+                    continue
+                for name, value in variables.items():
+                    part = part.replace(f"${name}", value)
+                used = [n for n in loops if re.search(rf"\$\{{?{n}\b", part)]
+                for values in itertools.product(*(loops[n] for n in used)):
+                    command = part
+                    for name, value in zip(used, values):
+                        command = command.replace(f"${{{name}}}", value)
+                        command = re.sub(rf"\${name}(?!\w)", value, command)
+                    commands.append(command)
     return commands
 
 

@@ -1,4 +1,4 @@
-"""ddrs_ext.results: resumable tab-separated result files."""
+"""ddrs.results: resumable tab-separated result files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ddrs_ext.results import (
+from ddrs.results import (
     CERTIFY_COLUMNS,
     SIGMA_COLUMNS,
     ResultFile,

@@ -722,7 +722,7 @@ def test_attack_works_under_no_grad():
 
 
 def test_train_digits_script_and_checkpoint(tmp_path):
-    from ddrs_ext import train_digits
+    from ddrs import train_digits
 
     out = tmp_path / "ck.pt"
     argv = [

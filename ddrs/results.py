@@ -2,7 +2,8 @@
 
 The certification format is the one the randomized-smoothing literature's analysis scripts read
 (Cohen et al.'s ``certify.py``): a header ``idx label predict radius correct time`` and one row per
-input, ``predict`` = -1 for an abstention; ddrs_ext adds a ``sigma`` column. ``time`` is a
+input, ``predict`` = -1 for an abstention; ddrs adds a ``sigma`` column. ``ddrs predict`` writes
+Cohen et al.'s ``predict.py`` format, ``idx label predict correct time``, plus ``sigma``. ``time`` is a
 ``datetime.timedelta`` string (``0:00:01.250000``). Radii and sigmas are written exactly (the
 shortest text that reads back as the same float64), so a run resumed from a file (the memory-based
 adjustment rebuilt from its rows included) continues exactly as an uninterrupted one.
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate"})

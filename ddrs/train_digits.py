@@ -1,8 +1,8 @@
 """Train a small CNN on the embedded digits data with a randomized-smoothing scheme, with a fixed
 or a data-dependent noise level, and save a checkpoint that certification can load.
 
-    python -m ddrs_ext.train_digits --scheme gaussian --sigma 0.25 --out fixed.pt
-    python -m ddrs_ext.train_digits --scheme macer --sigma 0.25 --data-dependent --out dd.pt
+    python -m ddrs.train_digits --scheme gaussian --sigma 0.25 --out fixed.pt
+    python -m ddrs.train_digits --scheme macer --sigma 0.25 --data-dependent --out dd.pt
 
 The checkpoint holds the model's state_dict, the builder of its architecture, the per-example
 sigma bank (data-dependent runs) and the settings; :func:`load_checkpoint` restores them.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ddrs.cli import Parser
 from ddrs_ext import training
 from ddrs_ext.data import load_digits_split
 
@@ -52,8 +53,8 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ddrs_ext.train_digits",
+    p = Parser(
+        prog="python -m ddrs.train_digits",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -210,12 +211,17 @@ def load_checkpoint(path, map_location=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m ddrs.train_digits``: 0 when the checkpoint is written, 2 after a one-line error,
+    130 after Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         train(args)
+    except KeyboardInterrupt:
+        return 130
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

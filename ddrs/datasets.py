@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddrs.loading import load_weights
+
 __all__ = ["Dataset", "load_dataset", "DATA_KEYS", "CIFAR10_FILES"]
 
 SPLITS = ("train", "test")
@@ -167,13 +169,7 @@ def _cifar10(folder: Path, split: str) -> Dataset:
 
 
 def _tensor_file(path: Path) -> Dataset:
-    try:
-        content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"--data: {path} cannot be read by torch.load(weights_only=True) ({type(exc).__name__}: {first})"
-        ) from None
+    content = load_weights(path, "--data")
     if isinstance(content, (tuple, list)) and len(content) == 2:
         x, y = content
     elif isinstance(content, dict):

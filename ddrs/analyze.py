@@ -2,7 +2,7 @@
 
     ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png
 
-Reads the tab-separated result files that :mod:`ddrs_ext.results` writes (and Cohen et al.'s, which
+Reads the tab-separated result files that :mod:`ddrs.results` writes (and Cohen et al.'s, which
 lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction of rows with
 ``correct == 1`` and ``radius >= r`` (an abstention is never correct); the average certified radius
 (ACR) is the mean of ``radius * correct`` over all rows.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddrs_ext.results import read_results
+from ddrs.results import read_results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -190,48 +190,8 @@ def plot_certified_accuracy(
     return path
 
 
-def _radius_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"a radius must be finite and >= 0, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="certification result files")
-    parser.add_argument(
-        "--labels", nargs="+", metavar="LABEL", help="one row label per file (default: the file names' stems)"
-    )
-    parser.add_argument(
-        "--radii",
-        nargs="+",
-        type=_radius_arg,
-        default=list(DEFAULT_RADII),
-        metavar="R",
-        help="radii of the table's columns (default: %(default)s)",
-    )
-    parser.add_argument("--latex", action="store_true", help="print a LaTeX (booktabs) table, not markdown")
-    parser.add_argument(
-        "--output",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="also write the table to FILE: LaTeX if it ends in .tex, markdown otherwise (repeatable)",
-    )
-    parser.add_argument(
-        "--plot", type=Path, metavar="FILE", help="write a plot of certified accuracy vs radius"
-    )
-    parser.add_argument("--max-radius", type=_radius_arg, help="right end of the plot's radius axis")
-    parser.add_argument("--title", help="the plot's title")
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.labels is not None and len(args.labels) != len(args.files):
-        raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.files)} files")
+    """``ddrs analyze`` (its arguments are defined and checked in ddrs.cli)."""
     labels = args.labels or [None] * len(args.files)
     results = [load(path, label) for path, label in zip(args.files, labels)]
     print(latex_table(results, args.radii) if args.latex else markdown_table(results, args.radii), end="")
@@ -245,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
             raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
         print(f"wrote {out}", file=sys.stderr)
     if args.plot is not None:
-        if args.max_radius == 0:
-            raise ValueError("--max-radius must be > 0")
         plot_certified_accuracy(results, args.plot, max_radius=args.max_radius, title=args.title)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

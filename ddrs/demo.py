@@ -1,20 +1,14 @@
-"""Fixed against data-dependent noise levels, end to end on the embedded digits data.
-
-    ddrs demo [--out ddrs_demo] [--count 497] [--n 10000] [--quick] [--fresh]
+"""ddrs demo: fixed against data-dependent noise levels, end to end on the embedded digits data.
 
 Trains two small CNNs on the digits (one with Gaussian augmentation at a fixed sigma, one with a
-data-dependent sigma per training example: the paper's scheme, ascending the surrogate that
-matches CERTIFY's radius, sigma capped at --sigma-max), optimises a sigma for every test input,
-certifies the test set with each model and each choice of sigma (with and without the
-memory-based adjustment that keeps per-input certificates sound), and prints certified accuracy
-at several radii and the average certified radius, then whether data-dependent sigma helps.
-About 7 minutes on 2 CPU cores with the defaults; --quick runs tiny settings in seconds.
+data-dependent sigma per training example), optimises a sigma for every test input, certifies the
+test set with each model and each choice of sigma (with and without the memory-based adjustment),
+and prints certified accuracy at several radii, the average certified radius and a verdict. The
+command's options, their defaults and --quick's are defined and checked in :mod:`ddrs.cli`;
+:func:`run` receives them resolved.
 
-Everything goes into the --out folder: the two checkpoints, one result file per table row (the
-tab-separated format ``ddrs analyze`` reads), table.md and curves.png. A re-run over the same
-folder resumes: it reuses checkpoints trained with the same settings and skips inputs already
-certified, and refuses (with an error) a folder started with other settings; --fresh deletes the
-demo's files there first.
+Everything goes into the ``--out`` folder: the two checkpoints, one result file per table row,
+``table.md`` and ``curves.png``. A re-run over the same folder resumes.
 """
 
 from __future__ import annotations
@@ -30,9 +24,9 @@ import numpy as np
 import torch
 
 import ddrs_ext
-from ddrs_ext import analyze, train_digits
-from ddrs_ext.data import load_digits_split
-from ddrs_ext.results import (
+from ddrs import analyze, train_digits
+from ddrs.cli import DEMO_TEST_SIZE
+from ddrs.results import (
     CERTIFY_COLUMNS,
     ResultFile,
     ResultFileError,
@@ -40,8 +34,8 @@ from ddrs_ext.results import (
     read_results,
     read_rows,
 )
+from ddrs_ext.data import load_digits_split
 
-TEST_SIZE = 497  # the embedded split's test set
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHUNK = 100  # inputs per certification step (progress and resume granularity)
 SURROGATES = ("paper", "certify")
@@ -51,17 +45,6 @@ SURROGATES = ("paper", "certify")
 # CERTIFY's radius: on these digits a model trained on the paper's surrogate certified about a fifth
 # fewer test inputs at radius 0 (0.795 against 0.990 in a 200-input trial; see the README).
 DD_TRAINING = ("--scheme", "gaussian", "--data-dependent", "--sigma-surrogate", "certify")
-
-# --quick: a whole run in seconds, for tests and a first look (explicit options still win)
-QUICK = {"epochs": 1, "count": 20, "n0": 20, "n": 200, "sigma_samples": 64, "sigma_iterations": 4}
-DEFAULTS = {
-    "epochs": 15,
-    "count": TEST_SIZE,
-    "n0": 100,
-    "n": 10_000,
-    "sigma_samples": 512,
-    "sigma_iterations": 16,
-}
 
 
 @dataclass(frozen=True)
@@ -97,83 +80,16 @@ def demo_files(out: Path, sigma: float) -> list[Path]:
     return files
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", type=Path, default=Path("ddrs_demo"), help="output folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--fresh", action="store_true", help="delete the demo's files in --out first instead of resuming"
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny settings: a whole run in seconds")
-    parser.add_argument(
-        "--sigma", type=float, default=0.25, help="fixed sigma, and sigma0 (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--sigma-max",
-        type=float,
-        default=1.0,
-        help="upper end of every per-input sigma, in training and at test (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--epochs", type=int, help=f"training epochs of each model (default: {DEFAULTS['epochs']})"
-    )
-    parser.add_argument(
-        "--count",
-        type=int,
-        help=f"test inputs to certify, the first of the test split (default: {TEST_SIZE})",
-    )
-    parser.add_argument("--n0", type=int, help=f"selection samples per input (default: {DEFAULTS['n0']})")
-    parser.add_argument("--n", type=int, help=f"estimation samples per input (default: {DEFAULTS['n']})")
-    parser.add_argument(
-        "--alpha", type=float, default=0.001, help="failure probability (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--sigma-samples",
-        type=int,
-        help="noise samples per step of the test-time sigma optimisation "
-        f"(default: {DEFAULTS['sigma_samples']})",
-    )
-    parser.add_argument(
-        "--sigma-iterations",
-        type=int,
-        help=f"steps of the test-time sigma optimisation (default: {DEFAULTS['sigma_iterations']})",
-    )
-    parser.add_argument(
-        "--estimator",
-        choices=("score", "reparam"),
-        default="score",
-        help="gradient estimator of the test-time sigma optimisation (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="data split, training and noise (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=2000, help="rows per forward pass (default: %(default)s)"
-    )
-
-
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills the options left unset from the defaults (or --quick's) and checks every value."""
-    preset = QUICK if args.quick else DEFAULTS
-    args = argparse.Namespace(**vars(args))
-    for name, value in preset.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    for name in ("epochs", "n0", "n", "sigma_samples", "sigma_iterations", "batch_size"):
-        value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not (isinstance(args.count, int) and 1 <= args.count <= TEST_SIZE):
-        raise ValueError(f"--count must lie in 1..{TEST_SIZE} (the test split's size), got {args.count!r}")
-    if not (math.isfinite(args.sigma_max) and args.sigma_max > 0):
-        raise ValueError(f"--sigma-max must be > 0, got {args.sigma_max}")
-    if not (math.isfinite(args.sigma) and 0 < args.sigma <= args.sigma_max):
-        raise ValueError(f"--sigma must lie in (0, --sigma-max = {args.sigma_max:g}], got {args.sigma}")
-    if not (0 < args.alpha < 1):
-        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed must lie in [0, 2**32), got {args.seed}")
-    return args
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 class _Clock:
@@ -233,19 +149,21 @@ def _certify_row(
     settings: dict,
     path: Path,
     clock: _Clock,
+    stage: str = "",
 ) -> None:
     """Certifies the inputs of ``x`` that ``path`` does not hold yet, a chunk at a time, with the
     fixed sigma or a sigma optimised per input (test index = noise stream, so any chunking and any
-    resumption give the same rows)."""
+    resumption give the same rows). Logs each chunk with the rate and the time left for the row."""
     with _open(path, settings) as out:
         todo = [i for i in range(len(y)) if i not in out.done]
         if not todo:
-            clock.log(f"{row.label}: all {len(y)} inputs already in {path}")
+            clock.log(f"{stage}{row.label}: all {len(y)} inputs already in {path}")
             return
         clock.log(
-            f"{row.label}: certifying {len(todo)} inputs"
+            f"{stage}{row.label}: certifying {len(todo)} inputs"
             + (f" ({len(out.done)} done before)" if out.done else "")
         )
+        row_began = time.perf_counter()
         for start in range(0, len(todo), CHUNK):
             index = torch.tensor(todo[start : start + CHUNK], dtype=torch.int64)
             began = time.perf_counter()
@@ -280,7 +198,13 @@ def _certify_row(
             per_input = (time.perf_counter() - began) / len(index)
             for line in certify_rows(result, index.tolist(), y[index].tolist()):
                 out.write({**line, "time": per_input})
-            clock.log(f"  {len(out.done)}/{len(y)} inputs")
+            certified = start + len(index)
+            rate = certified / (time.perf_counter() - row_began)
+            left = len(todo) - certified
+            clock.log(
+                f"  {len(out.done)}/{len(y)} inputs, {rate:.1f} inputs/s, "
+                + (f"about {_duration(left / rate)} left" if left else "row done")
+            )
 
 
 def _memory_row(row: Row, source: Path, x: torch.Tensor, settings: dict, path: Path, clock: _Clock) -> None:
@@ -381,7 +305,7 @@ def _verdict(
 
 
 def run(args: argparse.Namespace) -> int:
-    args = _resolve(args)
+    """``ddrs demo`` with the options ddrs.cli resolved (--quick's or the full run's filled in)."""
     clock = _Clock()
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -392,9 +316,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock.log(
         f"ddrs demo: digits, {args.count} test inputs, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha}, "
-        f"sigma = {args.sigma}, seed = {args.seed}, output in {out}/"
+        f"sigma = {args.sigma}, seed = {args.seed}, output in {out.resolve()}/"
     )
-    (_, _), (x_test, y_test) = load_digits_split(args.seed, TEST_SIZE)
+    (_, _), (x_test, y_test) = load_digits_split(args.seed, DEMO_TEST_SIZE)
     x, y = x_test[: args.count], y_test[: args.count]
 
     common = ["--sigma", str(args.sigma), "--epochs", str(args.epochs), "--seed", str(args.seed)]
@@ -415,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
     fingerprints = {k: _fingerprint(m) for k, m in models.items()}
 
     rows = table_rows(args.sigma)
+    certified = [row for row in rows if not row.memory]
     for row in rows:
         settings = {
             "row": row.key,
@@ -439,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
         if row.memory:
             _memory_row(row, out / f"{row.source}.tsv", x, settings, path, clock)
         else:
-            _certify_row(row, models[row.model], x, y, args, settings, path, clock)
+            stage = f"[{certified.index(row) + 1}/{len(certified)}] "
+            _certify_row(row, models[row.model], x, y, args, settings, path, clock, stage)
 
     results = {row.key: analyze.load(out / f"{row.key}.tsv", row.label) for row in rows}
     columns = {row.key: read_results(out / f"{row.key}.tsv") for row in rows}
