@@ -107,18 +107,23 @@ class VoteSampler:
             )
         return logits
 
-    def counts(self, phases: Sequence[_Phase]) -> list[torch.Tensor]:
-        """Hard vote counts (B, C) per phase."""
-        B = self.x.shape[0]
+    def counts(self, phases: Sequence[_Phase], inputs: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hard vote counts per phase, (B, C), or (len(inputs), C) for a subset ``inputs`` (indices
+        into x) whose copies alone fill the forward batches."""
+        x, sigma, stream = self.x, self.sigma, self.stream
+        if inputs is not None:
+            where = inputs.to(x.device)
+            x, sigma, stream = x[where], sigma[where], stream[where]
+        B = x.shape[0]
         results: list[torch.Tensor | None] = [None] * len(phases)
         if B == 0:
             return [torch.zeros((0, self.num_classes or 0), dtype=torch.int64) for _ in phases]
         chunks = plan_chunks(B, [p.samples for p in phases], self.batch_size)
-        if self._buffer is None:
-            rows = max(rows for rows, _ in chunks)
-            self._buffer = torch.empty((rows, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+        rows_max = max(rows for rows, _ in chunks)
+        if self._buffer is None or self._buffer.shape[0] < rows_max:
+            self._buffer = torch.empty((rows_max, *x.shape[1:]), dtype=x.dtype, device=x.device)
         perturb, vote = torch.ops.ddrs_ext.perturb_gaussian_out, torch.ops.ddrs_ext.count_votes_
-        x, sigma, stream, seed = self.x, self.sigma, self.stream, ops.as_signed64(self.seed)
+        seed = ops.as_signed64(self.seed)
         with torch.inference_mode(), evaluating(self.model):
             for rows, segments in chunks:
                 batch = self._buffer[:rows]

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from ddrs_ext import ops, rng, stats
-from ddrs_ext._validate import check_alpha, check_count, check_logits, check_num_classes, evaluating
-from ddrs_ext.certification import ABSTAIN, CertifyResult, _Phase, check_sampling_args, plan_chunks
+from ddrs_ext import rng, stats
+from ddrs_ext._validate import check_alpha, check_count, check_num_classes
+from ddrs_ext.certification import ABSTAIN, CertifyResult, VoteSampler, _Phase, check_sampling_args
 
 #: The first round ends at the smallest ``ceil(n_max / 2^j)`` that is still >= this.
 FIRST_ROUND = 100
@@ -135,46 +135,6 @@ def _check_tolerance(tolerance, radius: float | None) -> float:
     return t
 
 
-class _RoundSampler:
-    """Vote counts of some of the inputs over a range of their sample indices, the copies of all
-    those inputs packed into forward batches of ``batch_size`` rows, in one reused input buffer."""
-
-    def __init__(self, model, x, sigma, stream, seed, batch_size, num_classes, max_rows: int) -> None:
-        self.model, self.x, self.sigma, self.stream = model, x, sigma, stream
-        self.seed = ops.as_signed64(seed)
-        self.batch_size = batch_size
-        self.num_classes = num_classes
-        rows = max(1, min(batch_size, max_rows))
-        self._buffer = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
-
-    def counts(self, inputs: torch.Tensor | None, phases: Sequence[_Phase]) -> list[torch.Tensor]:
-        """Hard vote counts (len(inputs), C) per phase for ``inputs`` (indices; None: all)."""
-        x, sigma, stream = self.x, self.sigma, self.stream
-        if inputs is not None:
-            where = inputs.to(x.device)
-            x, sigma, stream = x[where], sigma[where], stream[where]
-        A = x.shape[0]
-        results: list[torch.Tensor | None] = [None] * len(phases)
-        perturb, vote = torch.ops.ddrs_ext.perturb_gaussian_out, torch.ops.ddrs_ext.count_votes_
-        with torch.inference_mode(), evaluating(self.model):
-            for rows, segments in plan_chunks(A, [p.samples for p in phases], self.batch_size):
-                batch = self._buffer[:rows]
-                for k, row0, seg, off in segments:
-                    out = batch if seg == rows else batch[off : off + seg]
-                    phase = phases[k]
-                    perturb(x, sigma, stream, self.seed, phase.sample_offset, phase.samples, row0, out, None)
-                logits = self.model(batch)
-                self.num_classes = check_logits(logits, rows, self.num_classes)
-                for k, row0, seg, off in segments:
-                    if results[k] is None:
-                        results[k] = torch.zeros(
-                            (A, self.num_classes), dtype=torch.int64, device=logits.device
-                        )
-                    part = logits if seg == rows else logits[off : off + seg]
-                    vote(part, row0, phases[k].samples, results[k])
-        return [r.cpu() for r in results]
-
-
 def certify_sequential(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -239,15 +199,10 @@ def certify_sequential(
             seed=seed,
             samples=torch.zeros(0, dtype=torch.int64),
         )
-    largest_round = max(b - a for a, b in zip((0, *ends), ends))
-    sampler = _RoundSampler(
-        model, x, sigma, stream, seed, batch_size, num_classes, B * max(n0 + ends[0], largest_round)
-    )
+    sampler = VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes)
     target = None if radius is None else norm.cdf(radius / sig)
 
-    select, counts = sampler.counts(
-        None, [_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, ends[0])]
-    )
+    select, counts = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, ends[0])])
     counts = counts.clone()  # a normal tensor (not an inference one), updated in place below
     guess = select.argmax(dim=1)
     guess_np = guess.numpy()
@@ -258,7 +213,7 @@ def certify_sequential(
         if k:
             where = torch.from_numpy(active)
             (more,) = sampler.counts(
-                where, [_Phase(rng.PHASE_ESTIMATION + ends[k - 1], ends[k] - ends[k - 1])]
+                [_Phase(rng.PHASE_ESTIMATION + ends[k - 1], ends[k] - ends[k - 1])], inputs=where
             )
             counts[where] += more
         votes = counts.numpy()[active, guess_np[active]]
