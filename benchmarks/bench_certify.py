@@ -15,6 +15,7 @@ the device-to-host synchronisations of one certify call (``extra_info["syncs"]``
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,3 +184,45 @@ def test_forward_floor(benchmark, case):
     fn = synced(case.floor, case.sync)
     batches = benchmark.pedantic(fn, rounds=case.rounds_alone, warmup_rounds=1, iterations=1)
     assert batches == -(-case.rows // case.batch_size)
+
+
+# Cheaper forward passes (issue 12, item 5): the same certify through ddrs_ext.Evaluated. Timed on a
+# GPU at batch 1000 (bfloat16 autocast, channels-last, and torch.compile's CUDA graphs for the small
+# CNN only: compiling ResNet-110 takes longer than the GPU check's budget); once, small, on the CPU.
+EVALUATED = {
+    "bf16": dict(autocast=torch.bfloat16),
+    "channels-last": dict(channels_last=True),
+    "cuda-graphs": dict(compile={"mode": "reduce-overhead", "dynamic": False}),
+}
+EVALUATED_CASES = {"cnn-b1000", "resnet-b1000", "cnn-b64"}
+
+
+@pytest.mark.parametrize("variant", list(EVALUATED))
+def test_certify_evaluated(benchmark, case, variant):
+    if case.name not in EVALUATED_CASES:
+        pytest.skip("cheaper forwards are timed at batch 1000 only")
+    if variant == "cuda-graphs" and (case.x.device.type != "cuda" or case.case.model != "cnn"):
+        pytest.skip("CUDA graphs: a GPU, and the small CNN only (compile time)")
+    model = case.model
+    if variant == "channels-last":
+        model = copy.deepcopy(case.model).to(memory_format=torch.channels_last)
+    wrapped = ddrs_ext.Evaluated(model, **EVALUATED[variant])
+    benchmark.group = f"certify_{case.name}"
+    benchmark.extra_info.update(case.info, label=f"ddrs_ext.certify, model evaluated {variant}")
+
+    def run():
+        return ddrs_ext.certify(
+            wrapped,
+            case.x,
+            case.sigma,
+            n0=case.n0,
+            n=case.n,
+            alpha=ALPHA,
+            batch_size=case.batch_size,
+            num_classes=NUM_CLASSES,
+            seed=0,
+        )
+
+    run()  # warm-up: compilation, autocast caches
+    result = benchmark.pedantic(synced(run, case.sync), rounds=max(1, case.rounds - 1), iterations=1)
+    case.check(result)

@@ -8,6 +8,7 @@ from ddrs_ext import distributed, ops  # noqa: F401  (ops: loads and registers t
 from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
 from ddrs_ext.dual import DualCertifyResult, certify_dual
 from ddrs_ext.memory import CertificationMemory
+from ddrs_ext.precision import Evaluated
 from ddrs_ext.sequential import certify_sequential
 from ddrs_ext.sigma import PAPER_DATASET_SETTINGS, PAPER_SETTINGS, SigmaStep, optimize_sigma, surrogate_radius
 from ddrs_ext.smooth import Smooth
@@ -20,6 +21,7 @@ __all__ = [
     "CertifyResult",
     "CertificationMemory",
     "DualCertifyResult",
+    "Evaluated",
     "SigmaStep",
     "Smooth",
     "certify",
