@@ -59,6 +59,8 @@ LIBRARY_OPTIMIZE_DEFAULTS = {
 # stays. --paper gives the published procedure.
 OPTIMIZE_DEFAULTS = {**LIBRARY_OPTIMIZE_DEFAULTS, "surrogate": "certify"}
 SIGMA0 = 0.12  # the paper's starting sigma (its CIFAR-10 models' smallest training sigma)
+DIST_TIMEOUT = 1800.0  # seconds, --dist-timeout (torch's own default for gloo)
+SEQUENTIAL_TOLERANCE = 0.1  # ddrs_ext.sequential.DEFAULT_TOLERANCE
 
 # ddrs demo: the full run and --quick's tiny one (explicit options win over either)
 DEMO_TEST_SIZE = 497  # the embedded digits' test split (ddrs_ext.data.load_digits_split's default)
@@ -69,8 +71,19 @@ DEMO_DEFAULTS = {
     "n": 10_000,
     "sigma_samples": 512,
     "sigma_iterations": 16,
+    "label_n0": 64,  # ddrs.selector.LABEL_SETTINGS
+    "label_n": 512,
 }
-DEMO_QUICK = {"epochs": 1, "count": 20, "n0": 20, "n": 200, "sigma_samples": 64, "sigma_iterations": 4}
+DEMO_QUICK = {
+    "epochs": 1,
+    "count": 20,
+    "n0": 20,
+    "n": 200,
+    "sigma_samples": 64,
+    "sigma_iterations": 4,
+    "label_n0": 8,
+    "label_n": 32,
+}
 
 ANALYZE_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # ddrs.analyze.DEFAULT_RADII
 
@@ -173,7 +186,10 @@ selection:
   --skip k --max m                inputs with idx % k == 0 and idx < m, in idx order
 
 output (--out): tab-separated text, one row per input as soon as it is done
-  certify:         idx label predict radius correct time sigma   (predict -1: abstained)
+  certify:         idx label predict radius correct time sigma samples   (predict -1: abstained;
+                   samples: model evaluations spent on the input; --sigma-levels adds the
+                   columns level radius_selector radius_classifier, level -1 and sigma nan
+                   where the selector abstained)
   predict:         idx label predict correct time sigma          (predict -1: abstained)
   optimize-sigma:  idx label sigma surrogate time
   time is the wall time per input (h:mm:ss.ffffff); radii and sigmas are written exactly. The
@@ -195,6 +211,11 @@ examples:
   ddrs certify --model mymodels:resnet110 --checkpoint ckpt.pth.tar --data cifar-10-batches-py \\
       --skip 20 --sigma-file sigma.tsv --memory --out cifar_dd.tsv
   ddrs certify --model model.ts --data test.pt --optimize --sigma0 0.25 --max 100 --out dd.tsv
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --out seq.tsv
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \
+      --n 100000 --out seq_r05.tsv
+  ddrs certify --checkpoint dd.pt --selector-checkpoint selector.pt --data digits \
+      --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out dual.tsv
 """
 
 _OPTIMIZE_EXAMPLES = """
@@ -227,14 +248,33 @@ ascent steps of 100 samples, the paper's surrogate, the reparameterisation gradi
 # ----------------------------------------------------------------------------- options
 
 
+class _Repeatable(argparse.Action):
+    """``--model`` / ``--checkpoint``: the first value in ``dest``, every value in ``dest + "s"``
+    (``ddrs certify --sigma-levels`` takes one per level: an expert per sigma; other uses of a
+    repeated option are refused by :func:`_check_repeated`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        every = [*getattr(namespace, self.dest + "s", []), values]
+        setattr(namespace, self.dest + "s", every)
+        if len(every) == 1:
+            setattr(namespace, self.dest, values)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (formats below)")
     g.add_argument(
-        "--model", metavar="SPEC", help="module:callable, file.py:callable, or a TorchScript/.pt2 file"
+        "--model",
+        metavar="SPEC",
+        action=_Repeatable,
+        help="module:callable, file.py:callable, or a TorchScript/.pt2 file",
     )
     g.add_argument(
-        "--checkpoint", metavar="FILE", help="weights for --model, or a train_digits checkpoint alone"
+        "--checkpoint",
+        metavar="FILE",
+        action=_Repeatable,
+        help="weights for --model, or a train_digits checkpoint alone",
     )
+    p.set_defaults(models=[], checkpoints=[])
     g.add_argument(
         "--data",
         required=True,
@@ -284,6 +324,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "fill a forward pass, more while a call takes under 3 s)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g = p.add_argument_group(
+        "several processes",
+        "torchrun --nproc-per-node N -m ddrs -- COMMAND ... shares the inputs out over N processes\n"
+        "(one GPU each with --device cuda) and merges their rows into --out in idx order; the -- stops\n"
+        "torchrun from taking --n, --max, ... for abbreviations of its own options.",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive,
+        default=DIST_TIMEOUT,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others at a collective call (joining, "
+        "agreeing on the settings, handing rows to rank 0) before it stops with an error; must exceed "
+        "the time between the first and the last rank finishing its share",
+    )
 
 
 def _add_sigma_choice(p: argparse.ArgumentParser, optimize: bool) -> None:
@@ -295,6 +350,14 @@ def _add_sigma_choice(p: argparse.ArgumentParser, optimize: bool) -> None:
     if optimize:
         g.add_argument(
             "--optimize", action="store_true", help="optimise a sigma per input first (options below)"
+        )
+        g.add_argument(
+            "--sigma-levels",
+            nargs="+",
+            type=_positive,
+            metavar="S",
+            help="dual certification: a smoothed --selector picks one of these sigmas (increasing) per "
+            "input and certifies its choice (options below)",
         )
 
 
@@ -350,6 +413,66 @@ def _add_sigma_options(p: argparse.ArgumentParser, title: str) -> None:
         help="(bisection) let sigma move to where the top class changes or falls below 1/2",
     )
     g.add_argument("--probabilities", action="store_true", help="the model returns probabilities, not logits")
+
+
+def _add_sequential_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "sequential certification (ddrs_ext.certify_sequential)",
+        "--n is then the most estimation samples an input may use; the column samples says how many\n"
+        "model evaluations each input took (selection included).",
+    )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        help="estimate in rounds of doubling size and stop each input as soon as its certificate is "
+        "settled, with a bound valid at every round at once: the same kind of certificate from fewer "
+        "model evaluations (column samples)",
+    )
+    m = g.add_mutually_exclusive_group()
+    m.add_argument(
+        "--radius",
+        type=_non_negative,
+        metavar="R",
+        help="stop an input as soon as radius R is certified or out of reach (default: curve mode, "
+        "the largest radius it can get, within --tolerance)",
+    )
+    m.add_argument(
+        "--tolerance",
+        type=_non_negative,
+        metavar="T",
+        help="curve mode: stop an input once its radius can grow by at most this fraction before --n "
+        f"(default {SEQUENTIAL_TOLERANCE:g}; 0: run every input that can still certify to --n)",
+    )
+
+
+def _add_selector_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "dual certification (--sigma-levels: ddrs_ext.certify_dual; sound without --memory)",
+        "A selector model with one output per sigma level, smoothed at --selector-sigma, picks each\n"
+        "input's level and certifies a radius within which its choice is constant; the model is then\n"
+        "certified at the chosen level (--n0, --n); the radius is the smaller of the two, and the\n"
+        "selector's abstentions abstain. --model/--checkpoint may be given once per level (in level\n"
+        "order): one expert per level. A selector for the digits: python -m ddrs.train_digits\n"
+        "--selector-for CHECKPOINT.",
+    )
+    g.add_argument(
+        "--selector",
+        metavar="SPEC",
+        help="the selector, given as --model is (module:callable, file.py:callable, TorchScript/.pt2)",
+    )
+    g.add_argument(
+        "--selector-checkpoint",
+        metavar="FILE",
+        help="weights for --selector, or alone a selector checkpoint of python -m ddrs.train_digits "
+        "--selector-for",
+    )
+    g.add_argument("--selector-sigma", type=_positive, metavar="S", help="the selector's own fixed sigma")
+    g.add_argument(
+        "--alpha-selector",
+        type=_probability,
+        metavar="A",
+        help="the selector's share of --alpha (default: half of it); the model gets the rest",
+    )
 
 
 # optimize_sigma's options that have a command-line flag of the same name (keep_prediction's is
@@ -410,6 +533,66 @@ def _check_certify(args: argparse.Namespace) -> None:
         args.optimize_options = optimize_options(args)
     elif _sigma_options_given(args):
         raise ValueError("sigma optimisation options (--sigma0, --iterations, ...) need --optimize")
+    _check_sequential(args)
+    _check_dual(args)
+
+
+def _check_repeated(args: argparse.Namespace) -> None:
+    """--model and --checkpoint once, except with --sigma-levels (once per level: an expert each)."""
+    for option, values in (("--model", args.models), ("--checkpoint", args.checkpoints)):
+        if len(values) > 1 and getattr(args, "sigma_levels", None) is None:
+            raise ValueError(
+                f"{option} given {len(values)} times; give it once (repeated only with --sigma-levels, "
+                "once per level: one expert per sigma)"
+            )
+
+
+def _check_sequential(args: argparse.Namespace) -> None:
+    if not args.sequential:
+        if args.radius is not None or args.tolerance is not None:
+            raise ValueError("--radius and --tolerance need --sequential")
+        return
+    if args.sigma_levels is not None:
+        raise ValueError(
+            "--sequential does not apply to --sigma-levels (dual certification runs CERTIFY for the "
+            "selector and the model)"
+        )
+    if args.radius is None and args.tolerance is None:
+        args.tolerance = SEQUENTIAL_TOLERANCE
+
+
+def _check_dual(args: argparse.Namespace) -> None:
+    """--sigma-levels with its selector options, and one expert per level if --model repeats."""
+    options = ("selector", "selector_checkpoint", "selector_sigma", "alpha_selector")
+    if args.sigma_levels is None:
+        given = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for dual certification, with --sigma-levels")
+        return
+    levels = args.sigma_levels
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(
+            f"--sigma-levels must be strictly increasing, got {' '.join(f'{v:g}' for v in levels)}"
+        )
+    if args.selector is None and args.selector_checkpoint is None:
+        raise ValueError("--sigma-levels needs a selector: --selector SPEC and/or --selector-checkpoint FILE")
+    if args.selector_sigma is None:
+        raise ValueError("--sigma-levels needs --selector-sigma (the selector's own sigma)")
+    if args.alpha_selector is not None and not args.alpha_selector < args.alpha:
+        raise ValueError(
+            f"--alpha-selector {args.alpha_selector:g} must be below --alpha {args.alpha:g} "
+            "(the model gets the rest)"
+        )
+    if args.memory:
+        raise ValueError(
+            "--memory does not apply to --sigma-levels: the dual certificate is sound on its own"
+        )
+    K, m, c = len(levels), len(args.models), len(args.checkpoints)
+    if max(m, c) > 1 and (max(m, c) != K or m not in (0, 1, K) or c not in (0, 1, K) or (m, c) == (K, 1)):
+        raise ValueError(
+            f"one expert per level: give --model and/or --checkpoint once, or once per level ({K} levels); "
+            f"got {m} --model and {c} --checkpoint"
+        )
 
 
 def _check_optimize_sigma(args: argparse.Namespace) -> None:
@@ -456,13 +639,19 @@ matches CERTIFY's radius, sigma capped at --sigma-max), optimises a sigma for ev
 certifies the test set with each model and each choice of sigma (with and without the
 memory-based adjustment that keeps per-input certificates sound), and prints certified accuracy
 at several radii and the average certified radius, then whether data-dependent sigma helps.
-About 7 minutes on 2 CPU cores with the defaults; --quick runs tiny settings in seconds.
+Two more rows: the fixed-sigma model certified sequentially (certify_sequential, curve mode:
+the model evaluations it saves are shown in a second table), and the data-dependent model with a
+dual certificate (certify_dual: a selector, trained on the labels best_level gives the training
+inputs, picks sigma among sigma*1, 2, 4 capped at --sigma-max, certified at selector sigma
+2*sigma; alpha split in halves). About 7 minutes on 2 CPU cores with the defaults, and about 2
+more for those two rows; --quick runs tiny settings in well under a minute.
 
-Everything goes into the --out folder (default ddrs_demo, in the current folder): the two
-checkpoints, one result file per table row (the tab-separated format 'ddrs analyze' reads),
-table.md and curves.png. A re-run over the same folder resumes: it reuses checkpoints trained
-with the same settings and skips inputs already certified, and refuses (with an error) a folder
-started with other settings; --fresh deletes the demo's files there first.""",
+Everything goes into the --out folder (default ddrs_demo, in the current folder): the
+checkpoints (two models and the selector), one result file per table row (the tab-separated
+format 'ddrs analyze' reads), table.md and curves.png. A re-run over the same folder resumes:
+it reuses checkpoints trained with the same settings and skips inputs already certified, and
+refuses (with an error) a folder started with other settings; --fresh deletes the demo's files
+there first.""",
         epilog="examples:\n  ddrs demo\n  ddrs demo --quick --out /tmp/ddrs_demo\n"
         "  ddrs demo --count 200 --seed 1 --sigma 0.5 --sigma-max 2 --out ddrs_demo_s05\n",
         formatter_class=_HelpFormatter,
@@ -506,6 +695,16 @@ started with other settings; --fresh deletes the demo's files there first.""",
         choices=ESTIMATORS,
         default="score",
         help="gradient estimator of the test-time sigma optimisation",
+    )
+    p.add_argument(
+        "--label-n0",
+        type=_count,
+        help=f"selection samples per level of the selector's training labels {preset('label_n0')}",
+    )
+    p.add_argument(
+        "--label-n",
+        type=_count,
+        help=f"estimation samples per level of the selector's training labels {preset('label_n')}",
     )
     p.add_argument(
         "--seed",
@@ -582,7 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
         "CERTIFY: n0 noisy copies\nselect a class, n fresh ones bound its probability at confidence "
         "1 - alpha; radius sigma * Phi^-1(p_lower)),\nwith a fixed sigma, a sigma per input from "
         "'ddrs optimize-sigma', or one optimised on the fly.\n--memory applies the paper's "
-        "memory-based adjustment, which keeps per-input-sigma certificates sound.",
+        "memory-based adjustment, which keeps per-input-sigma certificates sound.\n--sequential "
+        "stops each input as soon as its certificate is settled (fewer model evaluations).\n"
+        "--sigma-levels: dual certification, a certified selector picks the sigma (sound without a "
+        "memory).",
         epilog=_FORMATS + "\n" + _OPTIMIZE_WHY + _CERTIFY_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
@@ -599,6 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="memory-based certification (ddrs_ext.CertificationMemory, inputs in idx order)",
     )
+    _add_sequential_options(p)
+    _add_selector_options(p)
     _add_sigma_options(p, "sigma optimisation (with --optimize)")
     _command(p, run="ddrs.commands:run_certify", check=_check_certify, resumable=True)
 
@@ -651,14 +855,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """``ddrs``'s arguments, checked (the checks that need no torch) and with defaults filled in: what
     a command's ``run`` receives. A usage error exits (``SystemExit(2)``) after a one-line message."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # torchrun ... -m ddrs -- certify ...: a separator that reached us
+        argv = argv[1:]
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, which names the command and its --help
         args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.check is not None:
-        try:
+    try:
+        if hasattr(args, "models"):
+            _check_repeated(args)
+        if args.check is not None:
             args.check(args)
-        except ValueError as exc:
-            args.usage_error(str(exc))
+    except ValueError as exc:
+        args.usage_error(str(exc))
     return args
 
 

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ddrs import distributed_run
 from ddrs.datasets import data_settings, image_settings, load_dataset
 from ddrs.loading import load_model, model_settings, resolve_device
 from ddrs.results import (
     CERTIFY_COLUMNS,
+    DUAL_COLUMNS,
+    LATER_CERTIFY_COLUMNS,
     PREDICT_COLUMNS,
     SIGMA_COLUMNS,
     ResultFile,
@@ -27,7 +30,9 @@ from ddrs.results import (
     read_rows,
 )
 from ddrs_ext.certification import ABSTAIN, certify, predict
+from ddrs_ext.dual import certify_dual
 from ddrs_ext.memory import CertificationMemory
+from ddrs_ext.sequential import certify_sequential, round_schedule
 from ddrs_ext.sigma import optimize_sigma, surrogate_radius
 
 __all__ = ["run_certify", "run_optimize_sigma", "run_predict", "chunk_sizes", "min_chunk"]
@@ -146,28 +151,55 @@ def chunk_sizes(
 def _run_chunks(
     args: argparse.Namespace,
     job: _Job,
-    out: ResultFile,
+    out: ResultFile | distributed_run.ShardedResults,
     rows_per_input: int,
     work: Callable[[torch.Tensor], list[dict]],
 ) -> None:
-    """Calls ``work(index) -> rows`` on chunks of the inputs not yet in ``out`` and writes the rows."""
-    remaining = [i for i in job.selected if i not in out.done]
-    already = len(job.selected) - len(remaining)
-    if not remaining:
-        print(f"{args.out}: all {len(job.selected)} selected inputs are already done", file=sys.stderr)
-        return
-    if already:
+    """Calls ``work(index) -> rows`` on chunks of the inputs not yet in ``out`` and writes the rows.
+
+    A sharded run (torchrun) computes this rank's share of the inputs that no rank has done yet, then
+    merges every rank's rows into the result file (:meth:`ddrs.distributed_run.ShardedResults.finish`,
+    a collective call: every rank gets there, with or without inputs of its own)."""
+    total = len(job.selected)
+    if _sharded(out):
+        remaining, already, left, rank = out.todo, out.already, out.left, out.rank
+    else:
+        remaining = [i for i in job.selected if i not in out.done]
+        already, left, rank = total - len(remaining), len(remaining), 0
+    if rank == 0:
+        _report_start(args, out, total, already, left)
+    if remaining:
+        _chunk_loop(args, out, remaining, rows_per_input, work, progress=rank == 0)
+    if _sharded(out):
+        out.finish()
+
+
+def _report_start(args: argparse.Namespace, out, total: int, already: int, left: int) -> None:
+    shared = ""
+    if _sharded(out) and left and out.world > 1:
+        shared = f", shared by {out.world} process(es)"
+        if left < out.world:
+            shared += f" ({out.world - left} of them with nothing to do)"
+    if not left:
+        print(f"{args.out}: all {total} selected inputs are already done", file=sys.stderr)
+    elif already:
+        where = f" (in {args.out} and {out.files} rank file(s))" if _sharded(out) and out.files else ""
         print(
-            f"{args.out}: resuming; {already} of {len(job.selected)} selected inputs already done, "
-            f"{len(remaining)} to go",
+            f"{args.out}: resuming; {already} of {total} selected inputs already done{where}, "
+            f"{left} to go{shared}",
             file=sys.stderr,
         )
+    elif shared:
+        print(f"{args.out}: {left} inputs{shared}", file=sys.stderr)
+
+
+def _chunk_loop(args, out, remaining: list[int], rows_per_input: int, work, progress: bool) -> None:
     bar = tqdm(
         total=len(remaining),
         desc=args.command,
         unit="input",
         file=sys.stderr,
-        disable=args.no_progress,
+        disable=args.no_progress or not progress,
         dynamic_ncols=True,
     )
     try:
@@ -188,6 +220,60 @@ def _run_chunks(
                 break
     finally:
         bar.close()
+
+
+def _sharded(out) -> bool:
+    return isinstance(out, distributed_run.ShardedResults)
+
+
+def _open_results(
+    args: argparse.Namespace,
+    job: _Job,
+    columns: Sequence[str],
+    settings: dict,
+    *,
+    order_step: Callable[[list[dict], list[dict]], list[dict]] | None = None,
+    **file_options,
+) -> ResultFile | distributed_run.ShardedResults:
+    """The result file: ``--out`` itself, or under torchrun (or to finish the rank files of an
+    interrupted torchrun run) a :class:`ddrs.distributed_run.ShardedResults` over it, which applies
+    ``order_step`` (the steps that need the rows in idx order) when it merges."""
+    if distributed_run.sharded(args):
+        return distributed_run.ShardedResults(
+            args.out, job, columns, settings, seed=args.seed, order_step=order_step, **file_options
+        )
+    return ResultFile(args.out, columns, settings, **file_options)
+
+
+def _memory_step(job: _Job) -> Callable[[list[dict], list[dict]], list[dict]]:
+    """The memory-based adjustment as a step over rows: the memory rebuilt from the rows already in
+    the file (as they were adjusted), then the new rows adjusted in idx order, as one process adjusts
+    them (CertificationMemory gives the same answers whatever the blocks)."""
+
+    def step(before: list[dict], rows: list[dict]) -> list[dict]:
+        memory = CertificationMemory()
+        for start in range(0, len(before), 1024):
+            part = before[start : start + 1024]
+            memory.extend(
+                job.inputs([r["idx"] for r in part]),
+                torch.tensor([r["predict"] for r in part], dtype=torch.int64),
+                torch.tensor([r["radius"] for r in part], dtype=torch.float64),
+            )
+        adjusted = []
+        for start in range(0, len(rows), 1024):
+            part = rows[start : start + 1024]
+            prediction, radius = memory.adjust(
+                job.inputs([r["idx"] for r in part]),
+                torch.tensor([r["predict"] for r in part], dtype=torch.int64),
+                torch.tensor([r["radius"] for r in part], dtype=torch.float64),
+            )
+            for k, row in enumerate(part):
+                p = int(prediction[k])
+                correct = int(p == job.labels[row["idx"]])
+                adjusted.append({**row, "predict": p, "radius": float(radius[k]), "correct": correct})
+        return adjusted
+
+    return step
 
 
 # ----------------------------------------------------------------------------- sigma per input
@@ -275,27 +361,160 @@ def _certify_summary(path: Path, rows: list[dict]) -> str:
         return f"{path}: no rows"
     correct = [r for r in rows if r["correct"]]
     acr = sum(r["radius"] for r in correct) / len(rows)
-    return (
+    text = (
         f"{path}: {len(rows)} inputs, certified accuracy {len(correct) / len(rows):.3f} at radius 0, "
         f"average certified radius {acr:.4f}"
     )
+    if all("samples" in r for r in rows):
+        text += f", {sum(r['samples'] for r in rows) / len(rows):.0f} model evaluations per input"
+    if all("level" in r for r in rows):
+        chose = [r for r in rows if r["level"] != ABSTAIN]
+        smaller = sum(r["radius_selector"] < r["radius_classifier"] for r in chose if r["predict"] != ABSTAIN)
+        text += (
+            f"; the selector abstained on {len(rows) - len(chose)}, its radius was the smaller on {smaller}"
+        )
+    return text
 
 
+class _Certifier:
+    """What ``ddrs certify`` computes per chunk of inputs: CERTIFY (ddrs_ext.certify), with
+    --sequential ddrs_ext.certify_sequential, with --sigma-levels ddrs_ext.certify_dual; and what
+    that adds to the result file (columns, settings). Plain CERTIFY adds no setting, so that files
+    of earlier versions resume."""
+
+    def __init__(self, args: argparse.Namespace, job: _Job) -> None:
+        self.args, self.job = args, job
+        self.levels = getattr(args, "sigma_levels", None)
+        self.sequential = bool(getattr(args, "sequential", False))
+        self.settings: dict = {}
+        self.columns, self.later = CERTIFY_COLUMNS, LATER_CERTIFY_COLUMNS
+        if self.levels is not None:
+            self._setup_dual()
+            return
+        self.sigma_of = _Sigma(args, job)
+        self.sigma_setting = self.sigma_of.setting
+        rows = args.n
+        if self.sequential:
+            self.settings["sequential"] = {"radius": args.radius, "tolerance": args.tolerance}
+            self.later = ()
+            rows = round_schedule(args.n, args.alpha).ends[0]  # every input runs the first round
+        self.rows_per_input = min(rows, self.sigma_of.rows_per_input or rows)
+
+    def _setup_dual(self) -> None:
+        args, job = self.args, self.job
+        note = lambda text: print(f"ddrs certify: note: {text}", file=sys.stderr)  # noqa: E731
+        self.selector = load_model(args.selector, args.selector_checkpoint, job.device, note, role="selector")
+        x = job.inputs(job.selected[:1])
+        try:
+            with torch.no_grad():
+                out = self.selector(x)
+        except Exception as exc:
+            raise ValueError(f"--selector fails on one input from --data: {_message(exc)}") from None
+        K = len(self.levels)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != K:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the selector must return one logit per sigma level ({K} levels: --sigma-levels "
+                f"{' '.join(f'{v:g}' for v in self.levels)}); for one input it returned {got}"
+            )
+        self._note_trained_levels(note)
+        experts = _expert_specs(args, K)
+        self.model = job.model
+        if len(experts) > 1:
+            self.model = [job.model] + [
+                load_model(spec, checkpoint, job.device, note) for spec, checkpoint in experts[1:]
+            ]
+            self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
+        self.alpha_selector = args.alpha / 2 if args.alpha_selector is None else args.alpha_selector
+        self.sigma_setting = {"levels": list(self.levels), "selector_sigma": args.selector_sigma}
+        self.settings["selector"] = model_settings(args.selector, args.selector_checkpoint)
+        self.settings["alpha_selector"] = self.alpha_selector
+        self.columns, self.later = DUAL_COLUMNS, ()
+        self.rows_per_input = args.n
+
+    def _note_trained_levels(self, note: Callable[[str], None]) -> None:
+        """A note when a selector checkpoint of ddrs.train_digits was trained for other levels."""
+        args = self.args
+        if args.selector is not None or args.selector_checkpoint is None:
+            return
+        from ddrs.loading import load_weights
+        from ddrs.selector import is_selector_checkpoint
+
+        content = load_weights(args.selector_checkpoint, "--selector-checkpoint")
+        if not is_selector_checkpoint(content):
+            return
+        trained = (list(content["sigma_levels"]), content["selector_sigma"])
+        if trained != (list(self.levels), args.selector_sigma):
+            note(
+                f"--selector-checkpoint {args.selector_checkpoint} was trained for --sigma-levels "
+                f"{' '.join(f'{v:g}' for v in trained[0])} --selector-sigma {trained[1]:g}; this run uses "
+                f"{' '.join(f'{v:g}' for v in self.levels)} and {args.selector_sigma:g}"
+            )
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor):
+        args, job = self.args, self.job
+        common = dict(batch_size=args.batch_size, num_classes=job.num_classes, seed=args.seed, index=index)
+        if self.levels is not None:
+            return certify_dual(
+                self.model,
+                self.selector,
+                x,
+                self.levels,
+                selector_sigma=args.selector_sigma,
+                n0=args.n0,
+                n=args.n,
+                alpha=args.alpha,
+                alpha_selector=self.alpha_selector,
+                **common,
+            )
+        sigma = self.sigma_of(x, index)
+        if self.sequential:
+            return certify_sequential(
+                job.model,
+                x,
+                sigma,
+                n0=args.n0,
+                n_max=args.n,
+                alpha=args.alpha,
+                radius=args.radius,
+                tolerance=args.tolerance,
+                **common,
+            )
+        return certify(job.model, x, sigma, n0=args.n0, n=args.n, alpha=args.alpha, **common)
+
+
+def _expert_specs(args: argparse.Namespace, levels: int) -> list[tuple[str | None, str | None]]:
+    """``(--model, --checkpoint)`` of each expert: one pair, or one per level when either option is
+    repeated (ddrs.cli checked the counts: each once, or once per level)."""
+    models, checkpoints = list(args.models), list(args.checkpoints)
+    count = max(len(models), len(checkpoints), 1)
+    if count == 1:
+        return [(args.model, args.checkpoint)]
+
+    def pick(values: list, k: int):
+        return None if not values else values[k] if len(values) == levels else values[0]
+
+    return [(pick(models, k), pick(checkpoints, k)) for k in range(levels)]
+
+
+@distributed_run.command
 def run_certify(args: argparse.Namespace) -> int:
     job = _Job(args)
-    sigma_of = _Sigma(args, job)
+    method = _Certifier(args, job)
     settings = {
         "command": "certify",
         **job.settings,
-        "sigma": sigma_of.setting,
+        "sigma": method.sigma_setting,
         "n0": args.n0,
         "n": args.n,
         "alpha": args.alpha,
         "memory": bool(args.memory),
+        **method.settings,
     }
-    with ResultFile(args.out, CERTIFY_COLUMNS, settings) as out:
+    step = _memory_step(job) if args.memory else None
+    with _open_results(args, job, method.columns, settings, order_step=step, later=method.later) as out:
         memory = None
-        if args.memory:
+        if args.memory and not _sharded(out):  # sharded: adjusted in the merge
             memory = CertificationMemory()
             done = list(out.done.values())
             for start in range(0, len(done), 1024):  # the adjusted answers already given, in order
@@ -308,29 +527,18 @@ def run_certify(args: argparse.Namespace) -> int:
 
         def work(index: torch.Tensor) -> list[dict]:
             x = job.inputs(index.tolist())
-            result = certify(
-                job.model,
-                x,
-                sigma_of(x, index),
-                n0=args.n0,
-                n=args.n,
-                alpha=args.alpha,
-                batch_size=args.batch_size,
-                num_classes=job.num_classes,
-                seed=args.seed,
-                index=index,
-            )
+            result = method(x, index)
             if memory is not None:
                 result = memory.adjust_result(x, result)
             index = index.tolist()
             return certify_rows(result, index, [job.labels[i] for i in index])
 
-        rows = min(args.n, sigma_of.rows_per_input or args.n)
-        _run_chunks(args, job, out, rows, work)
+        _run_chunks(args, job, out, method.rows_per_input, work)
         print(_certify_summary(args.out, [out.done[i] for i in job.selected if i in out.done]))
     return 0
 
 
+@distributed_run.command
 def run_optimize_sigma(args: argparse.Namespace) -> int:
     options = args.optimize_options
     job = _Job(args)
@@ -341,7 +549,7 @@ def run_optimize_sigma(args: argparse.Namespace) -> int:
         **options,
         "surrogate_samples": args.surrogate_samples,
     }
-    with ResultFile(args.out, SIGMA_COLUMNS, settings) as out:
+    with _open_results(args, job, SIGMA_COLUMNS, settings) as out:
 
         def work(index: torch.Tensor) -> list[dict]:
             x = job.inputs(index.tolist())
@@ -376,6 +584,7 @@ def run_optimize_sigma(args: argparse.Namespace) -> int:
     return 0
 
 
+@distributed_run.command
 def run_predict(args: argparse.Namespace) -> int:
     job = _Job(args)
     sigma_of = _Sigma(args, job)
@@ -386,7 +595,7 @@ def run_predict(args: argparse.Namespace) -> int:
         "n": args.n,
         "alpha": args.alpha,
     }
-    with ResultFile(args.out, PREDICT_COLUMNS, settings) as out:
+    with _open_results(args, job, PREDICT_COLUMNS, settings) as out:
 
         def work(index: torch.Tensor) -> list[dict]:
             x = job.inputs(index.tolist())

@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "load_model",
+    "load_classifier",
     "load_weights",
     "model_settings",
     "resolve_device",
@@ -150,12 +151,17 @@ def _load_file_model(path: Path, device: torch.device) -> Callable:
 
 def _checkpoint_advice(path: Path) -> str:
     """What to do with a torch.save file given as --model."""
-    from ddrs import train_digits
+    from ddrs import selector, train_digits
 
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:
         content = None
+    if selector.is_selector_checkpoint(content):
+        return (
+            "a selector checkpoint of python -m ddrs.train_digits --selector-for, not a model file: "
+            f"give it as --selector-checkpoint {path}"
+        )
     if isinstance(content, Mapping) and content.get("format") == train_digits.FORMAT:
         return (
             "a checkpoint of python -m ddrs.train_digits, not a model file: "
@@ -357,7 +363,46 @@ def load_state_dict_checked(
     return rename
 
 
+_MODEL_OPTION = re.compile(r"(?<![\w-])--model(?![\w-])")
+_CHECKPOINT_OPTION = re.compile(r"(?<![\w-])--checkpoint(?![\w-])")
+
+
 def load_model(
+    spec: str | None,
+    checkpoint: str | None,
+    device: torch.device,
+    note: Callable[[str], None] | None = None,
+    *,
+    role: str = "model",
+) -> Callable:
+    """The model a ``ddrs`` command evaluates, in eval mode on ``device``: :func:`load_classifier`
+    (``role="model"``), or with ``role="selector"`` the selector of ``ddrs certify --sigma-levels``,
+    from ``--selector`` and ``--selector-checkpoint``: the same kinds of specs and checkpoints, or alone a
+    selector checkpoint (:mod:`ddrs.selector`); its messages name those options."""
+    if role == "model":
+        return load_classifier(spec, checkpoint, device, note)
+    if role != "selector":
+        raise ValueError(f"role must be 'model' or 'selector', got {role!r}")
+
+    def renamed(text: str) -> str:
+        return _CHECKPOINT_OPTION.sub("--selector-checkpoint", _MODEL_OPTION.sub("--selector", text))
+
+    if spec is None and checkpoint is not None:
+        from ddrs import selector
+
+        content = load_weights(Path(checkpoint), "--selector-checkpoint")
+        if selector.is_selector_checkpoint(content):
+            model, _ = selector.load_selector_checkpoint(checkpoint)
+            return model.to(device)
+    try:
+        return load_classifier(spec, checkpoint, device, None if note is None else lambda t: note(renamed(t)))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(renamed(str(exc))) from None
+    except (ValueError, OSError) as exc:
+        raise ValueError(renamed(str(exc))) from None
+
+
+def load_classifier(
     spec: str | None,
     checkpoint: str | None,
     device: torch.device,
@@ -381,10 +426,15 @@ def load_model(
             "give --model (module:callable, file.py:callable or a TorchScript/.pt2 file) or --checkpoint"
         )
     if spec is None:
-        from ddrs import train_digits
+        from ddrs import selector, train_digits
 
         path = Path(checkpoint)
         state = load_weights(path, "--checkpoint")
+        if selector.is_selector_checkpoint(state):
+            raise ValueError(
+                f"--checkpoint {path} is a selector checkpoint (python -m ddrs.train_digits --selector-for), "
+                "not a classifier: give it as --selector-checkpoint, with --sigma-levels"
+            )
         if not (isinstance(state, Mapping) and state.get("format") == train_digits.FORMAT):
             raise ValueError(
                 f"--checkpoint {path} is not a checkpoint of python -m ddrs.train_digits; for another "

@@ -2,7 +2,10 @@
 
 The certification format is the one the randomized-smoothing literature's analysis scripts read
 (Cohen et al.'s ``certify.py``): a header ``idx label predict radius correct time`` and one row per
-input, ``predict`` = -1 for an abstention; ddrs adds a ``sigma`` column. ``ddrs predict`` writes
+input, ``predict`` = -1 for an abstention; ddrs adds the columns ``sigma`` and ``samples`` (model
+evaluations spent on the input) after them, and dual certification (``ddrs certify --sigma-levels``)
+the chosen ``level`` and both radii; readers that pick columns by name read them all, and files
+written before ``samples`` existed are read and resumed as they are. ``ddrs predict`` writes
 Cohen et al.'s ``predict.py`` format, ``idx label predict correct time``, plus ``sigma``. ``time`` is a
 ``datetime.timedelta`` string (``0:00:01.250000``). Radii and sigmas are written exactly (the
 shortest text that reads back as the same float64), so a run resumed from a file (the memory-based
@@ -30,11 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma")
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigma", "samples")
+# Columns that files written by earlier versions lack: such a file is resumed without them.
+LATER_CERTIFY_COLUMNS = ("samples",)
+# ddrs certify --sigma-levels (ddrs_ext.certify_dual): level -1 and sigma nan where the selector abstained.
+DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
-INT_COLUMNS = frozenset({"idx", "label", "predict", "correct"})
-FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate"})
+INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
+FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
 
 
@@ -160,20 +167,30 @@ def read_results(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[dict]:
     """The rows (every CERTIFY_COLUMNS entry but ``time``) of a :class:`ddrs_ext.CertifyResult` whose
-    inputs have dataset indices ``index`` and true classes ``labels``."""
+    inputs have dataset indices ``index`` and true classes ``labels``; given a
+    :class:`ddrs_ext.DualCertifyResult`, every DUAL_COLUMNS entry but ``time``."""
+    if result.samples is None:
+        raise ValueError("the result has no samples (model evaluations per input); certify it with ddrs_ext")
+    dual = hasattr(result, "radius_selector")
     rows = []
     for k, (i, label) in enumerate(zip(index, labels)):
         predict = int(result.prediction[k])
-        rows.append(
-            {
-                "idx": int(i),
-                "label": int(label),
-                "predict": predict,
-                "radius": float(result.radius[k]),
-                "correct": int(predict == int(label)),
-                "sigma": float(result.sigma[k]),
-            }
-        )
+        row = {
+            "idx": int(i),
+            "label": int(label),
+            "predict": predict,
+            "radius": float(result.radius[k]),
+            "correct": int(predict == int(label)),
+            "sigma": float(result.sigma[k]),
+            "samples": int(result.samples[k]),
+        }
+        if dual:
+            row.update(
+                level=int(result.level[k]),
+                radius_selector=float(result.radius_selector[k]),
+                radius_classifier=float(result.radius_classifier[k]),
+            )
+        rows.append(row)
     return rows
 
 
@@ -182,7 +199,10 @@ class ResultFile:
 
     ``done`` maps each finished ``idx`` to its parsed row. ``settings`` (JSON-able) describe what
     produces the rows: they are stored beside the file when it is created and must match on a
-    resume. Only one process may hold a file (an advisory lock; a second one gets an error).
+    resume. ``later``: columns that files written by earlier versions lack (e.g.
+    :data:`LATER_CERTIFY_COLUMNS`); a file whose header is ``columns`` without them is resumed in its
+    own format (``columns`` then is its header, and :meth:`write` leaves those cells out). Only one
+    process may hold a file (an advisory lock; a second one gets an error).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -193,9 +213,11 @@ class ResultFile:
         settings: Mapping | None = None,
         *,
         sync: bool = True,
+        later: Sequence[str] = (),
     ) -> None:
         self._fd = -1
         self.path, self.columns, self.sync = Path(path), tuple(columns), sync
+        self._earlier = tuple(c for c in self.columns if c not in later)
         if "idx" not in self.columns:
             raise ValueError("a result file needs an 'idx' column")
         if self.path.is_dir():
@@ -235,6 +257,9 @@ class ResultFile:
             text = complete.decode("utf-8")
         except UnicodeDecodeError:
             raise ResultFileError(f"{self.path}: not a text result file; use another output file") from None
+        first = text.split("\n", 1)[0] if "\n" in text else None
+        if first is not None and self._earlier != self.columns and tuple(first.split("\t")) == self._earlier:
+            self.columns = self._earlier  # a file of an earlier version: resumed in its format
         _, rows = _parse_rows(self.path, text, self.columns)
         self.done = {row["idx"]: row for row in rows}
         if settings is not None:
@@ -296,3 +321,37 @@ class ResultFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- rank files (torchrun)
+
+
+def rank_file(path: str | os.PathLike, rank: int) -> Path:
+    """The file in which rank ``rank`` of a run launched by torchrun keeps its rows of ``path``:
+    ``<path>.rank<rank>``, the same format, holding each row as computed (before an order-dependent
+    step such as the memory-based adjustment), with its own settings file."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.rank{int(rank)}")
+
+
+def rank_files(path: str | os.PathLike) -> dict[int, Path]:
+    """The rank files of ``path`` present in its folder, by rank."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)")
+    found = {}
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match is not None and entry.is_file():
+                found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def remove_result_file(path: str | os.PathLike) -> None:
+    """Deletes a result file and its settings file (either may be absent)."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".settings.json")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass

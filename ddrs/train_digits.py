@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ddrs import distributed_run
 from ddrs.cli import Parser
 from ddrs_ext import training
 from ddrs_ext.data import load_digits_split
+from ddrs_ext.distributed import exchange, share
 
 SCHEMES = ("gaussian", "macer", "smoothadv")
 BUILDER = "ddrs_ext.models:digits_cnn"
@@ -90,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adv-steps", type=_positive(int), default=2)
     g.add_argument("--adv-samples", type=_positive(int), default=4)
     g.add_argument("--adv-warmup", type=int, default=3, help="epochs over which epsilon ramps up")
+    g = p.add_argument_group(
+        "sigma selector for dual certification (ddrs.selector)",
+        "uses --epochs, --batch-size, --lr, --seed and --out; the other options do not apply",
+    )
+    g.add_argument(
+        "--selector-for",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="train a selector for the classifier of this checkpoint instead of a classifier: labels are "
+        "the level of --sigma-levels where CERTIFY gives each training input the largest radius",
+    )
+    g.add_argument("--sigma-levels", nargs="+", type=_positive(float), metavar="S", help="increasing sigmas")
+    g.add_argument("--selector-sigma", type=_positive(float), metavar="S", help="the selector's own sigma")
+    g.add_argument("--label-n0", type=_positive(int), default=64, help="labels: selection samples per level")
+    g.add_argument("--label-n", type=_positive(int), default=512, help="labels: estimation samples per level")
     return p
 
 
@@ -103,25 +120,57 @@ def noisy_accuracy(
 
 
 def train(args: argparse.Namespace, log=print) -> dict:
+    """Trains the model as ``args`` say and saves the checkpoint; returns it.
+
+    Under torchrun (``torchrun --nproc-per-node N -m ddrs.train_digits ...``) the processes train one
+    model with DistributedDataParallel (gloo on the CPU, NCCL with one GPU per process): each global
+    minibatch of ``--batch-size`` examples is split over the ranks (rank r takes positions r, r + N,
+    ...), the losses are weighted so that the averaged gradient is the whole minibatch's, the sigma
+    steps run on each rank's own examples, the sigma bank is synchronised after every epoch, and
+    rank 0 logs and saves the checkpoint (with its BatchNorm statistics, given to every rank first).
+    """
+    launch = None
+    if distributed_run.launched():
+        launch = distributed_run.join(getattr(args, "device", None), getattr(args, "dist_timeout", 1800.0))
+    try:
+        return _train(args, log, launch)
+    finally:
+        if launch is not None:
+            distributed_run.leave(launch)
+
+
+def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None) -> dict:
+    rank, world = (0, 1) if launch is None else (launch.rank, launch.world)
+    device = launch.device if launch is not None else torch.device(getattr(args, "device", None) or "cpu")
+    if rank != 0:
+        log = _silent
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
-    model = _build(BUILDER)()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if len(y_train) < world:
+        raise ValueError(f"{world} processes for {len(y_train)} training examples; start fewer")
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+    model = _build(BUILDER)().to(device)
+    net = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     bank = None
     if args.data_dependent:
         if args.sigma > args.sigma_max:
             raise ValueError(f"--sigma {args.sigma} exceeds --sigma-max {args.sigma_max}")
-        bank = training.SigmaBank(len(y_train), args.sigma, sigma_range=(1e-3, args.sigma_max))
+        bank = training.SigmaBank(len(y_train), args.sigma, sigma_range=(1e-3, args.sigma_max), device=device)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        model.train()
+        net.train()
         total, seen = 0.0, 0
-        for index in torch.randperm(len(y_train)).split(args.batch_size):
+        for batch in _minibatches(len(y_train), args.batch_size, world):
+            index = batch if world == 1 else batch[share(len(batch))]
             x, y = x_train[index], y_train[index]
             sigma = args.sigma
             if bank is not None:
                 sigma = training.update_sigma(
-                    model,
+                    net,
                     bank,
                     x,
                     index,
@@ -132,10 +181,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
                     estimator=args.sigma_estimator,
                 )
             if args.scheme == "gaussian":
-                loss = training.gaussian_augmentation_loss(model, x, y, sigma, index=index)
+                loss = training.gaussian_augmentation_loss(net, x, y, sigma, index=index)
             elif args.scheme == "macer":
                 loss = training.macer_loss(
-                    model,
+                    net,
                     x,
                     y,
                     sigma,
@@ -148,7 +197,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             else:
                 eps = training.warmup(args.adv_epsilon, epoch, args.adv_warmup)
                 loss = training.smoothadv_loss(
-                    model,
+                    net,
                     x,
                     y,
                     sigma,
@@ -158,29 +207,69 @@ def train(args: argparse.Namespace, log=print) -> dict:
                     index=index,
                 )
             optimizer.zero_grad()
-            loss.backward()
+            if world > 1:  # DDP averages the ranks' gradients: weight each by its share of the minibatch
+                (loss * (len(index) * world / len(batch))).backward()
+            else:
+                loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(y)
             seen += len(y)
-        acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed)
-        extra = f", bank sigma mean {bank.sigma.mean():.3f}" if bank is not None else ""
-        log(
-            f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}, test accuracy under noise "
-            f"sigma={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
-        )
+        if world > 1:
+            if bank is not None:
+                bank.synchronize()
+            pairs = exchange(lambda pair=(total, seen): pair, what="train_digits")
+            total, seen = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        if rank == 0:
+            acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed)
+            extra = f", bank sigma mean {bank.sigma.mean():.3f}" if bank is not None else ""
+            log(
+                f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}, test accuracy under noise "
+                f"sigma={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
+            )
     model.eval()
+    if world > 1:  # DDP keeps the parameters equal, not BatchNorm's running statistics: rank 0's win
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     checkpoint = {
         "format": FORMAT,
         "version": 1,
         "builder": BUILDER,
-        "model": model.state_dict(),
-        "sigma_bank": None if bank is None else bank.state_dict(),
+        "model": _on_cpu(model.state_dict()),
+        "sigma_bank": None if bank is None else _on_cpu(bank.state_dict()),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, args.out)
+
+    def save() -> None:
+        if rank == 0:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, args.out)
+
+    if world > 1:
+        exchange(save, what="saving the checkpoint")  # a failure on rank 0 stops every rank
+    else:
+        save()
     log(f"saved {args.out}")
     return checkpoint
+
+
+def _minibatches(total: int, batch_size: int, world: int) -> list[torch.Tensor]:
+    """The epoch's minibatches of a random permutation (rank 0's, under torchrun); with several ranks a
+    last minibatch smaller than the number of ranks joins the one before, so every rank has examples."""
+    permutation = torch.randperm(total)
+    if world > 1:
+        permutation = exchange(lambda: permutation, what="train_digits")[0]
+    batches = list(permutation.split(batch_size))
+    if world > 1 and len(batches) > 1 and len(batches[-1]) < world:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _on_cpu(state: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def _build(spec: str):
@@ -215,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     130 after Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.selector_for is None and (args.sigma_levels is not None or args.selector_sigma is not None):
+        parser.error("--sigma-levels and --selector-sigma are for --selector-for")
     try:
-        train(args)
+        if args.selector_for is not None:
+            from ddrs.selector import train_from_args
+
+            train_from_args(args)
+        else:
+            train(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as exc:

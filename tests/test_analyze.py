@@ -33,6 +33,7 @@ def write_result(path, rows=ROWS):
                     correct=correct,
                     time=0.5,
                     sigma=sigma,
+                    samples=1100,
                 )
             )
     return path

@@ -152,7 +152,7 @@ def test_certify_rows_match_the_library(capsys, models, tmp_path):
                  "--max", 9, "--skip", 2, *TINY, "--out", out)  # fmt: skip
     assert "5 inputs" in summary
     header, got = read_rows(out)
-    assert header == ("idx", "label", "predict", "radius", "correct", "time", "sigma")
+    assert header == ("idx", "label", "predict", "radius", "correct", "time", "sigma", "samples")
     idx = torch.tensor([0, 2, 4, 6, 8])
     x, y = digits_test(9)
     model = load_builder(models, "build")
@@ -162,7 +162,7 @@ def test_certify_rows_match_the_library(capsys, models, tmp_path):
     assert [r["predict"] for r in got] == want.prediction.tolist()
     assert [r["radius"] for r in got] == want.radius.tolist()  # exact
     assert [r["correct"] for r in got] == (want.prediction == y[idx]).long().tolist()
-    assert all(r["sigma"] == 0.25 and r["time"] >= 0 for r in got)
+    assert all(r["sigma"] == 0.25 and r["time"] >= 0 and r["samples"] == 16 + 64 for r in got)
 
 
 def test_batch_size_and_chunk_do_not_change_rows_and_resume_is_exact(capsys, models, tmp_path):
@@ -371,6 +371,12 @@ def test_the_parser_mirrors_the_library():
     assert cli.ANALYZE_RADII == analyze.DEFAULT_RADII
     test_size = inspect.signature(load_digits_split).parameters["test_size"].default
     assert cli.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
+    from ddrs import selector
+    from ddrs_ext import sequential
+
+    assert cli.SEQUENTIAL_TOLERANCE == sequential.DEFAULT_TOLERANCE
+    labels = selector.LABEL_SETTINGS
+    assert (cli.DEMO_DEFAULTS["label_n0"], cli.DEMO_DEFAULTS["label_n"]) == (labels["n0"], labels["n"])
 
 
 def test_cohen_spellings_are_aliases_and_abbreviations_are_refused(capsys, models, tmp_path):
@@ -500,7 +506,11 @@ def test_help_and_usage_errors_answer_before_torch_is_imported(tmp_path):
         from ddrs import cli
         runs = [["--help"], ["certify", "--help"], ["demo", "--help"], ["certify", "--sigma", "x"],
                 ["certify", "--data", "digits", "--sigma", "1", "--out", "o", "--batc", "2"],
-                ["demo", "--sigma", "2", "--sigma-max", "1"], ["frobnicate"], []]
+                ["demo", "--sigma", "2", "--sigma-max", "1"], ["frobnicate"], [],
+                ["certify", "--data", "d", "--sigma", "1", "--out", "o", "--radius", "1"],
+                ["certify", "--data", "d", "--sigma-levels", "1", "0.5", "--selector", "m:f",
+                 "--selector-sigma", "1", "--out", "o"],
+                ["certify", "--data", "d", "--sigma", "1", "--model", "a:b", "--model", "c:d", "--out", "o"]]
         for argv in runs:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 try:

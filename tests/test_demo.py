@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddrs import analyze, cli, demo
-from ddrs.results import ResultFileError, read_results
+from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, ResultFileError, read_results
 
 TINY = ["--quick", "--count", "8", "--n", "100", "--sigma-iterations", "2", "--sigma-samples", "32"]
 
@@ -36,18 +36,21 @@ def first_run(tmp_path_factory):
 def test_files_and_table(first_run):
     out, printed = first_run
     rows = demo.table_rows(0.25)
-    assert len(rows) == 9
-    for name in ("fixed_model.pt", "dd_model.pt", "table.md", "curves.png"):
+    assert len(rows) == 11
+    assert [row.method for row in rows].count("sequential") == [row.method for row in rows].count("dual") == 1
+    assert rows[-1].label == "data-dependent model, dual certificate" and rows[-2].memory
+    for name in ("fixed_model.pt", "dd_model.pt", "dd_selector.pt", "table.md", "curves.png"):
         assert (out / name).is_file()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
         columns = read_results(out / f"{row.key}.tsv")
         assert list(columns["idx"]) == list(range(8))
-        assert set(columns) == {"idx", "label", "predict", "radius", "correct", "time", "sigma"}
+        assert set(columns) == set(DUAL_COLUMNS if row.method == "dual" else CERTIFY_COLUMNS)
         np.testing.assert_array_equal(columns["correct"], columns["predict"] == columns["label"])
         assert (out / f"{row.key}.tsv.settings.json").is_file()
-        if row.surrogate is None:
+        if row.surrogate is None and row.method != "dual":
             assert (columns["sigma"] == 0.25).all()
+        assert (columns["samples"] <= (2 if row.method == "dual" else 1) * (20 + 100)).all()
     # memory rows: same inputs and sigmas as their source, radii never larger
     for row in rows:
         if row.memory:
@@ -57,9 +60,26 @@ def test_files_and_table(first_run):
             assert (after["radius"][same] <= before["radius"][same]).all()
 
     lines = table_lines(printed)
-    assert len(lines) == 2 + len(rows)
+    assert len(lines) == 2 + len(rows) + 2 + 3  # the certified accuracy table, then the evaluations'
     assert lines[0] == "| result | r = 0 | r = 0.25 | r = 0.5 | r = 0.75 | r = 1 | ACR | inputs |"
-    for line, row in zip(lines[2:], rows):
+    evaluations = lines[2 + len(rows) :]
+    assert evaluations[0] == "| result | model evaluations per input (mean) | fewest | most | vs CERTIFY |"
+    sequential = read_results(out / "fixed_sigma_sequential.tsv")["samples"]
+    dual = read_results(out / "dd_model_dual.tsv")["samples"]
+    for line, label, spent in zip(
+        evaluations[2:],
+        [rows[0].label, rows[1].label, rows[-1].label + " (selector + classifier)"],
+        [np.full(8, 120), sequential, dual],
+    ):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells == [
+            label,
+            f"{spent.mean():.0f}",
+            str(spent.min()),
+            str(spent.max()),
+            f"{spent.mean() / 120:.2f}",
+        ]
+    for line, row in zip(lines[2 : 2 + len(rows)], rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == row.label and cells[-1] == "8" and len(cells) == 8
         values = [float(c) for c in cells[1:-1]]
@@ -69,8 +89,46 @@ def test_files_and_table(first_run):
     assert table_lines((out / "table.md").read_text()) == lines
     last = printed.rstrip().splitlines()
     verdict = [line for line in last if line.startswith("Does data-dependent σ help here?")]
-    assert len(verdict) == 1
-    assert last[-1].startswith("- data-dependent model, σ per input (certify surrogate) + memory: ")
+    assert len(verdict) == 1 and "The dual certificate (data-dependent model" in verdict[0]
+    assert last[-3].startswith("- data-dependent model, σ per input (certify surrogate) + memory: ")
+    assert last[-2].startswith("- data-dependent model, dual certificate: ")
+    abstained = int((read_results(out / "dd_model_dual.tsv")["level"] == -1).sum())
+    assert f"the selector abstained on {abstained} of 8 inputs" in last[-2] and "smaller one on" in last[-2]
+    assert last[-1].startswith("Sequential certification of the fixed-σ model (curve mode, tolerance 0.1")
+    assert f"{sequential.mean():.0f} model evaluations per input against CERTIFY's 120" in last[-1]
+
+
+def test_sequential_and_dual_rows_are_the_library_s(first_run):
+    """The sequential row is certify_sequential's and the dual row certify_dual's for the same seed and
+    test indices, with the checkpoints the demo saved; the dual row's radius is the smaller of two."""
+    import torch
+
+    import ddrs_ext
+    from ddrs import selector, train_digits
+    from ddrs_ext.data import load_digits_split
+
+    out, _ = first_run
+    _, (x, y) = load_digits_split(0, cli.DEMO_TEST_SIZE)
+    x, index = x[:8], torch.arange(8)
+    fixed, _, _ = train_digits.load_checkpoint(out / "fixed_model.pt")
+    dd, _, _ = train_digits.load_checkpoint(out / "dd_model.pt")
+    chooser, checkpoint = selector.load_selector_checkpoint(out / "dd_selector.pt")
+    assert checkpoint["sigma_levels"] == [0.25, 0.5, 1.0] and checkpoint["selector_sigma"] == 0.5
+    assert checkpoint["config"]["classifier_fingerprint"] == selector.fingerprint(dd)
+    want = ddrs_ext.certify_sequential(fixed, x, 0.25, n0=20, n_max=100, seed=0, index=index)
+    got = read_results(out / "fixed_sigma_sequential.tsv")
+    assert got["radius"].tolist() == want.radius.tolist() and got["samples"].tolist() == want.samples.tolist()
+    want = ddrs_ext.certify_dual(
+        dd, chooser, x, [0.25, 0.5, 1.0], selector_sigma=0.5, n0=20, n=100, alpha=0.001, seed=0, index=index
+    )
+    assert want.alpha_selector == 0.0005
+    got = read_results(out / "dd_model_dual.tsv")
+    for column in ("predict", "radius", "level", "radius_selector", "radius_classifier", "samples"):
+        assert got[column].tolist() == getattr(want, "prediction" if column == "predict" else column).tolist()
+    certified = got["predict"] != -1
+    np.testing.assert_array_equal(
+        got["radius"][certified], np.minimum(got["radius_selector"], got["radius_classifier"])[certified]
+    )
 
 
 def test_same_seed_same_table_and_resume(first_run, tmp_path, capsys):
@@ -153,3 +211,23 @@ def test_quick_fills_only_unset_options():
     args = cli.parse_args(["demo"])
     assert {k: getattr(args, k) for k in cli.DEMO_DEFAULTS} == cli.DEMO_DEFAULTS
     assert args.out.name == "ddrs_demo"
+
+
+def test_checkpoints_of_an_earlier_version_are_reused(first_run, tmp_path, capsys):
+    """A checkpoint saved before train_digits had an option (its config lacks it) is reused while the
+    option keeps its default; with another value it is refused."""
+    import torch
+
+    out = tmp_path / "d"
+    shutil.copytree(first_run[0], out)
+    state = torch.load(out / "fixed_model.pt", weights_only=True)
+    for key in ("selector_for", "sigma_levels", "selector_sigma", "label_n0", "label_n"):
+        state["config"].pop(key)
+    torch.save(state, out / "fixed_model.pt")
+    assert run([*TINY, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "training the" not in printed and "certifying" not in printed
+    state["config"]["label_n"] = 7
+    torch.save(state, out / "fixed_model.pt")
+    with pytest.raises(ValueError, match=r"label_n: 7 then, 512 now"):
+        run([*TINY, "--out", out])
