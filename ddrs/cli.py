@@ -325,6 +325,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_argument_group(
+        "cheaper forward passes",
+        "The model is then certified as evaluated that way: deploy it that way (ddrs_ext.Evaluated).",
+    )
+    g.add_argument(
+        "--autocast",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="evaluate the model under torch.autocast in bfloat16 or float16 (with --optimize: use "
+        "--estimator score, forward-mode autograd does not run under autocast)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="give the model its weights and 4-d inputs in channels-last memory format",
+    )
+    g.add_argument(
+        "--compile",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default=None,
+        metavar="MODE",
+        help="torch.compile the model with this mode (reduce-overhead: CUDA graphs); "
+        "one of default, reduce-overhead, max-autotune",
+    )
+    g = p.add_argument_group(
         "several processes",
         "torchrun --nproc-per-node N -m ddrs -- COMMAND ... shares the inputs out over N processes\n"
         "(one GPU each with --device cuda) and merges their rows into --out in idx order; the -- stops\n"

@@ -32,6 +32,7 @@ from ddrs.results import (
 from ddrs_ext.certification import ABSTAIN, certify, predict
 from ddrs_ext.dual import certify_dual
 from ddrs_ext.memory import CertificationMemory
+from ddrs_ext.precision import Evaluated
 from ddrs_ext.sequential import certify_sequential, round_schedule
 from ddrs_ext.sigma import optimize_sigma, surrogate_radius
 
@@ -47,6 +48,26 @@ _INDEX_LIMIT = 2**32
 def _message(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
     return text or type(exc).__name__
+
+
+def _evaluated_settings(args: argparse.Namespace) -> dict:
+    """The --autocast / --channels-last / --compile choices that are set (they change the function
+    that is certified, so they belong to the settings)."""
+    chosen = {
+        "autocast": getattr(args, "autocast", None),
+        "channels_last": bool(getattr(args, "channels_last", False)),
+        "compile": getattr(args, "compile", None),
+    }
+    return {k: v for k, v in chosen.items() if v}
+
+
+def _evaluated(model, options: dict):
+    """``model`` wrapped in ddrs_ext.Evaluated as the options say (channels-last weights converted)."""
+    if options.get("channels_last") and isinstance(model, torch.nn.Module):
+        model = model.to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("autocast"))
+    compile = {"mode": options["compile"]} if options.get("compile") else False
+    return Evaluated(model, autocast=dtype, channels_last=bool(options.get("channels_last")), compile=compile)
 
 
 class _Job:
@@ -65,6 +86,9 @@ class _Job:
             self.device,
             note=lambda text: print(f"ddrs {args.command}: note: {text}", file=sys.stderr),
         )
+        self.evaluated = _evaluated_settings(args)
+        if self.evaluated:
+            self.model = _evaluated(self.model, self.evaluated)
         self.data = load_dataset(args.data, args.split, args.image_size)
         n = len(self.data)
         if n > _INDEX_LIMIT:
@@ -94,6 +118,8 @@ class _Job:
             "skip": args.skip,
             "max": args.max,
         }
+        if self.evaluated:  # only when set, so that earlier settings files still match
+            self.settings["evaluated"] = self.evaluated
 
     def _probe(self) -> int:
         x = self.data.inputs(self.selected[:1]).to(self.device)

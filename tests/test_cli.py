@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -874,3 +875,26 @@ def test_device_defaults_to_cuda_when_there_is_a_gpu():
 
     assert cli.parse_args(["certify", "--data", "d", "--sigma", "1", "--out", "o"]).device is None
     assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_cheaper_forward_options_certify_the_model_as_evaluated(capsys, models, tmp_path):
+    """--autocast / --channels-last / --compile: the rows are certify's through ddrs_ext.Evaluated,
+    the choice is part of the settings (a resume without it is refused), plain runs are unchanged."""
+    out = tmp_path / "bf16.tsv"
+    common = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.25, "--max", 6, *TINY]
+    ok(capsys, *common, "--autocast", "bf16", "--channels-last", "--out", out)
+    x, _ = digits_test(6)
+    model = ddrs_ext.Evaluated(load_builder(models, "build"), autocast=torch.bfloat16, channels_last=True)
+    want = ddrs_ext.certify(model, x, 0.25, n0=16, n=64, seed=0, index=torch.arange(6))
+    got = rows(out)
+    assert [r["predict"] for r in got] == want.prediction.tolist()
+    assert [r["radius"] for r in got] == want.radius.tolist()
+    settings = json.loads((tmp_path / "bf16.tsv.settings.json").read_text())
+    assert settings["evaluated"] == {"autocast": "bf16", "channels_last": True}
+    assert "settings" in fails(capsys, *common, "--out", out)
+    plain = tmp_path / "plain.tsv"
+    ok(capsys, *common, "--out", plain)
+    assert "evaluated" not in json.loads((tmp_path / "plain.tsv.settings.json").read_text())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in (*common, "--autocast", "fp64", "--out", tmp_path / "x.tsv")])
+    assert exit_.value.code == 2 and "argument --autocast: invalid choice" in capsys.readouterr().err
