@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from test_cli import fails, ok, run  # the command-line helpers the other CLI tests use
 
 import ddrs_ext
 from ddrs import analyze, cli, selector, train_digits
@@ -64,26 +65,6 @@ def models(tmp_path):
     path = tmp_path / "dualmodels.py"
     path.write_text(MODELS)
     return path
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def ok(capsys, *argv) -> str:
-    code, out, err = run(capsys, *argv, "--no-progress")
-    assert code == 0, err
-    return out
-
-
-def fails(capsys, *argv) -> str:
-    code, _, err = run(capsys, *argv, "--no-progress")
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("ddrs certify: error: "), err
-    return lines[0]
 
 
 def rows(path, drop=("time",)):
