@@ -392,9 +392,10 @@ def _add_sigma_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument(
         "--paper",
         action="store_true",
-        help="the published procedure, ddrs_ext.PAPER_SETTINGS ("
+        help="the published procedure as the authors' OptimzeSigma.py runs it, ddrs_ext.PAPER_SETTINGS ("
         + ", ".join(f"{k} {v}" for k, v in PAPER_SETTINGS.items())
-        + ", surrogate paper); options given explicitly override it",
+        + ", surrogate paper); options given explicitly override it (--paper --clip 0.001 0.999 is "
+        "their run_optimization_dataset.py, ddrs_ext.PAPER_DATASET_SETTINGS)",
     )
     g.add_argument(
         "--iterations", type=_non_negative_int, help=f"steps per input (default {d['iterations']})"

@@ -354,6 +354,12 @@ def test_paper_flag_and_explicit_options():
         options["clip"] == (0.1, 0.9) and options["rule"] == "bisect" and options["keep_prediction"] is True
     )
     assert options["surrogate"] == "certify" and options["estimator"] == "reparam"  # the measured defaults
+    # --paper --clip 0.001 0.999: the authors' run_optimization_dataset.py, PAPER_DATASET_SETTINGS
+    args = cli.parse_args(
+        ["optimize-sigma", "--data", "digits", "--out", "x", "--paper", "--clip", "0.001", "0.999"]
+    )
+    chosen = {k: args.optimize_options[k] for k in ddrs_ext.PAPER_DATASET_SETTINGS}
+    assert chosen == ddrs_ext.PAPER_DATASET_SETTINGS and args.optimize_options["surrogate"] == "paper"
 
 
 def test_the_parser_mirrors_the_library():
