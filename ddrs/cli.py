@@ -168,8 +168,9 @@ model (--model, --checkpoint):
   a bare network must then normalise its inputs itself in forward().
 
 data (--data):
-  digits                          the embedded digits (8x8, 10 classes; --split test (497 images)
-                                  or train (1300), as ddrs_ext.data.load_digits_split(seed=0))
+  digits                          the embedded digits: inputs (N, 1, 8, 8) in [0, 1], 10 classes;
+                                  --split test (497 images), validation (200) or train (1100), as
+                                  ddrs_ext.data.load_digits_splits(seed=0)
   a CIFAR-10 folder               the "python version" (cifar-10-batches-py: data_batch_1..5,
                                   test_batch), --split test or train; images (N, 3, 32, 32) in [0, 1]
   a .pt file                      torch.save of (inputs, labels) or a dict with keys x/y,
@@ -282,7 +283,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="digits, a CIFAR-10 folder, a .pt file or an image folder",
     )
     g.add_argument(
-        "--split", choices=("train", "test"), default=None, help="split of digits or CIFAR-10 (default: test)"
+        "--split",
+        choices=("train", "validation", "test"),
+        default=None,
+        help="split of digits or CIFAR-10 (default: test; validation: digits only)",
     )
     g.add_argument(
         "--image-size",

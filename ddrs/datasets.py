@@ -22,7 +22,7 @@ from ddrs.loading import load_weights
 
 __all__ = ["Dataset", "load_dataset", "DATA_KEYS", "CIFAR10_FILES"]
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 #: Key pairs (inputs, labels) looked for in a dict of a ``.pt`` data file, in this order.
 DATA_KEYS = (
     ("x", "y"),
@@ -87,11 +87,10 @@ def _check_pair(where: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _digits(split: str) -> Dataset:
-    from ddrs_ext.data import load_digits_split
+    from ddrs_ext.data import load_digits_splits
 
-    train, test = load_digits_split(seed=0)
-    x, y = train if split == "train" else test
-    return _tensor_dataset(f"digits ({split} split of ddrs_ext.data.load_digits_split(seed=0))", x, y, split)
+    x, y = getattr(load_digits_splits(seed=0), split)
+    return _tensor_dataset(f"digits ({split} split of ddrs_ext.data.load_digits_splits(seed=0))", x, y, split)
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -279,7 +278,8 @@ def load_dataset(spec: str, split: str | None = None, image_size: int | None = N
     """The data named by ``spec``: ``digits``, a CIFAR-10 folder, a ``.pt`` file or an image folder.
 
     ``split`` (``train`` or ``test``, default ``test``) chooses the split of the digits and of
-    CIFAR-10; the other kinds hold one set of inputs and refuse a split. ``image_size`` (image
+    CIFAR-10; the digits also have a ``validation`` split (carved from their training images, for
+    choosing settings); the other kinds hold one set of inputs and refuse a split. ``image_size`` (image
     folders only) resizes and centre-crops every image to that square.
     """
     if split is not None and split not in SPLITS:
@@ -298,6 +298,11 @@ def load_dataset(spec: str, split: str | None = None, image_size: int | None = N
         if cifar is not None:
             if image_size is not None:
                 raise ValueError("--image-size applies to image folders, not to CIFAR-10")
+            if split == "validation":
+                raise ValueError(
+                    "--split validation applies to --data digits; CIFAR-10 has train and test splits "
+                    "(carve a validation set from train into a .pt file)"
+                )
             return _cifar10(cifar, split or "test")
         kind = "image folder"
     else:

@@ -425,7 +425,7 @@ def test_train_digits_selector_end_to_end(capsys, tmp_path, classifier_checkpoin
     (x_train, y_train), _ = load_digits_split(0)
     labels = selector.selector_labels(net, x_train, y_train, [0.25, 0.5], seed=0, n0=4, n=16)
     assert torch.bincount(labels, minlength=2).tolist() == checkpoint["label_counts"]
-    assert sum(checkpoint["label_counts"]) == 1300 and min(checkpoint["label_counts"]) > 0
+    assert sum(checkpoint["label_counts"]) == len(y_train) == 1100 and min(checkpoint["label_counts"]) > 0
     seed = selector.derived_seed(0, selector._LABEL_KEY)
     assert seed not in (0, ddrs_ext.dual.selector_seed(0))
     want = ddrs_ext.dual.best_level(net, x_train[:50], y_train[:50], [0.25, 0.5], n0=4, n=16, alpha=0.01,

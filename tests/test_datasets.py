@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddrs.datasets import CIFAR10_FILES, load_dataset
-from ddrs_ext.data import load_digits_split
+from ddrs_ext.data import TEST_SIZE, VALIDATION_SIZE, load_digits_split, load_digits_splits
 
 
 def test_digits_splits():
@@ -20,8 +20,24 @@ def test_digits_splits():
     assert torch.equal(test.labels, y_test) and torch.equal(test.inputs([3, 0, 7]), x_test[[3, 0, 7]])
     train = load_dataset("digits", "train")
     assert train.split == "train" and torch.equal(train.inputs([5]), x_train[[5]])
+    validation = load_dataset("digits", "validation")
+    assert validation.split == "validation" and len(validation) == VALIDATION_SIZE
+    assert torch.equal(validation.labels, load_digits_splits(seed=0).validation[1])
     with pytest.raises(ValueError, match="--split"):
-        load_dataset("digits", "validation")
+        load_dataset("digits", "valid")
+
+
+def test_digits_validation_is_carved_from_training_data():
+    """Train, validation and test are disjoint and cover the data; the test split does not depend on
+    the validation split's size (so test numbers stay comparable), and validation_size=0 gives the
+    whole training data."""
+    splits = load_digits_splits(seed=0)
+    assert [len(s[1]) for s in splits] == [1797 - TEST_SIZE - VALIDATION_SIZE, VALIDATION_SIZE, TEST_SIZE]
+    whole_train, test = load_digits_split(seed=0, validation_size=0)
+    assert torch.equal(test[0], splits.test[0])
+    assert torch.equal(whole_train[0], torch.cat([splits.train[0], splits.validation[0]]))
+    with pytest.raises(ValueError, match="validation_size"):
+        load_digits_splits(validation_size=1797 - TEST_SIZE)
 
 
 def write_cifar(folder, per_batch=4, protocol=2, str_keys=False):
@@ -56,6 +72,8 @@ def test_cifar10_python_format(tmp_path, protocol, str_keys):
     assert train.labels.tolist() == sum((batches[n][1] for n in CIFAR10_FILES["train"]), [])
     data, _ = batches["data_batch_3"]
     assert torch.equal(train.inputs([9]), torch.from_numpy(data[1]).reshape(1, 3, 32, 32).float() / 255)
+    with pytest.raises(ValueError, match="validation applies to --data digits"):
+        load_dataset(str(tmp_path), "validation")
 
 
 def test_cifar10_damaged(tmp_path):

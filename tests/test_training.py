@@ -739,7 +739,7 @@ def test_train_digits_script_and_checkpoint(tmp_path):
     assert train_digits.main(argv) == 0
     model, bank, config = train_digits.load_checkpoint(out)
     assert config["scheme"] == "macer" and config["data_dependent"]
-    assert bank.sigma.numel() == 1300 and bank.sigma_range == (1e-3, 2.0)
+    assert bank.sigma.numel() == 1100 and bank.sigma_range == (1e-3, 2.0)
     assert not model.training
     assert config["sigma_estimator"] == "reparam"
     # The score-function estimator moves the bank too, and is recorded in the checkpoint.
