@@ -34,7 +34,16 @@ class CertifyResult:
     sigma: (B,) float64, the noise level each input was certified with.
     seed: the seed that generated the noise (pass it back to reproduce the run).
     samples: (B,) int64, model evaluations spent on each input (selection included);
-        ``n0 + n`` for :func:`certify`, fewer for sequential certification that stops early.
+        ``n0 + n`` for :func:`certify` (``n`` with ``labels``), fewer for sequential certification
+        that stops early.
+    bound_alpha: (B,) float64, the Clopper-Pearson level at which ``p_lower`` was computed from
+        ``counts`` (the votes for the certified class among ``counts.sum(1)`` samples): ``alpha`` for
+        :func:`certify`, the stopping round's share of ``alpha`` for
+        :func:`ddrs_ext.certify_sequential`. Clopper-Pearson recomputed from ``counts`` is a valid
+        bound at this level only. None where not recorded.
+    labels: (B,) int64, the true labels of an evaluation run (``labels=...``): ``prediction`` is then
+        the label or ``ABSTAIN``, never another class, and certifies "correct within radius"; None
+        when ``prediction`` is the smoothed classifier's own class.
     """
 
     prediction: torch.Tensor
@@ -44,6 +53,8 @@ class CertifyResult:
     sigma: torch.Tensor
     seed: int
     samples: torch.Tensor | None = None
+    bound_alpha: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 def plan_chunks(num_inputs: int, samples: Sequence[int], batch_size: int):
@@ -166,6 +177,28 @@ def check_sampling_args(model, x, sigma, batch_size, seed, index, sigma_name: st
     return x, sigma, batch_size, seed, stream
 
 
+def check_labels(labels, num_inputs: int, num_classes: int | None) -> torch.Tensor:
+    """True labels for evaluation mode: (B,) int64 on the CPU, each in [0, num_classes) when known."""
+    if isinstance(labels, bool):
+        raise TypeError("labels must be a sequence of class indices, one per input, got a bool")
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"labels must be a sequence of class indices, one per input, got {type(labels).__name__}"
+        ) from None
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
+    y = y.detach().to(device="cpu", dtype=torch.int64).reshape(-1)
+    if y.shape[0] != num_inputs:
+        raise ValueError(f"labels must have one entry per input ({num_inputs}), got {y.shape[0]}")
+    if num_inputs and int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+    if num_inputs and num_classes is not None and int(y.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, num_classes = {num_classes}), got {int(y.max())}")
+    return y
+
+
 def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
     x, sigma, batch_size, seed, stream = check_sampling_args(model, x, sigma, batch_size, seed, index)
     num_classes = check_num_classes(num_classes)
@@ -184,6 +217,7 @@ def certify(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    labels: torch.Tensor | Sequence[int] | None = None,
 ) -> CertifyResult:
     """Certifies every input of ``x`` (shape ``(B, ...)``) under Gaussian noise of its own ``sigma``.
 
@@ -197,18 +231,42 @@ def certify(
     ``batch_size`` or threads. An ``nn.Module`` (or a bound method of one) is evaluated in eval
     mode, as ``core.Smooth`` does, and every submodule's mode is restored afterwards; a plain
     function is called as it is.
+
+    ``labels`` (evaluation mode): one true label per input. Certified accuracy only asks whether the
+    smoothed classifier returns the label within r, so selection is skipped (``n0`` is not used, and
+    ``samples`` is ``n``) and the ``n`` samples bound the LABEL's probability: ``prediction`` is the
+    label or ``ABSTAIN`` (never another class; the result's ``labels`` is set), a sound certificate
+    that the smoothed classifier returns the label everywhere within ``radius``. An input
+    misclassified by the smoothed classifier abstains. Use it to evaluate a labelled test set.
     """
     n0 = check_count(n0, "n0")
     n = check_count(n, "n")
     alpha = check_alpha(alpha)
     sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
-    return certify_with(sampler, seed, n0, n, alpha)
+    if labels is not None:
+        labels = check_labels(labels, sampler.x.shape[0], sampler.num_classes)
+    return certify_with(sampler, seed, n0, n, alpha, labels=labels)
 
 
-def certify_with(sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float) -> CertifyResult:
-    """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked)."""
-    select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
-    guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
+def certify_with(
+    sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float, labels: torch.Tensor | None = None
+) -> CertifyResult:
+    """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked); with
+    ``labels``, no selection: the estimation bounds each label's probability."""
+    if labels is None:
+        select, estimate = sampler.counts(
+            [_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)]
+        )
+        guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
+        spent = n0 + n
+    else:
+        (estimate,) = sampler.counts([_Phase(rng.PHASE_ESTIMATION, n)])
+        if labels.numel() and int(labels.max()) >= estimate.shape[1]:
+            raise ValueError(
+                f"labels must lie in [0, {estimate.shape[1]}) (the model returned {estimate.shape[1]} "
+                f"classes), got {int(labels.max())}"
+            )
+        guess, spent = labels, n
     n_a = estimate.gather(1, guess[:, None])[:, 0].numpy() if estimate.shape[0] else np.zeros(0)
     p_lower = stats.clopper_pearson_lower(n_a, n, alpha)
     sig = sampler.sigma.cpu().numpy()
@@ -222,7 +280,9 @@ def certify_with(sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float)
         counts=estimate,
         sigma=torch.from_numpy(sig),
         seed=seed,
-        samples=torch.full((len(sig),), n0 + n, dtype=torch.int64),
+        samples=torch.full((len(sig),), spent, dtype=torch.int64),
+        bound_alpha=torch.full((len(sig),), alpha, dtype=torch.float64),
+        labels=labels,
     )
 
 
