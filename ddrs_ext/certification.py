@@ -189,6 +189,10 @@ def check_labels(labels, num_inputs: int, num_classes: int | None) -> torch.Tens
         ) from None
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
+    if y.dim() > 1:
+        raise ValueError(
+            f"labels must be 1-d, one entry per input ({num_inputs}), got shape {tuple(y.shape)}"
+        )
     y = y.detach().to(device="cpu", dtype=torch.int64).reshape(-1)
     if y.shape[0] != num_inputs:
         raise ValueError(f"labels must have one entry per input ({num_inputs}), got {y.shape[0]}")
@@ -254,9 +258,7 @@ def certify_with(
     """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked); with
     ``labels``, no selection: the estimation bounds each label's probability."""
     if labels is None:
-        select, estimate = sampler.counts(
-            [_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)]
-        )
+        select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
         guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
         spent = n0 + n
     else:

@@ -161,10 +161,10 @@ def certify_dual(
     sigma of the level the selector's selection samples pick). The rounds of the two stages run side
     by side, and a stage stops once more of its samples cannot change the combined answer
     ``min(R_sigma, R_c)`` at any radius of interest: no radius of interest lies between what the stage
-    has certified and the smaller of the most it and the other stage can still reach (a selector
-    that will abstain stops both). Each stage spends its own share of ``alpha`` over its rounds, so
-    the guarantee is the same. The classifier's rows of inputs whose selector abstains hold whatever
-    the classifier drew before that was settled (``samples`` counts it).
+    has certified and the smaller of the most it and the other stage can still reach. The classifier
+    starts once the selector has certified its level (so a selector that abstains costs no classifier
+    samples, as without ``sequential``) and only if a radius of interest is within the selector's
+    reach. Each stage spends its own share of ``alpha`` over its rounds, so the guarantee is the same.
     """
     levels = check_sigma_levels(sigma_levels)
     K = levels.numel()
@@ -188,7 +188,9 @@ def certify_dual(
     if not isinstance(sequential, bool):
         raise TypeError(f"sequential must be True or False, got {sequential!r}")
     if not sequential and (radius is not None or tolerance is not None):
-        raise ValueError("radius and tolerance set the radii of interest of sequential=True; pass sequential=True")
+        raise ValueError(
+            "radius and tolerance set the radii of interest of sequential=True; pass sequential=True"
+        )
     seed = rng.resolve_seed(seed)
     B = x.shape[0]
     stream = rng.resolve_streams(index, B, torch.device("cpu"))
@@ -341,7 +343,9 @@ def _certify_dual_sequential(
         guess = chosen.argmax(dim=1).numpy() if B else np.zeros(0, dtype=np.int64)
     except ValueError as exc:
         if "num_classes is" in str(exc):
-            raise ValueError(f"the selector must return one logit per sigma level ({K} levels); {exc}") from None
+            raise ValueError(
+                f"the selector must return one logit per sigma level ({K} levels); {exc}"
+            ) from None
         raise
     sigma_k = levels.numpy()[guess]
     z_max = float(norm.ppf(alpha_classifier ** (1 / n)))
@@ -375,19 +379,29 @@ def _certify_dual_sequential(
     cls = SequentialStage(groups, sigma_k, n, alpha_classifier, interest, n0=n0, num_classes=num_classes)
 
     sel.start(all_rows)
-    cls.start(np.flatnonzero(sel.reach >= 0))  # a selector certain to abstain: no classifier
-    sel.stop(np.flatnonzero(sel.active & (sel.reach < 0)))
     while True:
+        # the classifier starts once the selector has certified its level (radius >= 0) and some radius of
+        # interest is within the selector's reach: a selector that abstains costs no classifier samples
+        waiting = (cls.round < 0) & (sel.have() >= 0)
+        if interest.every:
+            waiting &= sel.reach >= 0
+        else:
+            waiting &= (interest.radii <= sel.reach[:, None]).any(axis=1)
+        cls.start(np.flatnonzero(waiting))
         # the combined radius is min(R_sigma, R_c): a stage needs only the radii the other can still reach
-        s_rows, c_rows = np.flatnonzero(sel.active), np.flatnonzero(cls.active)
+        started = cls.round >= 0
+        s_rows, c_rows = np.flatnonzero(sel.active), np.flatnonzero(cls.active & started)
         if s_rows.size == 0 and c_rows.size == 0:
             break
-        other = np.where(cls.round >= 0, cls.reach, -np.inf)
+        other = np.where(started, cls.reach, np.inf)[s_rows]
         s_go = unsettled(
-            sel.have(s_rows), np.minimum(sel.reach[s_rows], other[s_rows]), interest.radii[s_rows], interest.every
+            sel.have(s_rows), np.minimum(sel.reach[s_rows], other), interest.radii[s_rows], interest.every
         )
         c_go = unsettled(
-            cls.have(c_rows), np.minimum(cls.reach[c_rows], sel.reach[c_rows]), interest.radii[c_rows], interest.every
+            cls.have(c_rows),
+            np.minimum(cls.reach[c_rows], sel.reach[c_rows]),
+            interest.radii[c_rows],
+            interest.every,
         )
         sel.stop(s_rows[~s_go])
         cls.stop(c_rows[~c_go])

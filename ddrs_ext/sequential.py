@@ -290,13 +290,14 @@ class SequentialStage:
         self._update(rows, 0)
 
     def advance(self, rows: np.ndarray) -> None:
-        """The next round for ``rows`` (sorted; all at the same round, not the last)."""
-        if rows.size == 0:
-            return
-        k = int(self.round[rows[0]]) + 1
-        (more,) = self._draw([_Phase(rng.PHASE_ESTIMATION + self.ends[k - 1], self.ends[k] - self.ends[k - 1])], rows)
-        self.counts[rows] += more
-        self._update(rows, k)
+        """The next round for ``rows`` (sorted, started, none at its last round); rows at the same round
+        share the forward batches."""
+        for k in np.unique(self.round[rows]) + 1:
+            at = rows[self.round[rows] == k - 1]
+            gap = self.ends[k] - self.ends[k - 1]
+            (more,) = self._draw([_Phase(rng.PHASE_ESTIMATION + self.ends[k - 1], gap)], at)
+            self.counts[at] += more
+            self._update(at, int(k))
 
     def _update(self, rows: np.ndarray, k: int) -> None:
         n = self.ends[k]
@@ -312,7 +313,9 @@ class SequentialStage:
         upper = stats.clopper_pearson_upper(votes, n, STEER_ALPHA)
         hoped = np.minimum(votes + upper * (self.n_max - n), self.n_max)
         best = stats.clopper_pearson_lower(hoped, self.n_max, self.levels[rows, -1])
-        self.reach[rows] = np.maximum(_radius_of(best, self.sigma[rows]), _radius_of(self.lower[rows], self.sigma[rows]))
+        self.reach[rows] = np.maximum(
+            _radius_of(best, self.sigma[rows]), _radius_of(self.lower[rows], self.sigma[rows])
+        )
 
     def have(self, rows: np.ndarray | None = None) -> np.ndarray:
         """The radius certified now (-inf: abstains)."""
@@ -358,7 +361,9 @@ def run_alone(stage: SequentialStage) -> None:
         rows = np.flatnonzero(stage.active)
         if rows.size == 0:
             return
-        done = ~unsettled(stage.have(rows), stage.reach[rows], stage.interest.radii[rows], stage.interest.every)
+        done = ~unsettled(
+            stage.have(rows), stage.reach[rows], stage.interest.radii[rows], stage.interest.every
+        )
         stage.stop(rows[done])
         stage.advance(rows[~done])
 
