@@ -123,6 +123,23 @@ def _levels(ends: Sequence[int], alpha: float, t_min: np.ndarray, early_share: n
     return levels
 
 
+def round_schedule(
+    n_max: int,
+    alpha: float,
+    radius: float | Sequence[float] | None = None,
+    sigma: float = 1.0,
+    tolerance: float | None = None,
+) -> RoundSchedule:
+    """The rounds and levels of one input with noise level ``sigma`` and these radii of interest (as
+    :func:`certify_sequential` takes them; default: the open-ended mode's)."""
+    radii = _check_radius(radius)
+    tolerance = _check_tolerance(tolerance, radii)
+    sig = np.array([float(sigma)])
+    interest = Interest.make(radii, tolerance, sig, float(norm.ppf(alpha ** (1 / n_max))))
+    stage = SequentialStage([], sig, n_max, alpha, interest, n0=0)
+    return RoundSchedule(stage.ends, tuple(float(a) for a in stage.levels[0]))
+
+
 def _check_radius(radius) -> np.ndarray | None:
     """None, or the radii of interest as a sorted float64 array (one or more finite numbers >= 0)."""
     if radius is None:
