@@ -183,8 +183,8 @@ def _check_tolerance(tolerance, radius: np.ndarray | None) -> float:
 
 @dataclass
 class Interest:
-    """The radii of interest of each input, absolute (B, M) float64, ``inf`` where an input has fewer
-    than ``M``; ``every``: all radii are of interest (open-ended mode with tolerance 0)."""
+    """The radii of interest of each input, absolute, (B, M) float64 sorted along each row; ``every``:
+    all radii are of interest (the open-ended mode with tolerance 0)."""
 
     radii: np.ndarray
     every: bool = False

@@ -141,3 +141,10 @@ def test_bad_labels(labels, error, match):
     model, x, _ = _points(2)
     with pytest.raises(error, match=match):
         certify(model, x, 0.5, n=100, seed=0, labels=labels)
+
+
+def test_empty_batch():
+    model, _, _ = _points(1)
+    for fn in (certify, certify_sequential):
+        res = fn(model, torch.zeros(0, 2), 0.5, seed=0, labels=torch.zeros(0, dtype=torch.int64))
+        assert res.prediction.shape == (0,) and res.labels.shape == (0,) and res.samples.shape == (0,)

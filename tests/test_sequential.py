@@ -365,3 +365,13 @@ def test_bad_arguments(kwargs, error, match):
     args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
     with pytest.raises(error, match=match):
         certify_sequential(args["model"], args["x"], args["sigma"], **{"n_max": 500, "seed": 0, **kwargs})
+
+
+def test_round_schedule_describes_one_input():
+    s = sequential.round_schedule(100_000, 0.001, radius=0.5, sigma=0.25)
+    assert s.ends == round_ends(100_000) and sum(s.alphas) == pytest.approx(0.001, rel=1e-12)
+    first = next(k for k, a in enumerate(s.alphas) if a > 0)
+    assert s.alphas[first] ** (1 / s.ends[first]) >= stats.norm.cdf(2.0)  # all votes certify 0.5 there
+    assert s.lower(np.array([s.ends[first]]), first)[0] >= stats.norm.cdf(2.0)
+    grid = sequential.round_schedule(100_000, 0.001)  # the open-ended mode: multiples of 0.1 sigma
+    assert grid.alphas[-1] > 0.45 * 0.001
