@@ -347,6 +347,9 @@ def test_sequential(benchmark, case, mode):
         "paper": curve_gap(result, base, case.labels, PAPER),
         "fine (400 radii)": curve_gap(result, base, case.labels, np.linspace(0, case.top, 400)),
     }
+    if mode == "open" and bool((case.sigma == case.sigma[0]).all()):  # its own radii: multiples of 0.1 sigma
+        own = np.arange(0, case.top, seq.DEFAULT_TOLERANCE * float(case.sigma[0]))
+        gaps["own radii"] = curve_gap(result, base, case.labels, own)
     agree = same_decisions(result, base, r)
     benchmark.extra_info.update(
         evaluations=rows, seconds=seconds, evaluation_share=share, gaps=gaps, same_decisions=agree
