@@ -6,14 +6,15 @@ Reads the tab-separated result files that :mod:`ddrs.results` writes (and Cohen 
 lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction of rows with
 ``correct == 1`` and ``radius >= r`` (an abstention is never correct); the average certified radius
 (ACR) is the mean of ``radius * correct`` over all rows.
+
+These are the functions of the ``ddrs analyze`` command (:mod:`ddrs.commands.analyze`) and of the
+demo's table, for use from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,23 +189,3 @@ def plot_certified_accuracy(
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot write the plot {path}: {exc}") from None
     return path
-
-
-def run(args: argparse.Namespace) -> int:
-    """``ddrs analyze`` (its arguments are defined and checked in ddrs.cli)."""
-    labels = args.labels or [None] * len(args.files)
-    results = [load(path, label) for path, label in zip(args.files, labels)]
-    print(latex_table(results, args.radii) if args.latex else markdown_table(results, args.radii), end="")
-    for out in args.output:
-        text = (
-            latex_table(results, args.radii) if out.suffix == ".tex" else markdown_table(results, args.radii)
-        )
-        try:
-            out.write_text(text)
-        except OSError as exc:
-            raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
-        print(f"wrote {out}", file=sys.stderr)
-    if args.plot is not None:
-        plot_certified_accuracy(results, args.plot, max_radius=args.max_radius, title=args.title)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0

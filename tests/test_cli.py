@@ -19,7 +19,11 @@ import pytest
 import torch
 
 import ddrs_ext
-from ddrs import cli, commands
+from ddrs import cli, job, sigma_options
+from ddrs.commands import analyze as analyze_command
+from ddrs.commands import certify as certify_command
+from ddrs.commands import certify_run
+from ddrs.commands import demo as demo_command
 from ddrs.results import PREDICT_COLUMNS, SIGMA_COLUMNS, ResultFile, read_rows
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.memory import CertificationMemory
@@ -367,23 +371,28 @@ def test_the_parser_mirrors_the_library():
     from ddrs import analyze
     from ddrs_ext import sigma
 
-    assert cli.ESTIMATORS == sigma.ESTIMATORS and cli.SURROGATES == sigma.SURROGATES
-    assert set(cli.RULES) == set(sigma.RULES)
-    assert cli.PAPER_SETTINGS == sigma.PAPER_SETTINGS == ddrs_ext.PAPER_SETTINGS
+    assert sigma_options.ESTIMATORS == sigma.ESTIMATORS and sigma_options.SURROGATES == sigma.SURROGATES
+    assert set(sigma_options.RULES) == set(sigma.RULES)
+    assert sigma_options.PAPER_SETTINGS == sigma.PAPER_SETTINGS == ddrs_ext.PAPER_SETTINGS
     params = inspect.signature(sigma.optimize_sigma).parameters
-    assert cli.LIBRARY_OPTIMIZE_DEFAULTS == {k: params[k].default for k in cli.LIBRARY_OPTIMIZE_DEFAULTS}
-    assert set(cli.OPTIMIZE_DEFAULTS) | {"probabilities"} == set(params) - {
+    assert sigma_options.LIBRARY_OPTIMIZE_DEFAULTS == {
+        k: params[k].default for k in sigma_options.LIBRARY_OPTIMIZE_DEFAULTS
+    }
+    assert set(sigma_options.OPTIMIZE_DEFAULTS) | {"probabilities"} == set(params) - {
         "model", "x", "sigma0", "batch_size", "seed", "index", "progress", "callback"
     }  # fmt: skip
-    assert cli.ANALYZE_RADII == analyze.DEFAULT_RADII
+    assert analyze_command.ANALYZE_RADII == analyze.DEFAULT_RADII
     test_size = inspect.signature(load_digits_split).parameters["test_size"].default
-    assert cli.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
+    assert demo_command.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
     from ddrs import selector
     from ddrs_ext import sequential
 
-    assert cli.SEQUENTIAL_TOLERANCE == sequential.DEFAULT_TOLERANCE
+    assert certify_command.SEQUENTIAL_TOLERANCE == sequential.DEFAULT_TOLERANCE
     labels = selector.LABEL_SETTINGS
-    assert (cli.DEMO_DEFAULTS["label_n0"], cli.DEMO_DEFAULTS["label_n"]) == (labels["n0"], labels["n"])
+    assert (demo_command.DEMO_DEFAULTS["label_n0"], demo_command.DEMO_DEFAULTS["label_n"]) == (
+        labels["n0"],
+        labels["n"],
+    )
 
 
 def test_cohen_spellings_are_aliases_and_abbreviations_are_refused(capsys, models, tmp_path):
@@ -607,7 +616,7 @@ def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch, models, tmp_p
     assert cli.main(["certify", "--help"]) == 130
     assert capsys.readouterr().err == ""
     monkeypatch.undo()
-    monkeypatch.setattr(commands, "certify", interrupted)  # while certifying: how to resume
+    monkeypatch.setattr(certify_run, "certify", interrupted)  # while certifying: how to resume
     argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 3, *TINY]
     code, _, err = run(capsys, *argv, "--no-progress", "--out", tmp_path / "c.tsv")
     assert code == 130 and err == "ddrs certify: interrupted; run the same command again to resume\n"
@@ -835,7 +844,7 @@ def test_predict_rows_match_the_library_and_resume(capsys, models, tmp_path):
 
 def plan(total, fixed=None, minimum=1, seconds_per_input=None, seconds=3.0):
     """The chunk sizes chunk_sizes gives when every input takes ``seconds_per_input``."""
-    sizes, gen = [], commands.chunk_sizes(total, fixed, minimum, seconds)
+    sizes, gen = [], job.chunk_sizes(total, fixed, minimum, seconds)
     size = next(gen)
     while True:
         sizes.append(size)
@@ -846,9 +855,9 @@ def plan(total, fixed=None, minimum=1, seconds_per_input=None, seconds=3.0):
 
 
 def test_chunk_planner():
-    assert commands.min_chunk(2000, 512) == 16  # 4 forward batches of sigma-optimisation rows
-    assert commands.min_chunk(1000, 100) == 40  # the paper's 100 samples per step
-    assert commands.min_chunk(1000, 100_000) == 1  # certification alone: one input fills many batches
+    assert job.min_chunk(2000, 512) == 16  # 4 forward batches of sigma-optimisation rows
+    assert job.min_chunk(1000, 100) == 40  # the paper's 100 samples per step
+    assert job.min_chunk(1000, 100_000) == 1  # certification alone: one input fills many batches
     assert plan(10, fixed=4) == [4, 4, 2]
     # slow inputs (5 s each) go min_chunk at a time, not one at a time
     assert plan(100, minimum=16, seconds_per_input=5.0) == [16] * 6 + [4]
@@ -863,16 +872,16 @@ def test_chunk_planner():
 
 def test_automatic_chunks_fill_the_forward_batches(capsys, models, tmp_path, monkeypatch):
     calls = []
-    real = commands.optimize_sigma
+    real = job.optimize_sigma
 
     def spy(model, x, *args, **kwargs):
         calls.append(len(x))
         return real(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(commands, "optimize_sigma", spy)
+    monkeypatch.setattr(job, "optimize_sigma", spy)
     argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--max", 30, *TINY, "--optimize"]
     ok(capsys, *argv, *SIGMA_FAST, "--batch-size", 20, "--out", tmp_path / "o.tsv")
-    assert calls[0] == commands.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
+    assert calls[0] == job.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
     assert sum(calls) == 30
 
 
@@ -904,3 +913,72 @@ def test_cheaper_forward_options_certify_the_model_as_evaluated(capsys, models, 
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(a) for a in (*common, "--autocast", "fp64", "--out", tmp_path / "x.tsv")])
     assert exit_.value.code == 2 and "argument --autocast: invalid choice" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- ddrs train
+
+
+def test_ddrs_train_is_python_m_ddrs_train_digits(capsys, tmp_path):
+    """``ddrs train`` trains what ``python -m ddrs.train_digits`` trains, with the same options (the
+    same weights, sigma bank and stored settings), selector training included; its usage errors are
+    ddrs's one-line errors."""
+    from ddrs import train_digits
+    from ddrs.checkpoints import load_selector_checkpoint
+
+    argv = ["--data-dependent", "--epochs", "1", "--sigma-steps", "1", "--sigma-samples", "4", "--seed", "3"]
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "a.pt")]) == 0
+    assert train_digits.main([*argv, "--out", str(tmp_path / "b.pt")]) == 0
+    capsys.readouterr()
+    model_a, bank_a, config_a = train_digits.load_checkpoint(tmp_path / "a.pt")
+    model_b, bank_b, config_b = train_digits.load_checkpoint(tmp_path / "b.pt")
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(bank_a.sigma, bank_b.sigma) and bool((bank_a.sigma != 0.25).any())
+    assert {k: v for k, v in config_a.items() if k != "out"} == {
+        k: v for k, v in config_b.items() if k != "out"
+    }
+    assert set(config_a) == set(vars(train_digits.build_parser().parse_args([])))  # nothing of ddrs's own
+    selector = ["--sigma-levels", "0.25", "0.5", "--selector-sigma", "0.5", "--epochs", "1"]
+    selector += ["--label-n0", "4", "--label-n", "8", "--batch-size", "256"]
+    for name, main in (("s1.pt", lambda a: cli.main(["train", *a])), ("s2.pt", train_digits.main)):
+        assert main(["--selector-for", str(tmp_path / "a.pt"), *selector, "--out", str(tmp_path / name)]) == 0
+    one, _ = load_selector_checkpoint(tmp_path / "s1.pt")
+    two, _ = load_selector_checkpoint(tmp_path / "s2.pt")
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.equal(a, b), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--sigma-levels", "0.25", "0.5", "--out", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "ddrs train: error: --sigma-levels and --selector-sigma are for --selector-for "
+        "(see 'ddrs train --help')\n"
+    )
+    assert cli.main(["train", "--selector-for", str(tmp_path / "no.pt"), *selector]) == 2
+    assert (
+        capsys.readouterr().err == f"ddrs train: error: --selector-for {tmp_path / 'no.pt'}: no such file\n"
+    )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_ddrs_train_help_and_usage_errors_answer_before_torch_is_imported(tmp_path):
+    for argv, code in (
+        (["train", "--help"], 0),
+        (["train", "--epochs", "0"], 2),
+        (["train", "--selector-sigma", "1"], 2),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "ddrs", *argv], timeout=300, **installed(tmp_path)
+        )
+        assert done.returncode == code, done.stderr
+        imported = [
+            line.split("|")[-1].strip()
+            for line in done.stderr.splitlines()
+            if line.startswith("import time:")
+        ]
+        assert "ddrs.commands.train" in imported
+        assert not [m for m in imported if m.split(".")[0] in ("torch", "numpy", "ddrs_ext")], argv
+        errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+        assert errors == ([] if code == 0 else [errors[0]]) and all(
+            e.startswith("ddrs train: error: ") for e in errors
+        )

@@ -14,6 +14,7 @@ from test_cli import fails, ok, run  # the command-line helpers the other CLI te
 
 import ddrs_ext
 from ddrs import analyze, cli, selector, train_digits
+from ddrs.commands import certify as certify_command
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, ResultFile, read_results, read_rows
 from ddrs_ext.data import load_digits_split
 
@@ -113,7 +114,9 @@ def test_sequential_rows_equal_the_library_and_resume(capsys, models, tmp_path, 
     assert [r["samples"] for r in got] == want.samples.tolist()
     assert min(r["samples"] for r in got) < 16 + 800  # some inputs stopped early
     settings = json.loads((tmp_path / "s.tsv.settings.json").read_text())
-    tolerance = library.get("tolerance", None if "radius" in library else cli.SEQUENTIAL_TOLERANCE)
+    tolerance = library.get(
+        "tolerance", None if "radius" in library else certify_command.SEQUENTIAL_TOLERANCE
+    )
     assert settings["sequential"] == {"radius": library.get("radius"), "tolerance": tolerance}
     # killed after 5 rows, resumed with other batching: the uninterrupted run's rows
     ok(capsys, *argv, "--out", tmp_path / "whole.tsv")
@@ -391,7 +394,7 @@ def test_repeated_model_and_checkpoint_options():
     args = cli.parse_args(["certify", "--data", "d", "--out", "o", "--sigma", "1", "--model", "a:b"])
     assert (args.model, args.models, args.checkpoint, args.checkpoints) == ("a:b", ["a:b"], None, [])
     args = cli.parse_args(["certify", "--data", "d", "--out", "o", "--sigma", "1", "--sequential"])
-    assert args.tolerance == cli.SEQUENTIAL_TOLERANCE and args.radius is None
+    assert args.tolerance == certify_command.SEQUENTIAL_TOLERANCE and args.radius is None
 
 
 # ----------------------------------------------------------------------------- selectors of train_digits
