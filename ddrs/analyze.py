@@ -7,6 +7,10 @@ lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction o
 ``correct == 1`` and ``radius >= r`` (an abstention is never correct); the average certified radius
 (ACR) is the mean of ``radius * correct`` over all rows.
 
+A file whose settings (``<file>.settings.json``) say its radii are not certificates of one
+classifier (``ddrs certify --no-memory`` with a sigma per input, :mod:`ddrs.result_notes`) is
+labelled so in tables and plots, and the tables end with a note that says it.
+
 These are the functions of the ``ddrs analyze`` command (:mod:`ddrs.commands.analyze`) and of the
 demo's table, for use from Python.
 """
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddrs.result_notes import certificate_notes, read_settings
 from ddrs.results import read_results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -33,6 +38,13 @@ class Certified:
     label: str
     correct: np.ndarray
     radius: np.ndarray
+    #: ``(tag, sentence)`` for what the file's radii are not (:func:`ddrs.result_notes.certificate_notes`)
+    notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def title(self) -> str:
+        """The label, with the notes' tags: what a table row or a plot's legend shows."""
+        return self.label + "".join(f" ({tag})" for tag, _ in self.notes)
 
     def __len__(self) -> int:
         return len(self.radius)
@@ -68,8 +80,8 @@ def average_certified_radius(correct, radius) -> float:
 
 def load(path: str | os.PathLike, label: str | None = None) -> Certified:
     """Reads a result file's ``correct`` and ``radius`` columns (``correct`` from ``predict == label``
-    when the file has no ``correct`` column). Raises ``ValueError`` on a missing, empty or malformed
-    file."""
+    when the file has no ``correct`` column), and the notes its settings file gives (none without
+    one). Raises ``ValueError`` on a missing, empty or malformed file."""
     path = Path(path)
     columns = read_results(path)  # ResultFileError (a ValueError) for missing / unreadable files
     if "radius" not in columns:
@@ -89,7 +101,15 @@ def load(path: str | os.PathLike, label: str | None = None) -> Certified:
         raise ValueError(f"{path}: 'correct' must be 0 or 1 in every row")
     if not (np.isfinite(radius).all() and (radius >= 0).all()):
         raise ValueError(f"{path}: every radius must be finite and >= 0")
-    return Certified(label=path.stem if label is None else label, correct=correct == 1, radius=radius)
+    settings = read_settings(path)
+    notes = tuple(certificate_notes(settings)) if settings is not None else ()
+    label = path.stem if label is None else label
+    return Certified(label=label, correct=correct == 1, radius=radius, notes=notes)
+
+
+def _notes(results: Sequence[Certified]) -> list[str]:
+    """``note: LABEL: SENTENCE`` for each note of each result."""
+    return [f"note: {res.label}: {sentence}" for res in results for _, sentence in res.notes]
 
 
 def _radius_text(r: float) -> str:
@@ -101,10 +121,11 @@ def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAUL
     head = ["result", *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for res in results:
-        cells = [res.label.replace("|", "\\|"), *(f"{a:.3f}" for a in res.accuracy(radii))]
+        cells = [res.title.replace("|", "\\|"), *(f"{a:.3f}" for a in res.accuracy(radii))]
         cells += [f"{res.acr:.3f}", str(len(res))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = _notes(results)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 _LATEX_SPECIAL = {
@@ -140,10 +161,10 @@ def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_R
         "\\midrule",
     ]
     for res in results:
-        cells = [latex_escape(res.label), *(f"{a:.3f}" for a in res.accuracy(radii))]
+        cells = [latex_escape(res.title), *(f"{a:.3f}" for a in res.accuracy(radii))]
         cells += [f"{res.acr:.3f}", str(len(res))]
         lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += ["\\bottomrule", "\\end{tabular}", *(f"% {note}" for note in _notes(results))]
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +196,7 @@ def plot_certified_accuracy(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for res in results:
-        ax.step(grid, res.accuracy(grid), where="post", label=f"{res.label} (ACR {res.acr:.3f})")
+        ax.step(grid, res.accuracy(grid), where="post", label=f"{res.title} (ACR {res.acr:.3f})")
     ax.set_xlabel("L2 radius r")
     ax.set_ylabel("certified accuracy at radius r")
     ax.set_xlim(0, max_radius)

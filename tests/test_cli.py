@@ -267,7 +267,7 @@ def write_abs_data(tmp_path, n=24):
 def test_memory_resume_equals_uninterrupted_run(capsys, models, tmp_path):
     data, sigma = write_abs_data(tmp_path)
     common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
-    ok(capsys, *common, "--out", tmp_path / "plain.tsv")
+    ok(capsys, *common, "--no-memory", "--out", tmp_path / "plain.tsv")
     ok(capsys, *common, "--memory", "--out", tmp_path / "whole.tsv")
     plain, whole = rows(tmp_path / "plain.tsv"), rows(tmp_path / "whole.tsv")
     assert sum(p != w for p, w in zip(plain, whole)) >= 3  # the memory does change answers here
@@ -982,3 +982,133 @@ def test_ddrs_train_help_and_usage_errors_answer_before_torch_is_imported(tmp_pa
         assert errors == ([] if code == 0 else [errors[0]]) and all(
             e.startswith("ddrs train: error: ") for e in errors
         )
+
+
+# ----------------------------------------------------------------------------- the memory by default
+
+
+def overlapping_balls(rows_: list[dict], x: torch.Tensor) -> list[tuple[int, int]]:
+    """Pairs of inputs certified for different classes whose balls overlap (||x_i - x_j|| < r_i + r_j):
+    certificates that no single classifier can give together."""
+    flat = x.flatten(1).to(torch.float64)
+    found = []
+    for a, ra in enumerate(rows_):
+        for b in range(a + 1, len(rows_)):
+            rb = rows_[b]
+            if ra["predict"] < 0 or rb["predict"] < 0 or ra["predict"] == rb["predict"]:
+                continue
+            d = float((flat[ra["idx"]] - flat[rb["idx"]]).norm())
+            if d < ra["radius"] + rb["radius"] - 1e-9:
+                found.append((ra["idx"], rb["idx"]))
+    return found
+
+
+NO_MEMORY = "per-input sigma without memory: not a certificate of one classifier"
+
+
+def test_a_sigma_per_input_goes_through_the_memory_by_default(capsys, models, tmp_path):
+    """Nearby inputs certified at different sigmas (0.05 and 2) would claim overlapping balls of
+    different classes; by default (no flag) the memory adjusts them, as --memory does. The negative
+    control, --no-memory, does give overlapping balls, and the file, its summary and ddrs analyze
+    say that they are not certificates of one classifier."""
+    data, sigma = write_abs_data(tmp_path)
+    x = torch.load(data)["x"]
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    out = ok(capsys, *common, "--out", tmp_path / "default.tsv")
+    ok(capsys, *common, "--memory", "--out", tmp_path / "memory.tsv")
+    nm_out = ok(capsys, *common, "--no-memory", "--out", tmp_path / "nm.tsv")
+    default, raw = rows(tmp_path / "default.tsv"), rows(tmp_path / "nm.tsv")
+    assert default == rows(tmp_path / "memory.tsv")
+    assert overlapping_balls(default, x) == []
+    overlaps = overlapping_balls(raw, x)  # the negative control: what the memory prevents
+    assert len(overlaps) >= 3
+    assert all(raw[i]["sigma"] != raw[j]["sigma"] for i, j in overlaps)
+    assert sum(d != r for d, r in zip(default, raw)) >= 3
+    # settings: the memory recorded; the opt-out marked
+    settings = json.loads((tmp_path / "default.tsv.settings.json").read_text())
+    assert settings["memory"] is True and "notes" not in settings
+    settings = json.loads((tmp_path / "nm.tsv.settings.json").read_text())
+    assert settings["memory"] is False and settings["notes"] == [NO_MEMORY]
+    # the run's summary
+    assert NO_MEMORY not in out
+    assert f"{tmp_path / 'nm.tsv'}: {NO_MEMORY}" in nm_out
+    # ddrs analyze: the row labelled, the note printed (markdown and LaTeX)
+    argv = ["analyze", tmp_path / "default.tsv", tmp_path / "nm.tsv", "--labels", "default", "nm"]
+    code, table, _ = run(capsys, *argv)
+    assert code == 0
+    assert "| default | " in table and "| nm (per-input σ without memory) | " in table
+    assert table.strip().splitlines()[-1] == f"note: nm: {NO_MEMORY}"
+    assert table.count(NO_MEMORY) == 1
+    code, latex, _ = run(capsys, *argv, "--latex")
+    assert code == 0 and latex.strip().splitlines()[-1] == f"% note: nm: {NO_MEMORY}"
+    assert "nm (per-input $\\sigma$ without memory)" in latex
+    from ddrs import analyze
+
+    assert analyze.load(tmp_path / "nm.tsv").notes and not analyze.load(tmp_path / "default.tsv").notes
+
+
+def test_memory_options_parse(capsys):
+    base = ["certify", "--data", "d", "--out", "o"]
+    for extra, memory in (
+        (["--sigma-file", "s.tsv"], True),
+        (["--optimize"], True),
+        (["--sigma", "1"], False),
+        (["--sigma-file", "s.tsv", "--no-memory"], False),
+        (["--optimize", "--memory"], True),
+        (["--sigma", "1", "--memory"], True),  # as before: the memory at a fixed sigma, if asked for
+        (["--sigma", "1", "--no-memory"], False),
+        (["--sigma-levels", "1", "2", "--selector", "m:f", "--selector-sigma", "1"], False),
+        (["--sigma-levels", "1", "2", "--selector", "m:f", "--selector-sigma", "1", "--no-memory"], False),
+    ):
+        assert cli.parse_args([*base, *extra]).memory is memory, extra
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--sigma-file", "s.tsv", "--memory", "--no-memory"])
+    assert "argument --no-memory: not allowed with argument --memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["certify", "--help"])
+    assert "NOT certificates of one classifier" in " ".join(capsys.readouterr().out.split())
+
+
+def test_files_of_earlier_versions_resume_with_their_meaning(capsys, models, tmp_path):
+    """A per-input-sigma run started without the memory before it was the default (its settings
+    lack "notes", memory false) resumes without the memory when rerun with the same command (no
+    flag), with a note; it stays flagged. An explicit --memory is refused (other settings); a
+    fixed-sigma file of that version resumes as ever."""
+    data, sigma = write_abs_data(tmp_path)
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    ok(capsys, *common, "--no-memory", "--out", tmp_path / "whole.tsv")
+    settings = json.loads((tmp_path / "whole.tsv.settings.json").read_text())
+    del settings["notes"]  # as the earlier version wrote them
+    old = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    lines = (tmp_path / "whole.tsv").read_text().splitlines(keepends=True)
+    for name in ("old.tsv", "old2.tsv"):
+        (tmp_path / name).write_text("".join(lines[:9]))  # 8 rows done
+        (tmp_path / f"{name}.settings.json").write_text(old)
+    code, out, err = run(capsys, *common, "--no-progress", "--out", tmp_path / "old.tsv")
+    assert code == 0, err
+    assert f"ddrs certify: note: {tmp_path / 'old.tsv'} was started without the memory" in err
+    assert "resuming; 8 of 24 selected inputs already done" in err
+    assert rows(tmp_path / "old.tsv") == rows(tmp_path / "whole.tsv")  # no memory, as it was begun
+    assert (tmp_path / "old.tsv.settings.json").read_text() == old  # left as it was
+    assert NO_MEMORY in out
+    from ddrs import analyze
+
+    assert [s for _, s in analyze.load(tmp_path / "old.tsv").notes] == [NO_MEMORY]  # flagged all the same
+    msg = fails(capsys, *common, "--memory", "--out", tmp_path / "old2.tsv")
+    assert "was started with other settings (memory: False then, True now)" in msg
+    # --no-memory given explicitly resumes it too, without the note
+    code, _, err = run(capsys, *common, "--no-memory", "--no-progress", "--out", tmp_path / "old2.tsv")
+    assert code == 0 and "was started without the memory" not in err
+    assert rows(tmp_path / "old2.tsv") == rows(tmp_path / "whole.tsv")
+    # a fixed-sigma file of that version (no memory, no notes) resumes as before
+    fixed = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma", 0.5, *TINY]
+    ok(capsys, *fixed, "--out", tmp_path / "fixed.tsv")
+    settings = json.loads((tmp_path / "fixed.tsv.settings.json").read_text())
+    assert settings["memory"] is False and "notes" not in settings
+    lines = (tmp_path / "fixed.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "fixed2.tsv").write_text("".join(lines[:5]))
+    (tmp_path / "fixed2.tsv.settings.json").write_text((tmp_path / "fixed.tsv.settings.json").read_text())
+    code, _, err = run(capsys, *fixed, "--no-progress", "--out", tmp_path / "fixed2.tsv")
+    assert code == 0 and "note" not in err
+    assert rows(tmp_path / "fixed2.tsv") == rows(tmp_path / "fixed.tsv")
+    assert not analyze.load(tmp_path / "fixed.tsv").notes

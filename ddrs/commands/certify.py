@@ -29,8 +29,10 @@ DESCRIPTION = (
     "Certifies inputs of --data with the smoothed version of --model (Cohen et al.'s "
     "CERTIFY: n0 noisy copies\nselect a class, n fresh ones bound its probability at confidence "
     "1 - alpha; radius sigma * Phi^-1(p_lower)),\nwith a fixed sigma, a sigma per input from "
-    "'ddrs optimize-sigma', or one optimised on the fly.\n--memory applies the paper's "
-    "memory-based adjustment, which keeps per-input-sigma certificates sound.\n--sequential "
+    "'ddrs optimize-sigma', or one optimised on the fly.\nA sigma per input goes through the paper's "
+    "memory-based adjustment (--memory, the default), which\nkeeps per-input-sigma certificates sound; "
+    "--no-memory opts out (the radii are then not certificates\nof one classifier, and the result "
+    "file says so).\n--sequential "
     "stops each input as soon as its certificate is settled (fewer model evaluations).\n"
     "--sigma-levels: dual certification, a certified selector picks the sigma (sound without a "
     "memory)."
@@ -70,10 +72,24 @@ def add_parser(sub) -> None:
         "--n", "--N", type=count, default=100_000, help="noisy copies that estimate its probability"
     )
     g.add_argument("--alpha", type=probability, default=0.001, help="failure probability")
-    g.add_argument(
+    m = g.add_mutually_exclusive_group()
+    m.add_argument(
         "--memory",
-        action="store_true",
-        help="memory-based certification (ddrs_ext.CertificationMemory, inputs in idx order)",
+        action="store_const",
+        const=True,
+        default=None,
+        help="memory-based certification (ddrs_ext.CertificationMemory, inputs in idx order): the "
+        "default with a sigma per input (--optimize, --sigma-file); with --sigma it may be asked for",
+    )
+    m.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_const",
+        const=False,
+        help="with a sigma per input: certify each input at its own sigma, without the memory. The "
+        "radii are then NOT certificates of one classifier (two nearby inputs can be certified for "
+        "different classes with overlapping balls); the result file's settings, its summary and "
+        "'ddrs analyze' say so",
     )
     _add_sequential_options(p)
     _add_selector_options(p)
@@ -146,6 +162,7 @@ def _add_selector_options(p: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """The checks of certify's arguments that need no torch (a ValueError is a usage error)."""
+    _resolve_memory(args)
     args.optimize_options = None
     if args.optimize:
         args.optimize_options = optimize_options(args)
@@ -153,6 +170,15 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError("sigma optimisation options (--sigma0, --iterations, ...) need --optimize")
     _check_sequential(args)
     _check_dual(args)
+
+
+def _resolve_memory(args: argparse.Namespace) -> None:
+    """``args.memory``: as given (--memory, --no-memory), else the memory exactly when the sigma is
+    chosen per input (--optimize, --sigma-file). ``args.memory_given`` says whether it was given (a
+    rerun of a file started without the memory, before it was the default, resumes without it)."""
+    args.memory_given = args.memory is not None
+    if args.memory is None:
+        args.memory = bool(args.optimize or args.sigma_file is not None)
 
 
 def _check_sequential(args: argparse.Namespace) -> None:

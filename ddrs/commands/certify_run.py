@@ -15,6 +15,7 @@ from ddrs import distributed_run
 from ddrs.checkpoints import is_selector_checkpoint
 from ddrs.job import Job, Sigma, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
+from ddrs.result_notes import certificate_notes, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
 from ddrs.weights import load_weights
 from ddrs_ext.certification import ABSTAIN, certify
@@ -194,8 +195,26 @@ def _expert_specs(args: argparse.Namespace, levels: int) -> list[tuple[str | Non
     return [(pick(models, k), pick(checkpoints, k)) for k in range(levels)]
 
 
+def _earlier_memory_choice(args: argparse.Namespace) -> None:
+    """A rerun that resumes a file certified at a sigma per input without the memory, started
+    before the memory was the default, resumes it without the memory (what the file holds), with a
+    note, unless --memory or --no-memory was given (then the settings must match, as ever)."""
+    if getattr(args, "memory_given", True) or not args.memory:
+        return
+    before = resumed_settings(args.out)
+    if before is not None and before.get("memory") is False and certificate_notes(before):
+        args.memory = False
+        print(
+            f"ddrs certify: note: {args.out} was started without the memory (before it was the default "
+            "for a sigma per input); resuming it so: its radii are not certificates of one classifier "
+            "(use another --out for a run with the memory)",
+            file=sys.stderr,
+        )
+
+
 @distributed_run.command
 def run(args: argparse.Namespace) -> int:
+    _earlier_memory_choice(args)
     job = Job(args)
     method = _Certifier(args, job)
     settings = {
@@ -208,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
         "memory": bool(args.memory),
         **method.settings,
     }
+    notes = certificate_notes(settings)
+    if notes:  # described for a reader; not compared on a resume (ddrs.results.DESCRIPTIVE_SETTINGS)
+        settings["notes"] = [sentence for _, sentence in notes]
     step = _memory_step(job) if args.memory else None
     with open_results(args, job, method.columns, settings, order_step=step, later=method.later) as out:
         memory = None
@@ -232,4 +254,9 @@ def run(args: argparse.Namespace) -> int:
 
         run_chunks(args, job, out, method.rows_per_input, work)
         print(_certify_summary(args.out, [out.done[i] for i in job.selected if i in out.done]))
+        for _, sentence in notes:
+            print(
+                f"{args.out}: {sentence} (each radius holds only for the smoothed classifier "
+                "at its input's own sigma)"
+            )
     return 0
