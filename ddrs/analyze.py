@@ -9,7 +9,10 @@ lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction o
 
 A file whose settings (``<file>.settings.json``) say its radii are not certificates of one
 classifier (``ddrs certify --no-memory`` with a sigma per input, :mod:`ddrs.result_notes`) is
-labelled so in tables and plots, and the tables end with a note that says it.
+labelled so in tables and plots, and the tables end with a note that says it. A file of sequential
+certification in radius mode (``ddrs certify --sequential --radius r``) shows only its certified
+accuracy at ``r`` (the tables gain an ``r`` column if they lack one; its other cells and its ACR are
+left empty, and a plot marks one point instead of a curve).
 
 These are the functions of the ``ddrs analyze`` command (:mod:`ddrs.commands.analyze`) and of the
 demo's table, for use from Python.
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddrs.result_notes import certificate_notes, read_settings
+from ddrs.result_notes import certificate_notes, radius_mode, read_settings
 from ddrs.results import read_results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -40,6 +43,9 @@ class Certified:
     radius: np.ndarray
     #: ``(tag, sentence)`` for what the file's radii are not (:func:`ddrs.result_notes.certificate_notes`)
     notes: tuple[tuple[str, str], ...] = ()
+    #: ``r`` of a file of sequential certification in radius mode, where only "certified at r" is
+    #: meaningful (:func:`ddrs.result_notes.radius_mode`); None otherwise.
+    radius_mode: float | None = None
 
     @property
     def title(self) -> str:
@@ -104,7 +110,7 @@ def load(path: str | os.PathLike, label: str | None = None) -> Certified:
     settings = read_settings(path)
     notes = tuple(certificate_notes(settings)) if settings is not None else ()
     label = path.stem if label is None else label
-    return Certified(label=label, correct=correct == 1, radius=radius, notes=notes)
+    return Certified(label, correct == 1, radius, notes=notes, radius_mode=radius_mode(settings))
 
 
 def _notes(results: Sequence[Certified]) -> list[str]:
@@ -116,13 +122,27 @@ def _radius_text(r: float) -> str:
     return f"{r:g}"
 
 
+def _table_radii(results: Sequence[Certified], radii: Sequence[float]) -> list[float]:
+    """``radii``, and the ``r`` of each radius-mode result that they lack, in increasing order."""
+    extra = {res.radius_mode for res in results if res.radius_mode is not None} - set(radii)
+    return sorted([*radii, *extra]) if extra else list(radii)
+
+
+def _cells(res: Certified, radii: Sequence[float], empty: str) -> list[str]:
+    """Certified accuracy at ``radii`` and the ACR; ``empty`` where a radius-mode result says nothing."""
+    if res.radius_mode is None:
+        return [*(f"{a:.3f}" for a in res.accuracy(radii)), f"{res.acr:.3f}"]
+    at = float(res.accuracy([res.radius_mode])[0])
+    return [*(f"{at:.3f}" if r == res.radius_mode else empty for r in radii), empty]
+
+
 def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A markdown table: one row per result, certified accuracy at ``radii``, ACR and input count."""
+    radii = _table_radii(results, radii)
     head = ["result", *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for res in results:
-        cells = [res.title.replace("|", "\\|"), *(f"{a:.3f}" for a in res.accuracy(radii))]
-        cells += [f"{res.acr:.3f}", str(len(res))]
+        cells = [res.title.replace("|", "\\|"), *_cells(res, radii, "–"), str(len(res))]
         lines.append("| " + " | ".join(cells) + " |")
     notes = _notes(results)
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
@@ -150,6 +170,7 @@ def latex_escape(text: str) -> str:
 def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``): certified accuracy at ``radii``,
     ACR and input count, one row per result."""
+    radii = _table_radii(results, radii)
     k = len(radii)
     lines = [
         "% certified accuracy at L2 radius r; ACR = average certified radius; needs \\usepackage{booktabs}",
@@ -161,8 +182,7 @@ def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_R
         "\\midrule",
     ]
     for res in results:
-        cells = [latex_escape(res.title), *(f"{a:.3f}" for a in res.accuracy(radii))]
-        cells += [f"{res.acr:.3f}", str(len(res))]
+        cells = [latex_escape(res.title), *_cells(res, radii, "--"), str(len(res))]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", *(f"% {note}" for note in _notes(results))]
     return "\n".join(lines) + "\n"
@@ -177,9 +197,10 @@ def plot_certified_accuracy(
     points: int = 2001,
 ) -> Path:
     """Writes a PNG (or any format matplotlib infers from the suffix) of certified accuracy against
-    radius, one step curve per result over ``points`` radii from 0 to ``max_radius`` (default: a
-    little past the largest certified radius). Headless: draws on an Agg canvas without pyplot, so
-    it neither needs a display nor changes the backend of a session that uses pyplot."""
+    radius, one step curve per result (one point at ``r`` for a radius-mode result) over ``points``
+    radii from 0 to ``max_radius`` (default: a little past the largest certified radius). Headless:
+    draws on an Agg canvas without pyplot, so it neither needs a display nor changes the backend of a
+    session that uses pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -187,7 +208,7 @@ def plot_certified_accuracy(
         raise ValueError("nothing to plot")
     path = Path(path)
     if max_radius is None:
-        largest = max(float(res.radius.max()) for res in results)
+        largest = max(max(float(res.radius.max()), res.radius_mode or 0.0) for res in results)
         max_radius = 1.05 * largest if largest > 0 else 1.0
     if not (math.isfinite(max_radius) and max_radius > 0):
         raise ValueError(f"max_radius must be > 0, got {max_radius}")
@@ -196,6 +217,10 @@ def plot_certified_accuracy(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for res in results:
+        if res.radius_mode is not None:  # one point: certified at r or not
+            r = res.radius_mode
+            ax.plot([r], res.accuracy([r]), marker="o", linestyle="none", label=f"{res.title} (at r = {r:g})")
+            continue
         ax.step(grid, res.accuracy(grid), where="post", label=f"{res.title} (ACR {res.acr:.3f})")
     ax.set_xlabel("L2 radius r")
     ax.set_ylabel("certified accuracy at radius r")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ddrs.commands import analyze, certify, demo, optimize_sigma, predict, train
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
+
+
+def _under_torchrun() -> bool:
+    """As ddrs.distributed_run.launched (which imports torch): there, every rank checks and reports."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _message(exc: BaseException) -> str:
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         command = f"ddrs {args.command}"
+        if getattr(args, "check_paths", None) is not None and not _under_torchrun():
+            args.check_paths(args)  # a wrong path answers before torch loads (under torchrun: every rank)
         module, _, name = args.run.partition(":")
         run = getattr(importlib.import_module(module), name)  # torch and ddrs_ext load here
         started = True

@@ -22,6 +22,7 @@ from ddrs.checkpoints import (
     load_checkpoint,
     load_selector_checkpoint,
 )
+from ddrs.options import split_callable
 from ddrs.weights import (
     describe,
     file_kind,
@@ -39,8 +40,6 @@ __all__ = [
     "state_dict_of",
     "load_state_dict_checked",
 ]
-
-_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -61,16 +60,6 @@ def resolve_device(name: str | None) -> torch.device:
     elif device.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"--device {name}: unsupported device type {device.type!r}; use cpu or cuda")
     return device
-
-
-def _split_callable(spec: str) -> tuple[str, str] | None:
-    """``(module or .py file, attribute path)`` for ``module:callable`` / ``file.py:callable``, else None."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not _CALLABLE.match(attr):
-        return None
-    if target.endswith(".py") or _CALLABLE.match(target):
-        return target, attr
-    return None
 
 
 def _import(target: str):
@@ -259,7 +248,7 @@ def load_classifier(
         except RuntimeError as exc:
             raise ValueError(f"--checkpoint {path} does not fit its model: {_one_line(exc)}") from None
     else:
-        parts = _split_callable(spec)
+        parts = split_callable(spec)
         model = _build(*parts) if parts is not None else _load_file_model(Path(spec), device)
         if checkpoint is not None:
             path = Path(checkpoint)
@@ -297,7 +286,7 @@ def model_settings(spec: str | None, checkpoint: str | None) -> dict:
         return os.path.abspath(p)
 
     if spec is not None:
-        parts = _split_callable(spec)
+        parts = split_callable(spec)
         if parts is not None and parts[0].endswith(".py"):
             spec = f"{absolute(parts[0])}:{parts[1]}"
         elif parts is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 from pathlib import Path
 
 __all__ = [
@@ -26,10 +28,13 @@ __all__ = [
     "seed",
     "set_command",
     "add_model_and_data",
+    "check_paths",
     "check_repeated",
+    "split_callable",
 ]
 
 SEED_LIMIT = 2**64
+_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DIST_TIMEOUT = 1800.0  # seconds, --dist-timeout (torch's own default for gloo)
 
 
@@ -182,6 +187,55 @@ def check_repeated(args: argparse.Namespace) -> None:
             )
 
 
+def split_callable(spec: str) -> tuple[str, str] | None:
+    """``(module or .py file, attribute path)`` for ``module:callable`` / ``file.py:callable``, else None
+    (a --model given as a file: TorchScript or .pt2)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not _CALLABLE.match(attr):
+        return None
+    if target.endswith(".py") or _CALLABLE.match(target):
+        return target, attr
+    return None
+
+
+def _check_model_file(spec: str, option: str) -> None:
+    parts = split_callable(spec)
+    path = parts[0] if parts is not None else spec
+    if (parts is None or path.endswith(".py")) and not os.path.exists(path):
+        raise FileNotFoundError(f"{option}: {path}: no such file")
+
+
+def _check_file(path: os.PathLike | str, option: str, directory: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path}{directory}")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The files and folders a command's arguments name (--out's folder, --model and --checkpoint
+    files, --data, --sigma-file, the selector's), checked before torch is imported so that a wrong
+    path answers at once, with the message the command would give later: ``FileNotFoundError`` or
+    another ``OSError``, or ``ValueError`` for --out."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    if not out.parent.exists():
+        raise ValueError(f"--out {out}: its folder {out.parent} does not exist")
+    for spec in args.models:
+        _check_model_file(spec, "--model")
+    for checkpoint in args.checkpoints:
+        _check_file(checkpoint, "--checkpoint", " is a folder, not a file")
+    if args.data != "digits" and not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data: {args.data}: no such file or folder (or use --data digits)")
+    if getattr(args, "sigma_file", None) is not None:
+        _check_file(args.sigma_file, "--sigma-file", ": is a directory, not a result file")
+    if getattr(args, "selector", None) is not None:
+        _check_model_file(args.selector, "--selector")
+    if getattr(args, "selector_checkpoint", None) is not None:
+        _check_file(args.selector_checkpoint, "--selector-checkpoint", " is a folder, not a file")
+
+
 def add_model_and_data(p: argparse.ArgumentParser) -> None:
     """The option groups of the commands that evaluate a model on data: model and data, selection,
     the run (--out, --seed, --device, batches), cheaper forward passes and several processes."""
@@ -198,7 +252,7 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
         action=Repeatable,
         help="weights for --model, or a train_digits checkpoint alone",
     )
-    p.set_defaults(models=[], checkpoints=[])
+    p.set_defaults(models=[], checkpoints=[], check_paths=check_paths)
     g.add_argument(
         "--data",
         required=True,

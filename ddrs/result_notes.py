@@ -8,6 +8,12 @@ under ``"notes"``, and ``ddrs analyze``, the run's summary and :func:`ddrs.analy
 :attr:`~ddrs.analyze.Certified.notes`) report it. Files written before the memory became the
 default lack ``"notes"``: :func:`certificate_notes` derives the same notes from their other
 settings (``"memory": false`` with a per-input ``"sigma"``), so they are flagged too.
+
+A file of ``ddrs certify --sequential --radius r`` (radius mode) answers one question per input:
+certified at ``r`` or not (each input stops as soon as that is settled, so its radius says nothing
+about other radii). Its notes say so, and ``ddrs analyze`` and the summary report only the
+fraction of inputs certified (and correct) at ``r``: no curve, no average certified radius
+(:func:`radius_mode`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ from pathlib import Path
 
 from ddrs.results import rank_files
 
-__all__ = ["PER_INPUT_WITHOUT_MEMORY", "certificate_notes", "read_settings", "resumed_settings"]
+__all__ = [
+    "PER_INPUT_WITHOUT_MEMORY",
+    "certificate_notes",
+    "radius_mode",
+    "read_settings",
+    "resumed_settings",
+]
 
 #: (tag for a table row, sentence) of a file certified at a sigma per input without the memory.
 PER_INPUT_WITHOUT_MEMORY = (
@@ -33,6 +45,16 @@ def _per_input(settings: Mapping) -> bool:
     return isinstance(sigma, Mapping) and ("file" in sigma or "optimize" in sigma)
 
 
+def radius_mode(settings: Mapping | None) -> float | None:
+    """The radius ``r`` of a certify file made with ``--sequential --radius r``, else None."""
+    if settings is None or settings.get("command") != "certify":
+        return None
+    sequential = settings.get("sequential")
+    if not isinstance(sequential, Mapping) or sequential.get("radius") is None:
+        return None
+    return float(sequential["radius"])
+
+
 def certificate_notes(settings: Mapping) -> list[tuple[str, str]]:
     """``(tag, sentence)`` for each thing a certify result file's ``settings`` say its radii are not
     (none for other commands' files)."""
@@ -41,6 +63,15 @@ def certificate_notes(settings: Mapping) -> list[tuple[str, str]]:
     notes = []
     if _per_input(settings) and not settings.get("memory"):
         notes.append(PER_INPUT_WITHOUT_MEMORY)
+    r = radius_mode(settings)
+    if r is not None:
+        notes.append(
+            (
+                f"radius mode, r = {r:g}",
+                f"sequential certification in radius mode (r = {r:g}): each input is certified at r or "
+                "not; only the certified accuracy at r is meaningful (no curve, no average certified radius)",
+            )
+        )
     return notes
 
 

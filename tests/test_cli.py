@@ -7,6 +7,8 @@ import ast
 import inspect
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -1024,6 +1026,16 @@ def test_a_sigma_per_input_goes_through_the_memory_by_default(capsys, models, tm
     assert len(overlaps) >= 3
     assert all(raw[i]["sigma"] != raw[j]["sigma"] for i, j in overlaps)
     assert sum(d != r for d, r in zip(default, raw)) >= 3
+    # the summary says how many certificates the memory changed (of this run's: a resume counts its own)
+    changed = [(d["predict"], d["radius"]) != (r["predict"], r["radius"]) for d, r in zip(default, raw)]
+    assert f"the memory changed {sum(changed)} of the 24 certificates of this run" in out
+    assert "the memory changed" not in nm_out
+    lines = (tmp_path / "default.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "default.tsv").write_text("".join(lines[:11]))  # 10 rows done
+    resumed = ok(capsys, *common, "--out", tmp_path / "default.tsv")
+    assert f"the memory changed {sum(changed[10:])} of the 14 certificates of this run" in resumed
+    assert rows(tmp_path / "default.tsv") == default
+    assert "the memory changed" not in ok(capsys, *common, "--out", tmp_path / "default.tsv")  # nothing to do
     # settings: the memory recorded; the opt-out marked
     settings = json.loads((tmp_path / "default.tsv.settings.json").read_text())
     assert settings["memory"] is True and "notes" not in settings
@@ -1112,3 +1124,81 @@ def test_files_of_earlier_versions_resume_with_their_meaning(capsys, models, tmp
     assert code == 0 and "note" not in err
     assert rows(tmp_path / "fixed2.tsv") == rows(tmp_path / "fixed.tsv")
     assert not analyze.load(tmp_path / "fixed.tsv").notes
+
+
+# ----------------------------------------------------------------------------- help examples, paths
+
+
+def broken_continuations(epilog: str) -> list[str]:
+    """The example lines of an epilog that show a command cut or glued wrong: a continuation line
+    after a line that does not end in a backslash, or a line holding a run of spaces before an
+    option (a backslash-newline inside the Python string joined two lines into one)."""
+    examples = epilog.split("examples:\n", 1)[1] if "examples:\n" in epilog else ""
+    broken, previous = [], ""
+    for line in examples.splitlines():
+        cut = line.startswith("      ") and line.strip() and not previous.rstrip().endswith("\\")
+        if cut or re.search(r"\S {3,}--", line.strip()):
+            broken.append(line.strip())
+        previous = line
+    return broken
+
+
+def example_commands(epilog: str) -> list[str]:
+    examples = epilog.split("examples:\n", 1)[1] if "examples:\n" in epilog else ""
+    return [c.strip() for c in examples.replace("\\\n", " ").splitlines() if c.strip().startswith("ddrs ")]
+
+
+def test_help_examples_are_whole_commands_that_parse():
+    for p in _subparsers():
+        if p.prog in ("ddrs certify", "ddrs predict", "ddrs optimize-sigma"):  # --data digits' format
+            assert (
+                "digits                          the embedded digits: inputs (N, 1, 8, 8) in [0, 1]"
+                in p.epilog
+            )
+        assert broken_continuations(p.epilog or "") == [], p.prog
+        commands = example_commands(p.epilog or "")
+        assert commands, p.prog
+        for command in commands:
+            args = cli.parse_args(shlex.split(command)[1:])
+            assert args.command in command.split()[1], command
+    # the negative controls: an example as it was written (a backslash-newline in the string), and
+    # a continuation line after a line without its backslash
+    glued = """
+examples:
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \
+      --n 100000 --out seq_r05.tsv
+"""
+    assert broken_continuations(glued) == [
+        "ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5       "
+        "--n 100000 --out seq_r05.tsv"
+    ]
+    cut = "examples:\n  ddrs certify --radius 0.5\n      --n 100000 --out b\n"
+    assert broken_continuations(cut) == ["--n 100000 --out b"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--sigma", "1", "--out", "/nonexistent_dir/x.tsv"],
+            "--out /nonexistent_dir/x.tsv: its folder /nonexistent_dir does not exist",
+        ),
+        (
+            ["--sigma", "1", "--checkpoint", "no_such.pt", "--out", "x.tsv"],
+            "--checkpoint no_such.pt: no such file",
+        ),
+        (["--sigma-file", "no_such.tsv", "--out", "x.tsv"], "--sigma-file no_such.tsv: no such file"),
+    ],
+)
+def test_path_errors_answer_before_torch_is_imported(tmp_path, extra, message):
+    argv = ["-X", "importtime", "-m", "ddrs", "certify", "--data", "digits", *extra]
+    done = subprocess.run([sys.executable, *argv], timeout=300, **installed(tmp_path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "ddrs.cli" in imported and not [
+        m for m in imported if m.split(".")[0] in ("torch", "numpy", "ddrs_ext")
+    ]
+    assert [line for line in lines if not line.startswith("import time:")] == [
+        f"ddrs certify: error: {message}"
+    ]

@@ -49,9 +49,9 @@ examples:
       --skip 20 --sigma-file sigma.tsv --memory --out cifar_dd.tsv
   ddrs certify --model model.ts --data test.pt --optimize --sigma0 0.25 --max 100 --out dd.tsv
   ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --out seq.tsv
-  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \\
       --n 100000 --out seq_r05.tsv
-  ddrs certify --checkpoint dd.pt --selector-checkpoint selector.pt --data digits \
+  ddrs certify --checkpoint dd.pt --selector-checkpoint selector.pt --data digits \\
       --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out dual.tsv
 """
 

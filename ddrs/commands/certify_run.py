@@ -26,10 +26,25 @@ from ddrs_ext.sequential import certify_sequential, round_schedule
 __all__ = ["run"]
 
 
-def _memory_step(job: Job) -> Callable[[list[dict], list[dict]], list[dict]]:
+class _Changes:
+    """How many certificates the memory changed (class or radius), of how many it saw, in this run."""
+
+    def __init__(self) -> None:
+        self.changed = self.seen = 0
+
+    def count(
+        self, before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        differs = (before[0].cpu() != after[0].cpu()) | (before[1].cpu() != after[1].cpu())
+        self.changed += int(differs.sum())
+        self.seen += len(differs)
+
+
+def _memory_step(job: Job, changes: _Changes) -> Callable[[list[dict], list[dict]], list[dict]]:
     """The memory-based adjustment as a step over rows: the memory rebuilt from the rows already in
     the file (as they were adjusted), then the new rows adjusted in idx order, as one process adjusts
-    them (CertificationMemory gives the same answers whatever the blocks)."""
+    them (CertificationMemory gives the same answers whatever the blocks); ``changes`` counts what
+    it changed."""
 
     def step(before: list[dict], rows: list[dict]) -> list[dict]:
         memory = CertificationMemory()
@@ -43,11 +58,14 @@ def _memory_step(job: Job) -> Callable[[list[dict], list[dict]], list[dict]]:
         adjusted = []
         for start in range(0, len(rows), 1024):
             part = rows[start : start + 1024]
-            prediction, radius = memory.adjust(
-                job.inputs([r["idx"] for r in part]),
+            raw = (
                 torch.tensor([r["predict"] for r in part], dtype=torch.int64),
                 torch.tensor([r["radius"] for r in part], dtype=torch.float64),
             )
+            prediction, radius = memory.adjust(
+                job.inputs([r["idx"] for r in part]), raw[0].clone(), raw[1].clone()
+            )
+            changes.count(raw, (prediction, radius))
             for k, row in enumerate(part):
                 p = int(prediction[k])
                 correct = int(p == job.labels[row["idx"]])
@@ -57,15 +75,24 @@ def _memory_step(job: Job) -> Callable[[list[dict], list[dict]], list[dict]]:
     return step
 
 
-def _certify_summary(path: Path, rows: list[dict]) -> str:
+def _certify_summary(path: Path, rows: list[dict], radius: float | None = None) -> str:
+    """One line: certified accuracy at radius 0 and the ACR, or with ``radius`` (radius mode) the
+    certified accuracy at that radius alone; model evaluations; the dual certificate's selector."""
     if not rows:
         return f"{path}: no rows"
     correct = [r for r in rows if r["correct"]]
-    acr = sum(r["radius"] for r in correct) / len(rows)
-    text = (
-        f"{path}: {len(rows)} inputs, certified accuracy {len(correct) / len(rows):.3f} at radius 0, "
-        f"average certified radius {acr:.4f}"
-    )
+    if radius is not None:
+        at = sum(r["radius"] >= radius for r in correct) / len(rows)
+        text = (
+            f"{path}: {len(rows)} inputs, certified accuracy {at:.3f} at radius {radius:g} (radius mode: "
+            "certified at that radius or not; no other radius, no average certified radius)"
+        )
+    else:
+        acr = sum(r["radius"] for r in correct) / len(rows)
+        text = (
+            f"{path}: {len(rows)} inputs, certified accuracy {len(correct) / len(rows):.3f} at radius 0, "
+            f"average certified radius {acr:.4f}"
+        )
     if all("samples" in r for r in rows):
         text += f", {sum(r['samples'] for r in rows) / len(rows):.0f} model evaluations per input"
     if all("level" in r for r in rows):
@@ -230,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     notes = certificate_notes(settings)
     if notes:  # described for a reader; not compared on a resume (ddrs.results.DESCRIPTIVE_SETTINGS)
         settings["notes"] = [sentence for _, sentence in notes]
-    step = _memory_step(job) if args.memory else None
+    changes = _Changes()
+    step = _memory_step(job, changes) if args.memory else None
     with open_results(args, job, method.columns, settings, order_step=step, later=method.later) as out:
         memory = None
         if args.memory and not is_sharded(out):  # sharded: adjusted in the merge
@@ -248,15 +276,21 @@ def run(args: argparse.Namespace) -> int:
             x = job.inputs(index.tolist())
             result = method(x, index)
             if memory is not None:
+                raw = (result.prediction.clone(), result.radius.clone())
                 result = memory.adjust_result(x, result)
+                changes.count(raw, (result.prediction, result.radius))
             index = index.tolist()
             return certify_rows(result, index, [job.labels[i] for i in index])
 
         run_chunks(args, job, out, method.rows_per_input, work)
-        print(_certify_summary(args.out, [out.done[i] for i in job.selected if i in out.done]))
-        for _, sentence in notes:
-            print(
-                f"{args.out}: {sentence} (each radius holds only for the smoothed classifier "
-                "at its input's own sigma)"
+        done = [out.done[i] for i in job.selected if i in out.done]
+        radius = getattr(args, "radius", None) if method.sequential else None
+        summary = _certify_summary(args.out, done, radius)
+        if args.memory and changes.seen:
+            summary += (
+                f"; the memory changed {changes.changed} of the {changes.seen} certificates of this run"
             )
+        print(summary)
+        for _, sentence in notes:
+            print(f"{args.out}: {sentence}")
     return 0
