@@ -71,9 +71,8 @@ def own_docstring(obj: object, name: str, constants: dict[str, str]) -> str:
 def documented_names(api_text: str, package: str = "ddrs_ext") -> set[str]:
     """Top-level names of ``package`` that an ``auto*`` directive of ``api_text`` documents."""
     prefix = package + "."
-    return {
-        target[len(prefix) :] for target in _DIRECTIVE.findall(api_text) if target.startswith(prefix)
-    } - {""}
+    targets = _DIRECTIVE.findall(api_text)
+    return {t[len(prefix) :] for t in targets if t.startswith(prefix) and len(t) > len(prefix)}
 
 
 def problems(package: types.ModuleType | None = None, api_text: str | None = None) -> list[str]:
