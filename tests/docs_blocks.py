@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+UNCHECKED = ("pip", "sphinx-build")  # installs and the docs build: nothing of ours to parse
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<reason>[^>]*?)\s*-->")
 _FENCE = re.compile(r"^(?P<fence>```+)(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.M | re.S)
 
@@ -134,8 +135,8 @@ def _script(path: str, cwd: Path, page_text: str) -> None:
 
 def check_command(command: str, page_text: str = "") -> str:
     """Checks one shell command (see the module docstring). Returns what checked it ('ddrs',
-    'torchrun', 'train_digits', 'path') or '' for a command it does not check (pip, sphinx-build,
-    ...). Raises AssertionError or SystemExit when the command would be refused."""
+    'torchrun', 'train_digits', 'path'), or '' for a program of ``UNCHECKED``. Raises AssertionError
+    or SystemExit when the command would be refused, or is of a kind it cannot check."""
     cwd = CHECKOUT
     if command.startswith("@"):
         folder, command = command[1:].split(" ", 1)
@@ -187,6 +188,7 @@ def check_command(command: str, page_text: str = "") -> str:
             if test:
                 assert f"def {test}(" in (cwd / path).read_text(), f"pytest {target}: no {test} in {path}"
         return "path"
+    assert argv[0] in UNCHECKED, f"a command the docs tests do not know how to check: {command}"
     return ""
 
 

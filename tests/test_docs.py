@@ -39,6 +39,11 @@ def test_shell_commands_parse(page):
         check_command(command, text)
 
 
+def test_the_docs_commands_of_every_kind_are_checked():
+    kinds = {check_command(c, p.read_text()) for p in PAGES for c in shell_commands(page_blocks(p))}
+    assert kinds >= {"ddrs", "torchrun", "train_digits", "path"}
+
+
 def test_not_run_blocks_are_rare_and_say_why():
     python = [b for p in PAGES for b in page_blocks(p) if b.language == "python"]
     skipped = [b for b in python if b.not_run is not None]
@@ -144,6 +149,7 @@ DIGITS = "--checkpoint d.pt --data digits --sigma 0.25"
         "python -m ddrs.train_digits --scheme nonsense --out x.pt",
         "python examples/no_such_example.py",
         "pytest benchmarks/bench_sequential.py::test_no_such_benchmark",
+        "make docs",  # a program the tests do not know: refused rather than skipped
     ],
 )
 def test_a_wrong_command_is_refused(command):
