@@ -20,6 +20,7 @@ from ddrs_ext._validate import (
     evaluating,
 )
 
+#: The class returned where the smoothed classifier abstains (no certificate; radius 0).
 ABSTAIN = -1
 
 
