@@ -2,14 +2,24 @@
 
 With a sigma chosen per input, each certificate is valid for the smoothed classifier *at that
 sigma*, and two inputs certified at different sigmas can claim overlapping balls for different
-classes. Alfarra et al. (UAI 2022) restore soundness by remembering the certified inputs and
-adjusting every new answer so that no two remembered balls of different classes overlap
-(DESIGN.md section 2).
+classes. Alfarra et al. (UAI 2022) restore soundness by remembering the answers given and
+adjusting every new answer so that it agrees with them.
 
-All decisions go through ``gap_j = d_j - R_j`` over the earlier entries ``j`` whose class differs
-from the query's, ``d_j = ||x - x_j||_2`` in float64: with ``m = min_j gap_j`` (first ``j`` on
-ties), ``m < 0`` means ``x`` lies inside ``j``'s ball (the most negative gap is the deepest
-ball) and the answer becomes ``(c_j, -m)``; otherwise the radius becomes ``min(R, m)``.
+The rule. Every answer is a label ``c`` (a class, or ``ABSTAIN`` treated as a label of its own)
+with an L2 radius ``R`` (0 for ``ABSTAIN``). A query ``(x, c, R)`` is compared with the stored
+entries ``j`` whose label differs from ``c``, through ``gap_j = d_j - R_j`` with
+``d_j = ||x - x_j||_2`` in float64. With ``m = min_j gap_j`` (the first ``j`` on ties):
+
+- ``m < 0``: ``x`` lies inside ``j``'s ball (the most negative gap is the deepest ball) and the
+  answer becomes ``(c_j, -m) = (c_j, R_j - d_j)``, whether the query certified another class or
+  abstained;
+- otherwise the answer is ``(c, min(R, m))``; an abstention stays ``(ABSTAIN, 0)``.
+
+Every answer is stored, abstentions too (as balls of radius 0). By induction no two stored
+entries of different labels overlap, ``d_ij >= R_i + R_j``: an answer taken from a ball lies
+inside that ball, and a shrunk radius stops at every other ball. So the open balls of the
+answers never contradict each other, no answered point lies inside the ball of another label,
+and all answers are those of one classifier: the stored ball's label inside each ball.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from ddrs_ext.certification import ABSTAIN, CertifyResult
 __all__ = ["CertificationMemory"]
 
 _FORMAT = "ddrs_ext.CertificationMemory"
-_VERSION = 1
+# Version 2: abstentions are stored (label ABSTAIN, radius 0) and an abstaining query inside a
+# stored ball takes that ball's class. Version 1 (abstentions passed through, never stored) is refused.
+_VERSION = 2
 _MIN_CAPACITY = 16
 # Queries handled together: their (Q, Q) distances are computed on the memory's device.
 _QUERY_BLOCK = 1024
@@ -92,20 +104,27 @@ def _earlier_pairs_within(
 
 
 class CertificationMemory:
-    """Remembers certified inputs and makes later certificates consistent with them.
+    """Remembers the answers given and makes every later answer consistent with them.
 
-    Each stored entry is an input ``x_j`` with its certified class ``c_j`` and L2 radius
-    ``R_j``, in query order. ``adjust`` compares every new certified answer ``(x, c, R)`` with
-    the stored entries of other classes, at distances ``d_j = ||x - x_j||_2``:
+    Each stored entry is an input ``x_j`` with its label ``c_j`` (a class, or ``ABSTAIN``) and L2
+    radius ``R_j`` (0 for ``ABSTAIN``), in query order. ``adjust`` compares every new answer
+    ``(x, c, R)`` with the stored entries of *other* labels, at distances ``d_j = ||x - x_j||_2``:
 
     - if ``x`` lies inside such a ball (``d_j < R_j``), the answer becomes ``(c_j, R_j - d_j)``
-      for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry);
-    - otherwise the radius shrinks to ``min(R, min_j (d_j - R_j))``.
+      for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry). This holds for
+      an abstaining query too: inside a stored ball it takes that ball's class;
+    - otherwise the radius shrinks to ``min(R, min_j (d_j - R_j))``; an abstaining query there
+      (near a ball but not inside it, or on its boundary) stays ``(ABSTAIN, 0)``.
 
-    The adjusted answer is stored; abstentions (``ABSTAIN``) pass through unchanged and are
-    not stored. Hence no two stored balls of different classes overlap:
-    ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to the float64 rounding of
-    distances and differences: a relative shortfall of a few ulps (the tests allow ``1e-12``).
+    Every adjusted answer is stored, abstentions included, as entries of radius 0 whose label
+    ``ABSTAIN`` differs from every class: a later ball of a class then stops short of an
+    abstained input, as it stops short of every other answered input of another label. Hence no
+    two stored entries of different labels overlap: ``||x_i - x_j|| >= R_i + R_j`` whenever
+    ``c_i != c_j``, up to the float64 rounding of distances and differences (a relative
+    shortfall of a few ulps; the tests allow ``1e-12``). So every answer is a certificate of
+    one classifier, the one that gives each stored ball's label inside it: its ball never meets
+    the ball of another label, and no input that received an answer lies inside the ball of
+    another label.
 
     Distances are computed in float64 on the memory's device (a GPU too); per block of queries
     only their gaps to the stored entries, and the few pairs of queries near enough to change
@@ -131,7 +150,7 @@ class CertificationMemory:
         self._size = 0
 
     def __len__(self) -> int:
-        """The number of stored (certified) entries."""
+        """The number of stored entries (every answer given, abstentions included)."""
         return self._size
 
     def __repr__(self) -> str:
@@ -147,7 +166,8 @@ class CertificationMemory:
     def adjust(
         self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjusts a batch of certified answers against the memory and stores them.
+        """Adjusts a batch of answers against the memory (the rule in the class docstring) and
+        stores them, abstentions included.
 
         The ``B`` queries are processed in order: query ``i`` sees every entry stored before
         it, including those stored by queries ``< i`` of this call. Results equal those of
@@ -162,15 +182,13 @@ class CertificationMemory:
 
         Returns:
             ``(prediction, radius)``: the adjusted ``(B,)`` int64 classes and ``(B,)`` float64
-            radii, on the CPU.
+            radii, on the CPU. An abstention comes back as ``(ABSTAIN, 0)`` unless its input lies
+            inside a stored ball of a class, whose class and remaining depth it then takes.
         """
         x, prediction, radius = self._check_queries(x, prediction, radius)
-        certified = (prediction != ABSTAIN).nonzero().flatten()
-        for start in range(0, certified.numel(), _QUERY_BLOCK):
-            rows = certified[start : start + _QUERY_BLOCK]
-            new_class, new_radius = self._adjust_block(x[rows.to(x.device)], prediction[rows], radius[rows])
-            prediction[rows] = new_class
-            radius[rows] = new_radius
+        for start in range(0, prediction.shape[0], _QUERY_BLOCK):
+            rows = slice(start, start + _QUERY_BLOCK)
+            prediction[rows], radius[rows] = self._adjust_block(x[rows], prediction[rows], radius[rows])
         return prediction, radius
 
     @torch.no_grad()
@@ -178,18 +196,17 @@ class CertificationMemory:
         """Stores answers that a memory already adjusted, as they are, without adjusting them.
 
         For rebuilding a memory from saved results (e.g. a result file being resumed): feeding
-        the answers that :meth:`adjust` returned, in the order it returned them, restores the
-        memory it had then exactly, so later queries get the same answers as in one
-        uninterrupted run. Answers that were never adjusted may break the guarantee that stored
-        balls of different classes do not overlap; use :meth:`adjust` for those.
+        every answer that :meth:`adjust` returned, abstentions included, in the order it returned
+        them, restores the memory it had then exactly (``adjust`` stores each answer as it returns
+        it), so later queries get the same answers as in one uninterrupted run. Answers that were
+        never adjusted, or answers of an earlier ddrs_ext whose rule let an abstaining input inside
+        a ball abstain, may break the guarantee that stored entries of different labels do not
+        overlap; use :meth:`adjust` for those.
 
-        Arguments as for :meth:`adjust` and checked the same way; abstentions are skipped
-        (``adjust`` does not store them either).
+        Arguments as for :meth:`adjust` and checked the same way; every row is stored.
         """
         x, prediction, radius = self._check_queries(x, prediction, radius)
-        certified = (prediction != ABSTAIN).nonzero().flatten()
-        if certified.numel():
-            self._append(x[certified.to(x.device)], prediction[certified], radius[certified])
+        self._append(x, prediction, radius)
 
     def adjust_result(self, x: torch.Tensor, result: CertifyResult) -> CertifyResult:
         """``adjust`` applied to a ``CertifyResult`` for the inputs ``x``.
@@ -208,7 +225,7 @@ class CertificationMemory:
     def _adjust_block(
         self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjusts certified queries in order, then stores them; returns their new answers.
+        """Adjusts queries (abstentions included) in order, then stores them; returns their new answers.
 
         ``x`` is on the memory's device, ``prediction`` and ``radius`` on the CPU. Distances are
         computed on the device; only per-query gaps and the few pairs of queries that can change
@@ -241,9 +258,9 @@ class CertificationMemory:
         # Queries with no such pair: their answers follow from the gap to the stored entries alone.
         alone = np.ones(classes.shape[0], dtype=bool)
         alone[pair_i] = False
-        inside = alone & (gap < 0)  # inside the ball of an entry of another class
+        inside = alone & (gap < 0)  # inside the ball of an entry of another label (an abstention too)
         classes[inside], radii[inside] = gap_class[inside], -gap[inside]  # -(d - R) == R - d exactly
-        shrink = alone & ~inside & (gap < radii)
+        shrink = alone & ~inside & (gap < radii)  # never an abstention: its radius is 0 <= gap
         radii[shrink] = gap[shrink]
         # The others in query order: a few numpy operations on the pairs of one query each.
         rows, first = np.unique(pair_i, return_index=True)
@@ -266,7 +283,7 @@ class CertificationMemory:
     def _smallest_gap_to_stored(
         self, flat: torch.Tensor, own_class: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query: min over stored entries of other classes of d - R (inf if none), and its class.
+        """Per query: min over stored entries of other labels of d - R (inf if none), and its label.
 
         ``own_class`` is on ``flat``'s device, as are the results."""
         q = flat.shape[0]
@@ -369,9 +386,10 @@ class CertificationMemory:
     def state_dict(self) -> dict[str, Any]:
         """The stored entries as a dict of plain values and tensors (copies, on the memory's device).
 
-        Keys: ``format``, ``version``, ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the
-        stored dtype, or None when nothing is stored), ``prediction`` ((N,) int64), ``radius``
-        ((N,) float64).
+        Keys: ``format``, ``version`` (2: abstentions are stored), ``input_shape`` (list or None),
+        ``x`` (``(N, ...)`` in the stored dtype, or None when nothing is stored), ``prediction``
+        ((N,) int64, ``ABSTAIN`` for a stored abstention), ``radius`` ((N,) float64, 0 for an
+        abstention).
         """
         n = self._size
         if self._x is None:
@@ -392,6 +410,10 @@ class CertificationMemory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replaces the memory's entries with those of ``state`` (from ``state_dict``).
+
+        A state of version 1 (an earlier ddrs_ext, whose rule did not store abstentions and let an
+        abstaining input inside a stored ball abstain) is refused with a ValueError: its answers do
+        not carry the guarantee of this version's rule.
 
         The tensors go to this memory's device; a memory created with ``device=None`` takes
         the device of ``state``'s tensors.
@@ -468,6 +490,13 @@ def _check_state(
             f"returns (with format {_FORMAT!r}), got {got}"
         )
     version = state.get("version")
+    if version == 1:
+        raise ValueError(
+            "this CertificationMemory state is version 1, written by an earlier ddrs_ext whose rule let "
+            "an abstaining input abstain even inside a stored ball and did not store abstentions; its "
+            "answers do not all agree with its balls, so it is not loaded. Rebuild the memory with this "
+            "version: pass the unadjusted certify results, in their original order, to adjust()"
+        )
     if version != _VERSION:
         raise ValueError(
             f"unknown CertificationMemory state version {version!r}; this ddrs_ext reads version "
@@ -504,8 +533,10 @@ def _check_state(
         or tuple(x.shape[1:]) != shape
     ):
         raise damaged(f"x is not a float tensor of shape ({n}, *input_shape) with input_shape {shape}")
-    if n and not bool((prediction >= 0).all()):
-        raise damaged("a stored class is negative")
+    if n and not bool((prediction >= ABSTAIN).all()):
+        raise damaged(f"a stored class is below ABSTAIN ({ABSTAIN})")
     if n and not bool((torch.isfinite(radius) & (radius >= 0)).all()):
         raise damaged("a stored radius is negative or not finite")
+    if n and bool(((prediction == ABSTAIN) & (radius != 0)).any()):
+        raise damaged("a stored abstention has a radius other than 0")
     return shape, x, prediction, radius
