@@ -1,4 +1,4 @@
-// The data-dependent sigma step (DESIGN.md section 2, the paper's Algorithm 1),
+// The data-dependent sigma step (docs/mathematics.md, "Data-dependent sigma"; the paper's Algorithm 1),
 // shared by the CPU and CUDA kernels: the surrogate certified radius
 //     R(sigma) = sigma / 2 * (Phi^-1(clip E_A) - Phi^-1(clip E_B)),
 // its closed-form derivative in sigma and one update of sigma.
