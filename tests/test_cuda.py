@@ -170,6 +170,60 @@ def test_perturb_second_device():
     _assert_same_bits(sq, sq0)
 
 
+# ---------------------------------------------------------------- perturb_uniform (the l1 noise)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_uniform_matches_reference_and_cpu(dtype, shape):
+    x, theta, stream = sample_inputs(DEVICE, dtype, shape, seed=2)
+    m = 3
+    out = ops.perturb_uniform(x, theta, stream, SEED, 17, m)
+    assert out.device.type == "cuda" and out.shape == (shape[0] * m, *shape[1:])
+    _assert_same_bits(out, reference.perturb_uniform(x, theta, stream, SEED, 17, m))
+    args = (SEED, 2**32 + 9, 5, 2, shape[0] * 5 - 3)  # a sample offset past 32 bits, a row window
+    _assert_same_bits(
+        ops.perturb_uniform(x, theta, stream, *args),
+        ops.perturb_uniform(x.cpu(), theta.cpu(), stream.cpu(), *args),
+    )
+
+
+def test_perturb_uniform_extreme_keys_and_float32_theta():
+    x, theta, _ = sample_inputs(DEVICE, torch.float32, (3, 9))
+    stream = torch.tensor([0, 2**32 - 1, 2**31], device=DEVICE)
+    for seed, offset in [(0, 0), (2**64 - 1, 2**40 + 1), (2**32, 2**32 - 2)]:
+        out = ops.perturb_uniform(x, theta.float(), stream, seed, offset, 4)
+        _assert_same_bits(out, reference.perturb_uniform(x, theta.float(), stream, seed, offset, 4))
+
+
+@pytest.mark.parametrize("splits", [[1] * 12, [5, 7], [2, 9, 1], [12]])
+def test_perturb_uniform_chunks_and_batch(splits):
+    x, theta, stream = sample_inputs(DEVICE, torch.float32, (3, 2, 1500))
+    m = 4
+    whole = ops.perturb_uniform(x, theta, stream, 9, 0, m)
+    buf = torch.empty(max(splits), 2, 1500, device=DEVICE)
+    start = 0
+    for rows in splits:
+        ops.perturb_uniform_out(x, theta, stream, 9, 0, m, start, buf[:rows])
+        _assert_same_bits(buf[:rows], whole[start : start + rows])
+        start += rows
+    _assert_same_bits(ops.perturb_uniform(x[1:2], theta[1:2], stream[1:2], 9, 0, m), whole[4:8])
+
+
+def test_perturb_uniform_errors_like_cpu():
+    x, theta, _ = sample_inputs(DEVICE, torch.float32, (3, 5))
+    stream = torch.tensor([0, 7, 2**32], device=DEVICE)
+    with pytest.raises(
+        ValueError, match=r"perturb_uniform: stream ids must lie in \[0, 2\^32\), got 4294967296 for input 2"
+    ):
+        ops.perturb_uniform(x, theta, stream, 0, 0, 2)
+    with pytest.raises(ValueError, match="same device"):
+        ops.perturb_uniform(x, theta.cpu(), stream, 0, 0, 2)
+    z = torch.zeros(0, 3, device=DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
+    assert ops.perturb_uniform(z, empty, empty.long(), 1, 0, 4).shape == (0, 3)
+
+
 # ---------------------------------------------------------------- count_votes
 
 
@@ -571,6 +625,11 @@ def test_opcheck_cuda():
         torch.ops.ddrs_ext.perturb_gaussian_out.default,
         (x, sigma, stream, 1, 0, 4, 0, torch.empty(5, 5, device=DEVICE), None),
     )
+    torch.library.opcheck(torch.ops.ddrs_ext.perturb_uniform.default, (x, sigma, stream, 1, 0, 4, 2, 7))
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.perturb_uniform_out.default,
+        (x, sigma, stream, 1, 0, 4, 2, torch.empty(7, 5, device=DEVICE)),
+    )
     logits = _logits(12, 4, torch.float32)
     torch.library.opcheck(torch.ops.ddrs_ext.count_votes.default, (logits, 0, 4, 3))
     torch.library.opcheck(
@@ -616,8 +675,12 @@ def test_cuda_kernels_registered():
     such as perturb_gaussian and count_votes, which call an in-place op through the dispatcher)."""
     cpu, cuda = _ops_with_kernel("CPU"), _ops_with_kernel("CUDA")
     composite = _ops_with_kernel("CompositeExplicitAutograd")
-    assert cuda == cpu and {"perturb_gaussian_out", "count_votes_", "soft_votes_", "sigma_step"} <= cuda
-    assert {"perturb_gaussian", "count_votes"} <= composite
+    assert (
+        cuda == cpu
+        and {"perturb_gaussian_out", "perturb_uniform_out", "count_votes_", "soft_votes_", "sigma_step"}
+        <= cuda
+    )
+    assert {"perturb_gaussian", "perturb_uniform", "count_votes"} <= composite
     assert cuda | composite == _ops_with_kernel(None)
 
 
