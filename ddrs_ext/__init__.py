@@ -4,7 +4,7 @@ from ddrs_ext import certify
 result = certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001)
 """
 
-from ddrs_ext import distributed, ops  # noqa: F401  (ops: loads and registers the kernels)
+from ddrs_ext import distributed, noise, ops  # noqa: F401  (ops: loads and registers the kernels)
 from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
 from ddrs_ext.dual import DualCertifyResult, certify_dual
 from ddrs_ext.memory import CertificationMemory
@@ -28,6 +28,7 @@ __all__ = [
     "certify_dual",
     "certify_sequential",
     "distributed",
+    "noise",
     "ops",
     "optimize_sigma",
     "predict",

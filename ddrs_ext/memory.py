@@ -7,7 +7,8 @@ adjusting every new answer so that no two remembered balls of different classes 
 (DESIGN.md section 2).
 
 All decisions go through ``gap_j = d_j - R_j`` over the earlier entries ``j`` whose class differs
-from the query's, ``d_j = ||x - x_j||_2`` in float64: with ``m = min_j gap_j`` (first ``j`` on
+from the query's, ``d_j = ||x - x_j||`` in float64 (the L2 norm, or the L1 norm for a memory of L1
+certificates, those of uniform noise): with ``m = min_j gap_j`` (first ``j`` on
 ties), ``m < 0`` means ``x`` lies inside ``j``'s ball (the most negative gap is the deepest
 ball) and the answer becomes ``(c_j, -m)``; otherwise the radius becomes ``min(R, m)``.
 """
@@ -29,7 +30,9 @@ from ddrs_ext.certification import ABSTAIN, CertifyResult
 __all__ = ["CertificationMemory"]
 
 _FORMAT = "ddrs_ext.CertificationMemory"
-_VERSION = 1
+_VERSION = 1  # L2 memories (readable by every ddrs_ext)
+_VERSION_NORM = 2  # memories of another norm: older versions, which know only L2, refuse them
+_NORMS = {"l2": 2.0, "l1": 1.0}  # the norms a memory can hold, and their cdist p
 _MIN_CAPACITY = 16
 # Queries handled together: their (Q, Q) distances are computed on the memory's device.
 _QUERY_BLOCK = 1024
@@ -52,9 +55,13 @@ def _flat64(x: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1) if x.dim() > 1 else x[:, None]).to(torch.float64)
 
 
-def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """L2 distances (len(a), len(b)) between rows of two float64 matrices."""
-    return torch.cdist(a, b, compute_mode=_DIRECT)
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """L2 (or, with ``p=1``, L1) distances (len(a), len(b)) between rows of two float64 matrices.
+
+    cdist computes an L1 distance from the coordinate differences too, so it is as batch-independent."""
+    if p == 2.0:
+        return torch.cdist(a, b, compute_mode=_DIRECT)
+    return torch.cdist(a, b, p=p)
 
 
 def _slice_rows(flat: torch.Tensor) -> int:
@@ -72,7 +79,7 @@ def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
 
 
 def _earlier_pairs_within(
-    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor
+    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor, p: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs (i, k), k < i, of rows of ``flat`` (Q, D) with ``d_ik - reach < threshold[i]``.
 
@@ -85,7 +92,7 @@ def _earlier_pairs_within(
     for start in range(0, q, step):
         stop = min(start + step, q)
         # Only the lower triangle is read below; the rest of the columns [start, stop) is skipped.
-        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop])
+        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop], p)
     near = ((distance - reach) < threshold[:, None]).tril_(-1)
     pairs = near.nonzero()
     return pairs, distance[pairs[:, 0], pairs[:, 1]]
@@ -94,9 +101,10 @@ def _earlier_pairs_within(
 class CertificationMemory:
     """Remembers certified inputs and makes later certificates consistent with them.
 
-    Each stored entry is an input ``x_j`` with its certified class ``c_j`` and L2 radius
-    ``R_j``, in query order. ``adjust`` compares every new certified answer ``(x, c, R)`` with
-    the stored entries of other classes, at distances ``d_j = ||x - x_j||_2``:
+    Each stored entry is an input ``x_j`` with its certified class ``c_j`` and radius ``R_j`` in the
+    memory's ``norm`` (L2 by default), in query order. ``adjust`` compares every new certified answer
+    ``(x, c, R)`` with the stored entries of other classes, at distances ``d_j = ||x - x_j||`` in that
+    norm:
 
     - if ``x`` lies inside such a ball (``d_j < R_j``), the answer becomes ``(c_j, R_j - d_j)``
       for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry);
@@ -112,12 +120,24 @@ class CertificationMemory:
     each other's answers, come to the CPU, where the block is walked in query order. The stored
     inputs keep their dtype (promoted, exactly, when inputs of a wider float dtype arrive).
 
+    The argument holds for any norm (it uses only the triangle inequality), so one memory serves L2
+    certificates (Gaussian noise) or L1 certificates (uniform noise, ``norm="l1"``), but never both:
+    :meth:`adjust_result` refuses a result of the other norm.
+
     Args:
         device: where stored inputs live and distances are computed; ``None`` takes the
             device of the first inputs. Later inputs are moved to it.
+        norm: ``"l2"`` (default) or ``"l1"``, the norm of the radii this memory holds.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, *, norm: str = "l2") -> None:
+        if norm not in _NORMS:
+            raise ValueError(
+                f"norm must be one of {tuple(_NORMS)} (l2: Gaussian noise's certificates, l1: uniform "
+                f"noise's), got {norm!r}"
+            )
+        self.norm = norm
+        self._p = _NORMS[norm]
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(
                 "device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
@@ -137,7 +157,7 @@ class CertificationMemory:
     def __repr__(self) -> str:
         dtype = None if self._x is None else self._x.dtype
         return (
-            f"CertificationMemory({self._size} entries, input shape {self._shape}, "
+            f"CertificationMemory({self._size} entries, {self.norm} radii, input shape {self._shape}, "
             f"dtype {dtype}, device {self._device})"
         )
 
@@ -158,7 +178,8 @@ class CertificationMemory:
             x: ``(B, ...)`` floating-point inputs, all finite, with the per-input shape of the
                 inputs this memory has seen.
             prediction: ``(B,)`` integer certified classes, ``ABSTAIN`` (-1) for abstentions.
-            radius: ``(B,)`` certified L2 radii, finite and ``>= 0`` (0 where abstaining).
+            radius: ``(B,)`` certified radii in the memory's norm, finite and ``>= 0`` (0 where
+                abstaining).
 
         Returns:
             ``(prediction, radius)``: the adjusted ``(B,)`` int64 classes and ``(B,)`` float64
@@ -202,6 +223,12 @@ class CertificationMemory:
                 "result must be the CertifyResult returned by ddrs_ext.certify, got "
                 f"{type(result).__name__}; for plain tensors use adjust(x, prediction, radius)"
             )
+        norm = getattr(result, "norm", "l2")
+        if norm != self.norm:
+            raise ValueError(
+                f"this memory holds {self.norm} certificates but the result's radii are {norm} radii; a memory "
+                f"holds one norm: use CertificationMemory(norm={norm!r}) for these"
+            )
         prediction, radius = self.adjust(x, result.prediction, result.radius)
         return dataclasses.replace(result, prediction=prediction, radius=radius)
 
@@ -227,7 +254,7 @@ class CertificationMemory:
         # monotone), so leaving them out changes no bit.
         if flat.shape[0] > 1:
             reach = torch.maximum(own_radius.max(), (-gap).max())
-            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach)
+            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach, self._p)
             gap, gap_class, pair_i, pair_k, pair_distance = _to_host(
                 gap, gap_class, pairs[:, 0], pairs[:, 1], pair_distance
             )
@@ -278,7 +305,7 @@ class CertificationMemory:
                 stop = min(start + step, self._size)
                 points = _flat64(self._x[start:stop])
                 classes = self._prediction[start:stop]
-                gap = _pairwise_distances(flat, points) - self._radius[start:stop]
+                gap = _pairwise_distances(flat, points, self._p) - self._radius[start:stop]
                 gap.masked_fill_(classes[None, :] == own_class[:, None], math.inf)
                 index = gap.argmin(dim=1)  # first minimum: the earliest entry on ties
                 value = gap.gather(1, index[:, None])[:, 0]
@@ -371,7 +398,8 @@ class CertificationMemory:
 
         Keys: ``format``, ``version``, ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the
         stored dtype, or None when nothing is stored), ``prediction`` ((N,) int64), ``radius``
-        ((N,) float64).
+        ((N,) float64); an L1 memory also ``norm`` (``"l1"``), with version 2, which versions of
+        ddrs_ext that know only L2 memories refuse rather than misread.
         """
         n = self._size
         if self._x is None:
@@ -381,7 +409,7 @@ class CertificationMemory:
         else:
             x = self._x[:n].clone()
             prediction, radius = self._prediction[:n].clone(), self._radius[:n].clone()
-        return {
+        state = {
             "format": _FORMAT,
             "version": _VERSION,
             "input_shape": None if self._shape is None else list(self._shape),
@@ -389,14 +417,23 @@ class CertificationMemory:
             "prediction": prediction,
             "radius": radius,
         }
+        if self.norm != "l2":
+            state.update(version=_VERSION_NORM, norm=self.norm)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replaces the memory's entries with those of ``state`` (from ``state_dict``).
 
         The tensors go to this memory's device; a memory created with ``device=None`` takes
-        the device of ``state``'s tensors.
+        the device of ``state``'s tensors. The state's norm must be this memory's
+        (:meth:`load` makes a memory of the saved norm).
         """
-        shape, x, prediction, radius = _check_state(state)
+        norm, shape, x, prediction, radius = _check_state(state)
+        if norm != self.norm:
+            raise ValueError(
+                f"the state holds {norm} certificates but this memory holds {self.norm} ones; a memory holds "
+                f"one norm: load it into CertificationMemory(norm={norm!r}) (CertificationMemory.load does)"
+            )
         n = prediction.shape[0]
         if self._device is None and x is not None:
             self._device = x.device
@@ -429,8 +466,8 @@ class CertificationMemory:
                 f"{os.fspath(path)!r} is not a saved CertificationMemory: torch.load failed "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from err
-        memory = cls()
         try:
+            memory = cls(norm=_check_state(state)[0])
             memory.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)!r}: {err}") from None
@@ -457,8 +494,8 @@ def _as_vector(value: Any, name: str, batch: int) -> torch.Tensor:
 
 def _check_state(
     state: Any,
-) -> tuple[tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
+) -> tuple[str, tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(norm, input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         got = (
             f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
@@ -468,14 +505,18 @@ def _check_state(
             f"returns (with format {_FORMAT!r}), got {got}"
         )
     version = state.get("version")
-    if version != _VERSION:
+    if version not in (_VERSION, _VERSION_NORM):
         raise ValueError(
-            f"unknown CertificationMemory state version {version!r}; this ddrs_ext reads version "
-            f"{_VERSION} (a newer ddrs_ext may have written it)"
+            f"unknown CertificationMemory state version {version!r}; this ddrs_ext reads versions "
+            f"{_VERSION} and {_VERSION_NORM} (a newer ddrs_ext may have written it)"
         )
 
     def damaged(problem: str) -> ValueError:
         return ValueError(f"CertificationMemory state is damaged: {problem}")
+
+    norm = state.get("norm", "l2")
+    if norm not in _NORMS or (version == _VERSION) != (norm == "l2"):
+        raise damaged(f"version {version} with norm {norm!r} (version 1 holds l2, version 2 another norm)")
 
     missing = {"input_shape", "x", "prediction", "radius"} - state.keys()
     if missing:
@@ -508,4 +549,4 @@ def _check_state(
         raise damaged("a stored class is negative")
     if n and not bool((torch.isfinite(radius) & (radius >= 0)).all()):
         raise damaged("a stored radius is negative or not finite")
-    return shape, x, prediction, radius
+    return norm, shape, x, prediction, radius

@@ -7,24 +7,23 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.stats import norm
-
 from ddrs_ext import certification as _certify
 from ddrs_ext import ops, rng, stats
+from ddrs_ext.noise import resolve_noise, scale_name
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, evaluating
 
 _HOOKS = ("_sample_noise", "_lower_confidence_bound")
 
 
-def _check_sigma(sigma) -> float:
+def _check_sigma(sigma, name: str = "sigma") -> float:
     if isinstance(sigma, torch.Tensor) and sigma.numel() == 1:
         sigma = sigma.item()
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
-        raise TypeError(f"sigma must be a number >= 0, got {sigma!r}")
+        raise TypeError(f"{name} must be a number >= 0, got {sigma!r}")
     value = float(sigma)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"sigma must be a finite number >= 0 (0: no noise, the base classifier), got {value}"
+            f"{name} must be a finite number >= 0 (0: no noise, the base classifier), got {value}"
         )
     return value
 
@@ -46,6 +45,10 @@ class Smooth:
     ``sigma = 0`` is the base classifier itself (its one prediction counted ``num`` times; radius 0),
     and ``num_classes`` may exceed the model's number of outputs (the extra classes get no votes),
     both as in ``core.Smooth``.
+
+    ``noise="uniform"`` smooths with uniform noise on the cube of half-width ``sigma`` instead (the
+    l1 certificate of the ``ddsmoothing`` package's ``L1Certificate``): ``certify`` then returns an
+    L1 radius, ``sigma * (2 pA_lower - 1)``.
     """
 
     ABSTAIN = _certify.ABSTAIN
@@ -57,10 +60,12 @@ class Smooth:
         sigma: float,
         *,
         seed: int | None = None,
+        noise: str = "gaussian",
     ) -> None:
         self.base_classifier = base_classifier
         self.num_classes = check_count(num_classes, "num_classes")
-        self.sigma = _check_sigma(sigma)
+        self.noise = resolve_noise(noise)
+        self.sigma = _check_sigma(sigma, scale_name(self.noise))
         self.seed = seed
         self._drawn = 0  # noise samples _sample_noise has used so far under a fixed seed
 
@@ -76,7 +81,7 @@ class Smooth:
 
     def _sampler(self, x: torch.Tensor, batch_size: int):
         sampler, seed = _certify._prepare(
-            self.base_classifier, self._batch(x), self.sigma, batch_size, None, self.seed, None
+            self.base_classifier, self._batch(x), self.sigma, batch_size, None, self.seed, None, self.noise
         )
         sampler.max_classes = self.num_classes
         return sampler, seed
@@ -89,7 +94,7 @@ class Smooth:
             )
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
-        """(predicted class, certified L2 radius), or (Smooth.ABSTAIN, 0.0)."""
+        """(predicted class, certified radius: L2 for Gaussian noise, L1 for uniform), or (Smooth.ABSTAIN, 0.0)."""
         n0, n = check_count(n0, "n0"), check_count(n, "n")
         alpha = check_alpha(alpha)
         try:
@@ -115,7 +120,7 @@ class Smooth:
         p_lower = float(self._lower_confidence_bound(n_a, n, alpha))
         if p_lower < 0.5:
             return self.ABSTAIN, 0.0
-        return c_hat, float(self.sigma * norm.ppf(p_lower))
+        return c_hat, float(self.noise.radius(np.asarray([p_lower]), np.asarray([self.sigma]))[0])
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int) -> int:
         """The smoothed prediction, or Smooth.ABSTAIN when the top two classes are not separated."""
