@@ -159,7 +159,7 @@ inline void check_soft_votes_args(const at::Tensor& logits, const std::optional<
 
 inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top2, const at::Tensor& dtop2,
                                   const at::Tensor& bracket, const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
-                                  double sigma_min, double sigma_max, int64_t rule, double growth) {
+                                  double sigma_min, double sigma_max, int64_t rule, double growth, int64_t gap) {
   TORCH_CHECK_VALUE(sigma.scalar_type() == at::kDouble && sigma.dim() == 1,
                     "sigma_step: sigma must be a float64 tensor of shape (B,)");
   const int64_t B = sigma.size(0);
@@ -175,9 +175,13 @@ inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top
                           beyond->device() == sigma.device(),
                       "sigma_step: beyond must be a bool tensor of shape (", B, ",) on sigma's device");
   }
-  TORCH_CHECK_VALUE(0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0,
-                    "sigma_step: the clip range must satisfy 0 < clip_lo < clip_hi < 1, got (", clip_lo, ", ",
-                    clip_hi, ")");
+  TORCH_CHECK_VALUE(gap == 0 || gap == 1, "sigma_step: gap must be 0 (probit, Gaussian) or 1 (linear, uniform), got ",
+                    gap);
+  // Phi^-1 needs the clip to stay inside (0, 1); the linear gap is finite on all of [0, 1].
+  TORCH_CHECK_VALUE(gap == 0 ? (0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0)
+                             : (0.0 <= clip_lo && clip_lo < clip_hi && clip_hi <= 1.0),
+                    "sigma_step: the clip range must satisfy 0 ", gap == 0 ? "<" : "<=", " clip_lo < clip_hi ",
+                    gap == 0 ? "<" : "<=", " 1, got (", clip_lo, ", ", clip_hi, ")");
   TORCH_CHECK_VALUE(0.0 < sigma_min && sigma_min <= sigma_max && std::isfinite(sigma_max),
                     "sigma_step: the sigma range must satisfy 0 < sigma_min <= sigma_max < inf");
   TORCH_CHECK_VALUE(rule == 0 || rule == 1, "sigma_step: rule must be 0 (ascent) or 1 (bisect), got ", rule);

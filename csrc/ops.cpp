@@ -60,9 +60,12 @@ TORCH_LIBRARY(ddrs_ext, m) {
   // surrogate radius, its derivative). rule 0: ascent with lr; rule 1: bisection with the
   // per-input bracket (B, 2), updated in place; beyond (B,) bool, optional, marks inputs whose
   // current sigma the bisection must treat as past the optimum whatever the gradient says.
+  // gap 0: the Gaussian surrogate sigma/2 (Phi^-1 E_A - Phi^-1 E_B); gap 1: uniform noise's
+  // theta (E_A - E_B), the l1 certificate's.
   m.def(
       "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, Tensor? beyond, float lr, "
-      "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
+      "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth, int gap=0) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace ddrs {

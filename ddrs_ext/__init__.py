@@ -10,13 +10,22 @@ from ddrs_ext.dual import DualCertifyResult, certify_dual
 from ddrs_ext.memory import CertificationMemory
 from ddrs_ext.precision import Evaluated
 from ddrs_ext.sequential import certify_sequential
-from ddrs_ext.sigma import PAPER_DATASET_SETTINGS, PAPER_SETTINGS, SigmaStep, optimize_sigma, surrogate_radius
+from ddrs_ext.sigma import (
+    PAPER_DATASET_SETTINGS,
+    PAPER_L1_SETTINGS,
+    PAPER_SETTINGS,
+    SigmaStep,
+    optimize_sigma,
+    optimize_theta,
+    surrogate_radius,
+)
 from ddrs_ext.smooth import Smooth
 
 __version__ = "0.1.0"
 __all__ = [
     "ABSTAIN",
     "PAPER_DATASET_SETTINGS",
+    "PAPER_L1_SETTINGS",
     "PAPER_SETTINGS",
     "CertifyResult",
     "CertificationMemory",
@@ -31,6 +40,7 @@ __all__ = [
     "noise",
     "ops",
     "optimize_sigma",
+    "optimize_theta",
     "predict",
     "surrogate_radius",
 ]

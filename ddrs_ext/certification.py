@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from ddrs_ext import ops, rng, stats
-from ddrs_ext.noise import Noise, resolve_noise, scale_name
 from ddrs_ext._validate import (
     check_alpha,
     check_count,
@@ -20,6 +19,7 @@ from ddrs_ext._validate import (
     check_sigma,
     evaluating,
 )
+from ddrs_ext.noise import Noise, resolve_noise, scale_name
 
 ABSTAIN = -1
 

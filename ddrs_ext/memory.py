@@ -226,8 +226,8 @@ class CertificationMemory:
         norm = getattr(result, "norm", "l2")
         if norm != self.norm:
             raise ValueError(
-                f"this memory holds {self.norm} certificates but the result's radii are {norm} radii; a memory "
-                f"holds one norm: use CertificationMemory(norm={norm!r}) for these"
+                f"this memory holds {self.norm} certificates but the result's radii are {norm} radii; "
+                f"a memory holds one norm: use CertificationMemory(norm={norm!r}) for these"
             )
         prediction, radius = self.adjust(x, result.prediction, result.radius)
         return dataclasses.replace(result, prediction=prediction, radius=radius)

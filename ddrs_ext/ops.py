@@ -219,11 +219,14 @@ def sigma_step(
     sigma_range: tuple[float, float],
     rule: int,
     growth: float,
+    gap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sigma update for every input: returns (new sigma, surrogate radius, d radius / d sigma).
 
     ``beyond`` (bool, (B,)) marks inputs whose sigma the bisection rule must treat as past the
-    optimum whatever the gradient says."""
+    optimum whatever the gradient says. ``gap`` 0: the Gaussian surrogate
+    ``sigma / 2 * (Phi^-1(E_A) - Phi^-1(E_B))``; 1: uniform noise's ``theta * (E_A - E_B)`` (``clip``
+    may then reach 0 and 1, i.e. no clip)."""
     return _ops.sigma_step(
         sigma,
         top2,
@@ -237,6 +240,7 @@ def sigma_step(
         sigma_range[1],
         rule,
         growth,
+        gap,
     )
 
 
@@ -258,7 +262,7 @@ def _soft_votes_fake(
 
 @torch.library.register_fake("ddrs_ext::sigma_step")
 def _sigma_step_fake(
-    sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth
+    sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth, gap=0
 ):
     return torch.empty_like(sigma), torch.empty_like(sigma), torch.empty_like(sigma)
 

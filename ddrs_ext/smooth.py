@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from ddrs_ext import certification as _certify
 from ddrs_ext import ops, rng, stats
-from ddrs_ext.noise import resolve_noise, scale_name
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, evaluating
+from ddrs_ext.noise import resolve_noise, scale_name
 
 _HOOKS = ("_sample_noise", "_lower_confidence_bound")
 
@@ -94,7 +95,8 @@ class Smooth:
             )
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
-        """(predicted class, certified radius: L2 for Gaussian noise, L1 for uniform), or (Smooth.ABSTAIN, 0.0)."""
+        """(predicted class, certified radius: L2 for Gaussian noise, L1 for uniform noise), or
+        (Smooth.ABSTAIN, 0.0)."""
         n0, n = check_count(n0, "n0"), check_count(n, "n")
         alpha = check_alpha(alpha)
         try:

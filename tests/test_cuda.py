@@ -584,6 +584,21 @@ def test_sigma_step_matches_cpu(B, rule):
     _assert_same_bits(cuda_bracket, cpu_bracket)  # only ever set to an input sigma
 
 
+@pytest.mark.parametrize("clip", [(0.0, 1.0), (0.02, 0.98)])
+@pytest.mark.parametrize("rule", [0, 1])
+def test_sigma_step_linear_gap_matches_cpu(rule, clip):
+    """Uniform noise's surrogate theta * (E_A - E_B) (gap 1): the same bits as the CPU (no libm involved)."""
+    sigma, top2, dtop2, bracket = _sigma_inputs(777, seed=3)
+    kwargs = {"lr": 0.1, "clip": clip, "sigma_range": (0.01, 3.0), "rule": rule, "growth": 1.7, "gap": 1}
+    cuda_bracket = bracket.to(DEVICE)
+    got = ops.sigma_step(sigma.to(DEVICE), top2.to(DEVICE), dtop2.to(DEVICE), cuda_bracket, **kwargs)
+    cpu_bracket = bracket.clone()
+    expected = ops.sigma_step(sigma, top2, dtop2, cpu_bracket, **kwargs)
+    for a, b in zip(got, expected):
+        _assert_same_bits(a, b)
+    _assert_same_bits(cuda_bracket, cpu_bracket)
+
+
 def test_sigma_step_non_contiguous_and_empty():
     sigma, top2, dtop2, bracket = _sigma_inputs(10)
     kwargs = {"lr": 0.1, "clip": (0.02, 0.98), "sigma_range": (0.01, 3.0), "rule": 1, "growth": 1.7}

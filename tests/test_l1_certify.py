@@ -17,11 +17,13 @@ AXIS = 2
 
 
 class AxisLinear(torch.nn.Module):
-    """Two classes split by the hyperplane x_k + b = 0, whose normal is a coordinate axis: logits (0, x_k + b).
+    """Two classes split by the hyperplane x_k + b = 0, whose normal is a coordinate axis: logits
+    (0, x_k + b).
 
     Under uniform noise on the cube of half-width theta only u_k matters:
     P(class 1) = clip(1/2 + m / (2 theta), 0, 1) with the margin m = x_k + b, piecewise linear in m;
-    the l1 distance to the boundary is |m| / ||e_k||_inf = |m|, and theta * (2 P - 1) = |m| while |m| <= theta.
+    the l1 distance to the boundary is |m| / ||e_k||_inf = |m|, and theta * (2 P - 1) = |m| while
+    |m| <= theta.
     """
 
     def __init__(self, k: int = AXIS, b: float = 0.1):

@@ -67,11 +67,11 @@ cudaError_t launch_soft_votes(DType dtype, const void* logits, const void* dlogi
 
 // ddrs::sigma_step (sigma.h) for each of the B inputs: sigma (B,), top2, dtop2 and
 // bracket (B, 2), all contiguous float64; beyond (B,) bool or null; bracket is updated
-// in place, next, radius and grad (B,) are written. rule is a StepRule.
+// in place, next, radius and grad (B,) are written. rule is a StepRule, gap a StepGap.
 cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, const bool* beyond,
                               int64_t B, double lr,
                               double clip_lo, double clip_hi, double sigma_min, double sigma_max, int64_t rule,
-                              double growth, double* bracket, double* next, double* radius, double* grad,
+                              double growth, int64_t gap, double* bracket, double* next, double* radius, double* grad,
                               cudaStream_t cu_stream);
 
 #if defined(__CUDACC__)

@@ -153,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
                                                                const at::Tensor& dtop2, const at::Tensor& bracket,
                                                                const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                                                double sigma_min, double sigma_max, int64_t rule,
-                                                               double growth) {
-  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+                                                               double growth, int64_t gap) {
+  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth,
+                        gap);
   TORCH_INTERNAL_ASSERT(sigma.is_cuda());
   const c10::cuda::CUDAGuard guard(sigma.device());
   const int64_t B = sigma.size(0);
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
   C10_CUDA_CHECK(cuda::launch_sigma_step(s.const_data_ptr<double>(), e.const_data_ptr<double>(),
                                          de.const_data_ptr<double>(),
                                          past.defined() ? past.const_data_ptr<bool>() : nullptr, B, lr, clip_lo, clip_hi, sigma_min, sigma_max,
-                                         rule, growth, bracket.mutable_data_ptr<double>(),
+                                         rule, growth, gap, bracket.mutable_data_ptr<double>(),
                                          next.mutable_data_ptr<double>(), radius.mutable_data_ptr<double>(),
                                          grad.mutable_data_ptr<double>(), cu_stream));
   return {next, radius, grad};
