@@ -39,14 +39,6 @@ class Noise:
     norm: str
     scale: str
 
-    @property
-    def out_op(self):
-        """The kernel writing noisy copies into a buffer (``perturb_gaussian_out``'s signature without
-        ``sq_norm`` for the uniform one)."""
-        if self.name == "uniform":
-            return torch.ops.ddrs_ext.perturb_uniform_out
-        return torch.ops.ddrs_ext.perturb_gaussian_out
-
     def perturb_out(
         self, x, scale, stream, seed: int, sample_offset: int, m: int, row_start: int, out
     ) -> None:
@@ -73,7 +65,7 @@ _FAMILIES = {"gaussian": GAUSSIAN, "uniform": UNIFORM}
 def resolve_noise(noise) -> Noise:
     """``"gaussian"`` or ``"uniform"`` (or a :class:`Noise`) -> the family; anything else is an error."""
     if isinstance(noise, Noise):
-        return noise
+        noise = noise.name  # the one instance per family (code compares with `is`)
     if not isinstance(noise, str):
         raise TypeError(f"noise must be one of {NOISES}, got {noise!r}")
     family = _FAMILIES.get(noise)

@@ -119,6 +119,7 @@ def test_l1_certificate_is_sound(seed):
         pytest.param(lambda p, t: 2 * t * np.maximum(2 * p - 1, 0), id="2x"),
         pytest.param(lambda p, t: noise.stats.certified_radius(p, t), id="gaussian-formula"),
         pytest.param(lambda p, t: t * np.maximum(2 * p - 1, 0) * 1.3, id="1.3x"),
+        pytest.param(lambda p, t: t * np.maximum(2 * p - 1, 0) * 1.05, id="1.05x"),
     ],
 )
 def test_soundness_check_rejects_wrong_radius(monkeypatch, wrong):
