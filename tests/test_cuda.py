@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import ddrs_ext
 from ddrs_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -708,3 +709,30 @@ def test_compile_fullgraph_cuda():
 
     compiled = torch.compile(noisy_votes, fullgraph=True, backend="aot_eager")
     _assert_same_bits(compiled(x, sigma, stream), noisy_votes(x, sigma, stream))
+
+
+# ---------------------------------------------------------------- the l1 certificate end to end
+
+
+class _AxisLinear(torch.nn.Module):
+    """logits (0, x_2 + 0.1): the same bits on any device (no reduction), so votes match exactly."""
+
+    def forward(self, x):
+        score = x.flatten(1)[:, 2] + 0.1
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_uniform_certify_and_l1_memory_match_cpu():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(9, 6, generator=g, dtype=torch.float64) - 0.5
+    theta = torch.rand(9, generator=g, dtype=torch.float64) * 0.5 + 0.2
+    kw = dict(n0=50, n=3000, alpha=0.001, seed=11, noise="uniform", batch_size=1000)
+    cpu = ddrs_ext.certify(_AxisLinear(), x, theta, **kw)
+    gpu = ddrs_ext.certify(_AxisLinear(), x.to(DEVICE), theta.to(DEVICE), **kw)
+    assert gpu.norm == cpu.norm == "l1"
+    for name in ("prediction", "radius", "p_lower", "counts"):
+        _assert_same_bits(getattr(gpu, name), getattr(cpu, name))
+    on_cpu = ddrs_ext.CertificationMemory(norm="l1").adjust_result(x, cpu)
+    on_gpu = ddrs_ext.CertificationMemory(DEVICE, norm="l1").adjust_result(x.to(DEVICE), gpu)
+    _assert_same_bits(on_gpu.prediction, on_cpu.prediction)
+    torch.testing.assert_close(on_gpu.radius, on_cpu.radius, rtol=1e-12, atol=0)
