@@ -15,7 +15,8 @@ training images with uniform augmentation: a fixed-theta model at theta0, and a 
 training surrogate, theta in [0.001, 4 theta0]). Test-time theta per input: ``optimize_theta`` from
 theta0 in [0.001, 4 theta0] (16 bisection steps of 512 samples, or ``PAPER_L1_SETTINGS``), then CERTIFY
 (n0 = 100, n = 10 000, alpha = 0.001) and one ``CertificationMemory(norm="l1")`` per row in index
-order, which makes per-input-theta certificates sound. Checkpoints are cached in ``--out``.
+order, which makes per-input-theta certificates sound. Checkpoints are cached in ``--out``, and each
+row's per-input radii saved there (``.npy``, -1 where an input is not certified correctly).
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ def main() -> None:
 
     def add(key, name, radius, changed=None):
         radii[key] = radius
+        slug = "_".join(str(k) for k in key).replace(" ", "-").replace("(", "").replace(")", "")
+        np.save(
+            args.out / f"{args.split}_{slug}.npy", radius
+        )  # per input: radius, -1 if not certified correctly
         rows.append(table_row(name, radius))
         note = f" (memory changed {changed})" if changed is not None else ""
         log(rows[-1] + note)
