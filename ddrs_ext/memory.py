@@ -6,9 +6,10 @@ classes. Alfarra et al. (UAI 2022) restore soundness by remembering the answers 
 adjusting every new answer so that it agrees with them.
 
 The rule. Every answer is a label ``c`` (a class, or ``ABSTAIN`` treated as a label of its own)
-with an L2 radius ``R`` (0 for ``ABSTAIN``). A query ``(x, c, R)`` is compared with the stored
-entries ``j`` whose label differs from ``c``, through ``gap_j = d_j - R_j`` with
-``d_j = ||x - x_j||_2`` in float64. With ``m = min_j gap_j`` (the first ``j`` on ties):
+with a radius ``R`` (0 for ``ABSTAIN``) in the memory's norm: L2 for the certificates of Gaussian
+noise, L1 for those of uniform noise. A query ``(x, c, R)`` is compared with the stored entries
+``j`` whose label differs from ``c``, through ``gap_j = d_j - R_j`` with ``d_j = ||x - x_j||`` in
+float64. With ``m = min_j gap_j`` (the first ``j`` on ties):
 
 - ``m < 0``: ``x`` lies inside ``j``'s ball (the most negative gap is the deepest ball) and the
   answer becomes ``(c_j, -m) = (c_j, R_j - d_j)``, whether the query certified another class or
@@ -16,10 +17,11 @@ entries ``j`` whose label differs from ``c``, through ``gap_j = d_j - R_j`` with
 - otherwise the answer is ``(c, min(R, m))``; an abstention stays ``(ABSTAIN, 0)``.
 
 Every answer is stored, abstentions too (as balls of radius 0). By induction no two stored
-entries of different labels overlap, ``d_ij >= R_i + R_j``: an answer taken from a ball lies
-inside that ball, and a shrunk radius stops at every other ball. So the open balls of the
-answers never contradict each other, no answered point lies inside the ball of another label,
-and all answers are those of one classifier: the stored ball's label inside each ball.
+entries of different labels overlap, ``d_ij >= R_i + R_j`` (the triangle inequality holds in
+either norm): an answer taken from a ball lies inside that ball, and a shrunk radius stops at
+every other ball. So the open balls of the answers never contradict each other, no answered point
+lies inside the ball of another label, and all answers are those of one classifier: the stored
+ball's label inside each ball.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ __all__ = ["CertificationMemory"]
 
 _FORMAT = "ddrs_ext.CertificationMemory"
 # Version 2: abstentions are stored (label ABSTAIN, radius 0) and an abstaining query inside a
-# stored ball takes that ball's class. Version 1 (abstentions passed through, never stored) is refused.
+# stored ball takes that ball's class; the state names its norm. Version 1 (abstentions passed
+# through, never stored; L2 only) is refused.
 _VERSION = 2
+_NORMS = {"l2": 2.0, "l1": 1.0}  # the norms a memory can hold, and their cdist p
 _MIN_CAPACITY = 16
 # Queries handled together: their (Q, Q) distances are computed on the memory's device.
 _QUERY_BLOCK = 1024
@@ -64,9 +68,13 @@ def _flat64(x: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1) if x.dim() > 1 else x[:, None]).to(torch.float64)
 
 
-def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """L2 distances (len(a), len(b)) between rows of two float64 matrices."""
-    return torch.cdist(a, b, compute_mode=_DIRECT)
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """L2 (or, with ``p=1``, L1) distances (len(a), len(b)) between rows of two float64 matrices.
+
+    cdist computes an L1 distance from the coordinate differences too, so it is as batch-independent."""
+    if p == 2.0:
+        return torch.cdist(a, b, compute_mode=_DIRECT)
+    return torch.cdist(a, b, p=p)
 
 
 def _slice_rows(flat: torch.Tensor) -> int:
@@ -84,7 +92,7 @@ def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
 
 
 def _earlier_pairs_within(
-    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor
+    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor, p: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs (i, k), k < i, of rows of ``flat`` (Q, D) with ``d_ik - reach < threshold[i]``.
 
@@ -97,7 +105,7 @@ def _earlier_pairs_within(
     for start in range(0, q, step):
         stop = min(start + step, q)
         # Only the lower triangle is read below; the rest of the columns [start, stop) is skipped.
-        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop])
+        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop], p)
     near = ((distance - reach) < threshold[:, None]).tril_(-1)
     pairs = near.nonzero()
     return pairs, distance[pairs[:, 0], pairs[:, 1]]
@@ -106,9 +114,11 @@ def _earlier_pairs_within(
 class CertificationMemory:
     """Remembers the answers given and makes every later answer consistent with them.
 
-    Each stored entry is an input ``x_j`` with its label ``c_j`` (a class, or ``ABSTAIN``) and L2
-    radius ``R_j`` (0 for ``ABSTAIN``), in query order. ``adjust`` compares every new answer
-    ``(x, c, R)`` with the stored entries of *other* labels, at distances ``d_j = ||x - x_j||_2``:
+    Each stored entry is an input ``x_j`` with its label ``c_j`` (a class, or ``ABSTAIN``) and
+    radius ``R_j`` (0 for ``ABSTAIN``) in the memory's ``norm`` (L2 by default; L1 for the
+    certificates of uniform noise), in query order. ``adjust`` compares every new answer
+    ``(x, c, R)`` with the stored entries of *other* labels, at distances ``d_j = ||x - x_j||`` in
+    that norm:
 
     - if ``x`` lies inside such a ball (``d_j < R_j``), the answer becomes ``(c_j, R_j - d_j)``
       for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry). This holds for
@@ -131,12 +141,24 @@ class CertificationMemory:
     each other's answers, come to the CPU, where the block is walked in query order. The stored
     inputs keep their dtype (promoted, exactly, when inputs of a wider float dtype arrive).
 
+    The argument holds for any norm (it uses only the triangle inequality), so one memory serves L2
+    certificates (Gaussian noise) or L1 certificates (uniform noise, ``norm="l1"``), but never both:
+    :meth:`adjust_result` refuses a result of the other norm.
+
     Args:
         device: where stored inputs live and distances are computed; ``None`` takes the
             device of the first inputs. Later inputs are moved to it.
+        norm: ``"l2"`` (default) or ``"l1"``, the norm of the radii this memory holds.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, *, norm: str = "l2") -> None:
+        if norm not in _NORMS:
+            raise ValueError(
+                f"norm must be one of {tuple(_NORMS)} (l2: Gaussian noise's certificates, l1: uniform "
+                f"noise's), got {norm!r}"
+            )
+        self.norm = norm
+        self._p = _NORMS[norm]
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(
                 "device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
@@ -156,7 +178,7 @@ class CertificationMemory:
     def __repr__(self) -> str:
         dtype = None if self._x is None else self._x.dtype
         return (
-            f"CertificationMemory({self._size} entries, input shape {self._shape}, "
+            f"CertificationMemory({self._size} entries, {self.norm} radii, input shape {self._shape}, "
             f"dtype {dtype}, device {self._device})"
         )
 
@@ -178,7 +200,8 @@ class CertificationMemory:
             x: ``(B, ...)`` floating-point inputs, all finite, with the per-input shape of the
                 inputs this memory has seen.
             prediction: ``(B,)`` integer certified classes, ``ABSTAIN`` (-1) for abstentions.
-            radius: ``(B,)`` certified L2 radii, finite and ``>= 0`` (0 where abstaining).
+            radius: ``(B,)`` certified radii in the memory's norm, finite and ``>= 0`` (0 where
+                abstaining).
 
         Returns:
             ``(prediction, radius)``: the adjusted ``(B,)`` int64 classes and ``(B,)`` float64
@@ -219,6 +242,12 @@ class CertificationMemory:
                 "result must be the CertifyResult returned by ddrs_ext.certify, got "
                 f"{type(result).__name__}; for plain tensors use adjust(x, prediction, radius)"
             )
+        norm = getattr(result, "norm", "l2")
+        if norm != self.norm:
+            raise ValueError(
+                f"this memory holds {self.norm} certificates but the result's radii are {norm} radii; "
+                f"a memory holds one norm: use CertificationMemory(norm={norm!r}) for these"
+            )
         prediction, radius = self.adjust(x, result.prediction, result.radius)
         return dataclasses.replace(result, prediction=prediction, radius=radius)
 
@@ -244,7 +273,7 @@ class CertificationMemory:
         # monotone), so leaving them out changes no bit.
         if flat.shape[0] > 1:
             reach = torch.maximum(own_radius.max(), (-gap).max())
-            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach)
+            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach, self._p)
             gap, gap_class, pair_i, pair_k, pair_distance = _to_host(
                 gap, gap_class, pairs[:, 0], pairs[:, 1], pair_distance
             )
@@ -295,7 +324,7 @@ class CertificationMemory:
                 stop = min(start + step, self._size)
                 points = _flat64(self._x[start:stop])
                 classes = self._prediction[start:stop]
-                gap = _pairwise_distances(flat, points) - self._radius[start:stop]
+                gap = _pairwise_distances(flat, points, self._p) - self._radius[start:stop]
                 gap.masked_fill_(classes[None, :] == own_class[:, None], math.inf)
                 index = gap.argmin(dim=1)  # first minimum: the earliest entry on ties
                 value = gap.gather(1, index[:, None])[:, 0]
@@ -386,10 +415,10 @@ class CertificationMemory:
     def state_dict(self) -> dict[str, Any]:
         """The stored entries as a dict of plain values and tensors (copies, on the memory's device).
 
-        Keys: ``format``, ``version`` (2: abstentions are stored), ``input_shape`` (list or None),
-        ``x`` (``(N, ...)`` in the stored dtype, or None when nothing is stored), ``prediction``
-        ((N,) int64, ``ABSTAIN`` for a stored abstention), ``radius`` ((N,) float64, 0 for an
-        abstention).
+        Keys: ``format``, ``version`` (2: abstentions are stored), ``norm`` (``"l2"`` or ``"l1"``),
+        ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the stored dtype, or None when
+        nothing is stored), ``prediction`` ((N,) int64, ``ABSTAIN`` for a stored abstention),
+        ``radius`` ((N,) float64, 0 for an abstention).
         """
         n = self._size
         if self._x is None:
@@ -399,14 +428,16 @@ class CertificationMemory:
         else:
             x = self._x[:n].clone()
             prediction, radius = self._prediction[:n].clone(), self._radius[:n].clone()
-        return {
+        state = {
             "format": _FORMAT,
             "version": _VERSION,
+            "norm": self.norm,
             "input_shape": None if self._shape is None else list(self._shape),
             "x": x,
             "prediction": prediction,
             "radius": radius,
         }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replaces the memory's entries with those of ``state`` (from ``state_dict``).
@@ -416,9 +447,15 @@ class CertificationMemory:
         not carry the guarantee of this version's rule.
 
         The tensors go to this memory's device; a memory created with ``device=None`` takes
-        the device of ``state``'s tensors.
+        the device of ``state``'s tensors. The state's norm must be this memory's
+        (:meth:`load` makes a memory of the saved norm).
         """
-        shape, x, prediction, radius = _check_state(state)
+        norm, shape, x, prediction, radius = _check_state(state)
+        if norm != self.norm:
+            raise ValueError(
+                f"the state holds {norm} certificates but this memory holds {self.norm} ones; a memory holds "
+                f"one norm: load it into CertificationMemory(norm={norm!r}) (CertificationMemory.load does)"
+            )
         n = prediction.shape[0]
         if self._device is None and x is not None:
             self._device = x.device
@@ -451,8 +488,8 @@ class CertificationMemory:
                 f"{os.fspath(path)!r} is not a saved CertificationMemory: torch.load failed "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from err
-        memory = cls()
         try:
+            memory = cls(norm=_check_state(state)[0])
             memory.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)!r}: {err}") from None
@@ -479,8 +516,8 @@ def _as_vector(value: Any, name: str, batch: int) -> torch.Tensor:
 
 def _check_state(
     state: Any,
-) -> tuple[tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
+) -> tuple[str, tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(norm, input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         got = (
             f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
@@ -505,6 +542,10 @@ def _check_state(
 
     def damaged(problem: str) -> ValueError:
         return ValueError(f"CertificationMemory state is damaged: {problem}")
+
+    norm = state.get("norm", "l2")
+    if norm not in _NORMS:
+        raise damaged(f"norm is {norm!r}, not one of {sorted(_NORMS)}")
 
     missing = {"input_shape", "x", "prediction", "radius"} - state.keys()
     if missing:
@@ -539,4 +580,4 @@ def _check_state(
         raise damaged("a stored radius is negative or not finite")
     if n and bool(((prediction == ABSTAIN) & (radius != 0)).any()):
         raise damaged("a stored abstention has a radius other than 0")
-    return shape, x, prediction, radius
+    return norm, shape, x, prediction, radius

@@ -9,24 +9,24 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 from ddrs_ext import certification as _certify
 from ddrs_ext import ops, rng, stats
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, evaluating
+from ddrs_ext.noise import resolve_noise, scale_name
 
 _HOOKS = ("_sample_noise", "_lower_confidence_bound")
 
 
-def _check_sigma(sigma) -> float:
+def _check_sigma(sigma, name: str = "sigma") -> float:
     if isinstance(sigma, torch.Tensor) and sigma.numel() == 1:
         sigma = sigma.item()
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
-        raise TypeError(f"sigma must be a number >= 0, got {sigma!r}")
+        raise TypeError(f"{name} must be a number >= 0, got {sigma!r}")
     value = float(sigma)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"sigma must be a finite number >= 0 (0: no noise, the base classifier), got {value}"
+            f"{name} must be a finite number >= 0 (0: no noise, the base classifier), got {value}"
         )
     return value
 
@@ -64,6 +64,10 @@ class Smooth:
     ``sigma = 0`` is the base classifier itself (its one prediction counted ``num`` times; radius 0),
     and ``num_classes`` may exceed the model's number of outputs (the extra classes get no votes),
     both as in ``core.Smooth``.
+
+    ``noise="uniform"`` smooths with uniform noise on the cube of half-width ``sigma`` instead (the
+    l1 certificate of the ``ddsmoothing`` package's ``L1Certificate``): ``certify`` then returns an
+    L1 radius, ``sigma * (2 pA_lower - 1)``.
     """
 
     ABSTAIN = _certify.ABSTAIN
@@ -75,10 +79,12 @@ class Smooth:
         sigma: float,
         *,
         seed: int | None = None,
+        noise: str = "gaussian",
     ) -> None:
         self.base_classifier = base_classifier
         self.num_classes = check_count(num_classes, "num_classes")
-        self.sigma = _check_sigma(sigma)
+        self.noise = resolve_noise(noise)
+        self.sigma = _check_sigma(sigma, scale_name(self.noise))
         self.seed = seed
         self._calls = 0  # noise streams taken so far under a fixed seed: one per call
         self._active: list[int] | None = None  # [stream, samples drawn] of the call in progress
@@ -130,7 +136,7 @@ class Smooth:
 
     def _sampler(self, x: torch.Tensor, batch_size: int, stream: int):
         sampler, seed = _certify._prepare(
-            self.base_classifier, self._batch(x), self.sigma, batch_size, None, self.seed, [stream]
+            self.base_classifier, self._batch(x), self.sigma, batch_size, None, self.seed, [stream], self.noise
         )
         sampler.max_classes = self.num_classes
         return sampler, seed
@@ -145,7 +151,8 @@ class Smooth:
     def certify(
         self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *, index: int | None = None
     ) -> tuple[int, float]:
-        """(predicted class, certified L2 radius), or (Smooth.ABSTAIN, 0.0).
+        """(predicted class, certified radius: L2 for Gaussian noise, L1 for uniform noise), or
+        (Smooth.ABSTAIN, 0.0).
 
         ``index``: the noise stream of this call (see the class docstring); by default the next one.
         """
@@ -174,7 +181,7 @@ class Smooth:
         p_lower = float(self._lower_confidence_bound(n_a, n, alpha))
         if p_lower < 0.5:
             return self.ABSTAIN, 0.0
-        return c_hat, float(self.sigma * norm.ppf(p_lower))
+        return c_hat, float(self.noise.radius(np.asarray([p_lower]), np.asarray([self.sigma]))[0])
 
     def predict(
         self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, index: int | None = None

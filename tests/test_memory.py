@@ -652,8 +652,8 @@ def test_pairs_left_out_never_matter(seed, monkeypatch):
 
     within = memory_module._earlier_pairs_within
 
-    def every_pair(flat, threshold, reach):
-        return within(flat, torch.full_like(threshold, math.inf), reach)
+    def every_pair(flat, threshold, reach, *norm):
+        return within(flat, torch.full_like(threshold, math.inf), reach, *norm)
 
     monkeypatch.setattr(memory_module, "_earlier_pairs_within", every_pair)
     walked = CertificationMemory()
