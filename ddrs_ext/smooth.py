@@ -136,7 +136,14 @@ class Smooth:
 
     def _sampler(self, x: torch.Tensor, batch_size: int, stream: int):
         sampler, seed = _certify._prepare(
-            self.base_classifier, self._batch(x), self.sigma, batch_size, None, self.seed, [stream], self.noise
+            self.base_classifier,
+            self._batch(x),
+            self.sigma,
+            batch_size,
+            None,
+            self.seed,
+            [stream],
+            self.noise,
         )
         sampler.max_classes = self.num_classes
         return sampler, seed
