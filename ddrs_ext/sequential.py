@@ -17,7 +17,8 @@ The levels are fixed per input before any estimation sample is drawn (they depen
 ``n_max``, the input's sigma and the radii of interest only), so by the union bound over the ``K``
 rounds, ``P(p < L_k for some k) <= alpha``: the bound holds at every round at once, whatever rule
 decides when to stop (the rule here looks at the votes), and the radius ``sigma * Phi^-1(L_k)`` at
-the stopping round is a certificate of the same strength as CERTIFY's. Selection samples never
+the stopping round (``theta * (2 L_k - 1)``, an L1 radius, for uniform noise) is a certificate of the
+same strength as CERTIFY's. Selection samples never
 enter the bound. ``p_lower`` is ``L_k`` of the stopping round, ``counts`` are exactly the votes it was
 computed from, and ``bound_alpha`` is ``alpha_k``: Clopper-Pearson recomputed from ``counts`` at
 ``bound_alpha`` gives ``p_lower`` back; recomputed at ``alpha`` it is NOT a valid bound.
@@ -59,6 +60,7 @@ from ddrs_ext.certification import (
     check_labels,
     check_sampling_args,
 )
+from ddrs_ext.noise import GAUSSIAN, Noise, resolve_noise, scale_name
 
 #: Samples in the first estimation round (the smallest round end).
 FIRST_ROUND = 3
@@ -129,14 +131,16 @@ def round_schedule(
     radius: float | Sequence[float] | None = None,
     sigma: float = 1.0,
     tolerance: float | None = None,
+    noise: str | Noise = "gaussian",
 ) -> RoundSchedule:
     """The rounds and levels of one input with noise level ``sigma`` and these radii of interest (as
     :func:`certify_sequential` takes them; default: the open-ended mode's)."""
     radii = _check_radius(radius)
     tolerance = _check_tolerance(tolerance, radii)
+    family = resolve_noise(noise)
     sig = np.array([float(sigma)])
-    interest = Interest.make(radii, tolerance, sig, float(norm.ppf(alpha ** (1 / n_max))))
-    stage = SequentialStage([], sig, n_max, alpha, interest, n0=0)
+    interest = Interest.make(radii, tolerance, sig, top_radius(family, n_max, alpha))
+    stage = SequentialStage([], sig, n_max, alpha, interest, n0=0, noise=family)
     return RoundSchedule(stage.ends, tuple(float(a) for a in stage.levels[0]))
 
 
@@ -192,7 +196,8 @@ class Interest:
     @staticmethod
     def make(radius: np.ndarray | None, tolerance: float, scale: np.ndarray, z_max: float) -> Interest:
         """Given radii (the same for every input), or the multiples of ``tolerance * scale[b]`` up to
-        ``z_max * scale[b]`` (the open-ended mode; ``scale`` is each input's sigma)."""
+        ``z_max * scale[b]`` (the open-ended mode; ``scale`` is each input's sigma, or theta for uniform
+        noise, and ``z_max`` the largest radius a unit scale can certify: :func:`top_radius`)."""
         B = len(scale)
         if radius is not None:
             return Interest(np.broadcast_to(radius, (B, len(radius))).copy())
@@ -202,11 +207,26 @@ class Interest:
         return Interest(steps[None, :] * np.asarray(scale, dtype=np.float64)[:, None])
 
 
-def _radius_of(p: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """The radius a bound p certifies: sigma * Phi^-1(p), and -inf below 1/2 (it abstains)."""
+def top_radius(noise: Noise, n_max: int, alpha: float) -> float:
+    """The largest radius ``n_max`` estimation samples can certify at noise scale 1 (every vote for the
+    class, bound ``alpha^(1/n_max)`` at the full ``alpha``); radii are proportional to the scale."""
+    return float(noise.radius(np.array([alpha ** (1 / n_max)]), np.ones(1))[0])
+
+
+def _radius_of(noise: Noise, p: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The radius a bound p certifies (``noise.radius``: sigma * Phi^-1(p), or theta * (2p - 1) for
+    uniform noise), and -inf below 1/2 (it abstains)."""
     p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.where(p >= 0.5, np.asarray(sigma) * norm.ppf(np.maximum(p, 0.5)), -np.inf)
+    return np.where(p >= 0.5, noise.radius(p, scale), -np.inf)
+
+
+def _threshold(noise: Noise, radius: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The smallest bound that certifies ``radius``: Phi(r / sigma), or (1 + r / theta) / 2 for uniform
+    noise (above 1 where no bound can)."""
+    r = np.asarray(radius, dtype=np.float64) / np.asarray(scale, dtype=np.float64)
+    if noise.name == "uniform":
+        return (1.0 + r) / 2.0
+    return norm.cdf(r)
 
 
 def unsettled(have: np.ndarray, reach: np.ndarray, radii: np.ndarray, every: bool = False) -> np.ndarray:
@@ -225,6 +245,7 @@ class SequentialStage:
     this stage's arrays; each sampler covers exactly its rows, in that order). ``classes``: None to
     select each input's class from ``n0`` selection samples; or the classes, given (true labels, with
     ``n0 = 0``; or a selection made outside, whose ``n0`` samples still count in ``samples``).
+    ``noise``: the samplers' noise family, whose radius formula turns bounds into radii.
     """
 
     def __init__(
@@ -238,17 +259,22 @@ class SequentialStage:
         n0: int,
         classes: np.ndarray | None = None,
         num_classes: int | None = None,
+        noise: Noise = GAUSSIAN,
     ) -> None:
         B = len(sigma)
+        self.noise = noise
+        for sampler, _ in groups:
+            if sampler.noise is not noise:
+                raise ValueError(f"the samplers draw {sampler.noise.name} noise, the stage is {noise.name}")
         self.groups, self.sigma, self.n0, self.n_max = groups, np.asarray(sigma, np.float64), n0, n_max
         self.interest = interest
         self.ends = round_ends(n_max)
         self.num_classes = num_classes
-        z_max = norm.ppf(alpha ** (1 / n_max))
-        reachable = interest.radii <= z_max * self.sigma[:, None]
+        top = top_radius(noise, n_max, alpha) * self.sigma
+        reachable = interest.radii <= top[:, None]
         m = np.inf if interest.every else reachable.sum(axis=1)
         smallest = 0.0 if interest.every else interest.radii[:, 0]
-        t_min = norm.cdf(np.asarray(smallest) / self.sigma) * np.ones(B)
+        t_min = _threshold(noise, smallest, self.sigma) * np.ones(B)
         self.levels = _levels(self.ends, alpha, t_min, np.ones(B) / np.maximum(m, 1))
         self.classes = classes  # None until selection (or given labels)
         self.given = classes is not None
@@ -324,20 +350,21 @@ class SequentialStage:
         self.lower[rows] = stats.clopper_pearson_lower(votes, n, level)
         self.bound_alpha[rows] = level
         if k == len(self.ends) - 1:
-            self.reach[rows] = _radius_of(self.lower[rows], self.sigma[rows])
+            self.reach[rows] = _radius_of(self.noise, self.lower[rows], self.sigma[rows])
             self.active[rows] = False
             return
         upper = stats.clopper_pearson_upper(votes, n, STEER_ALPHA)
         hoped = np.minimum(votes + upper * (self.n_max - n), self.n_max)
         best = stats.clopper_pearson_lower(hoped, self.n_max, self.levels[rows, -1])
         self.reach[rows] = np.maximum(
-            _radius_of(best, self.sigma[rows]), _radius_of(self.lower[rows], self.sigma[rows])
+            _radius_of(self.noise, best, self.sigma[rows]),
+            _radius_of(self.noise, self.lower[rows], self.sigma[rows]),
         )
 
     def have(self, rows: np.ndarray | None = None) -> np.ndarray:
         """The radius certified now (-inf: abstains)."""
         rows = slice(None) if rows is None else rows
-        return _radius_of(self.lower[rows], self.sigma[rows])
+        return _radius_of(self.noise, self.lower[rows], self.sigma[rows])
 
     def stop(self, rows: np.ndarray) -> None:
         """Stops ``rows``: what they have is final."""
@@ -358,12 +385,13 @@ class SequentialStage:
         counts = self.counts if self.counts is not None else np.zeros((B, self.num_classes or 0), np.int64)
         return CertifyResult(
             prediction=torch.from_numpy(prediction),
-            radius=torch.from_numpy(stats.certified_radius(self.lower, self.sigma)),
+            radius=torch.from_numpy(self.noise.radius(self.lower, self.sigma)),
             p_lower=torch.from_numpy(self.lower.copy()),
             counts=torch.from_numpy(counts.copy()),
             sigma=torch.from_numpy(self.sigma.copy()),
             seed=seed,
             samples=torch.from_numpy(self.samples().astype(np.int64)),
+            norm=self.noise.norm,
             bound_alpha=torch.from_numpy(self.bound_alpha.copy()),
             labels=labels,
         )
@@ -400,6 +428,7 @@ def certify_sequential(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str = "gaussian",
 ) -> CertifyResult:
     """CERTIFY with early stopping per input: the same kind of certificate, with the same answer at the
     radii you read, from fewer model evaluations.
@@ -430,6 +459,11 @@ def certify_sequential(
     smoothed classifier returns the label within ``radius``. Not a prediction: use it to evaluate a
     labelled test set.
 
+    ``noise="uniform"``: uniform noise of half-width ``sigma`` (theta) and L1 radii
+    ``sigma * (2 p_lower - 1)``, as for :func:`ddrs_ext.certify` (``result.norm`` is ``"l1"``); the
+    radii of interest are then L1 radii (none above ``sigma`` can be certified), and the open-ended
+    mode's are the multiples of ``tolerance * sigma`` up to the largest certifiable one.
+
     ``seed`` and ``index`` determine all noise exactly as for :func:`ddrs_ext.certify` (estimation
     sample ``i`` is certify's sample ``i``); the results do not depend on ``batch_size``, on threads or
     on the other inputs of the batch.
@@ -439,13 +473,16 @@ def certify_sequential(
     alpha = check_alpha(alpha)
     radii = _check_radius(radius)
     tolerance = _check_tolerance(tolerance, radii)
-    x, sigma, batch_size, seed, stream = check_sampling_args(model, x, sigma, batch_size, seed, index)
+    family = resolve_noise(noise)
+    x, sigma, batch_size, seed, stream = check_sampling_args(
+        model, x, sigma, batch_size, seed, index, scale_name(family)
+    )
     num_classes = check_num_classes(num_classes)
     label_tensor = None if labels is None else check_labels(labels, x.shape[0], num_classes)
     sig = sigma.cpu().numpy()
     B = x.shape[0]
-    sampler = VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes)
-    interest = Interest.make(radii, tolerance, sig, float(norm.ppf(alpha ** (1 / n_max))))
+    sampler = VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes, family)
+    interest = Interest.make(radii, tolerance, sig, top_radius(family, n_max, alpha))
     classes = None if label_tensor is None else label_tensor.numpy().copy()
     stage = SequentialStage(
         [(sampler, np.arange(B))],
@@ -456,6 +493,7 @@ def certify_sequential(
         n0=n0 if classes is None else 0,
         classes=classes,
         num_classes=num_classes,
+        noise=family,
     )
     if B:
         run_alone(stage)
