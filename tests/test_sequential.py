@@ -375,3 +375,48 @@ def test_round_schedule_describes_one_input():
     assert s.lower(np.array([s.ends[first]]), first)[0] >= stats.norm.cdf(2.0)
     grid = sequential.round_schedule(100_000, 0.001)  # the open-ended mode: multiples of 0.1 sigma
     assert grid.alphas[-1] > 0.45 * 0.001
+
+
+def _axis_inputs(margins):
+    """The l1 tests' axis-normal classifier (logits (0, x_2 + 0.1)), whose l1 distance to the boundary
+    is |margin| and whose smoothed probability under uniform noise of half-width theta is
+    clip(1/2 + margin / (2 theta), 0, 1)."""
+    from test_l1_certify import AxisLinear, inputs_with_margins
+
+    model = AxisLinear()
+    return model, inputs_with_margins(model, np.asarray(margins, dtype=np.float64))
+
+
+@pytest.mark.parametrize("mode", [{"tolerance": 0.0}, {"radius": [0.0, 0.1, 0.3]}, {}])
+def test_uniform_noise_l1_radii_below_the_truth_with_certify_counts(mode):
+    """noise="uniform": L1 radii theta * (2 p_lower - 1), never above the l1 distance to the boundary
+    here (truth |margin|); an input that runs to n_max has certify's votes (the same noise)."""
+    theta = 0.5
+    margins = [-0.4, -0.1, 0.0, 0.05, 0.2, 0.35, 0.45, 0.7]
+    model, x = _axis_inputs(margins)
+    res = certify_sequential(model, x, theta, n0=30, n_max=4000, alpha=0.01, seed=5, noise="uniform", **mode)
+    assert res.norm == "l1"
+    ok = res.prediction != ABSTAIN
+    assert ok.sum() >= 5
+    truth = torch.tensor(np.abs(margins))
+    assert (res.radius[ok] <= truth[ok]).all()
+    assert torch.allclose(res.radius[ok], theta * (2 * res.p_lower[ok] - 1))
+    assert (res.radius <= theta).all()
+    ref = certify(model, x, theta, n0=30, n=4000, alpha=0.01, seed=5, noise="uniform")
+    full = res.samples == 30 + 4000
+    assert torch.equal(res.counts[full], ref.counts[full])
+    assert (res.p_lower[full] <= ref.p_lower[full]).all()
+
+
+def test_uniform_noise_radii_of_interest_are_l1():
+    """A radius of interest above theta cannot be certified (the uniform certificate's largest radius is
+    theta), so an input far from the boundary stops as soon as it certifies the reachable ones."""
+    theta = 0.5
+    model, x = _axis_inputs([0.9, 0.9])
+    res = certify_sequential(
+        model, x, theta, n0=30, n_max=20_000, alpha=0.01, seed=5, noise="uniform", radius=[0.2, 0.4, 0.8]
+    )
+    assert (res.radius >= 0.4).all() and (res.radius <= theta).all()
+    assert (res.samples < 30 + 20_000).all()
+    schedule = sequential.round_schedule(20_000, 0.01, radius=[0.2, 0.4, 0.8], sigma=theta, noise="uniform")
+    assert sum(schedule.alphas) == pytest.approx(0.01)
