@@ -329,6 +329,9 @@ def best_level(
     return radii.argmax(1) if radii.numel() else torch.zeros(radii.shape[0], dtype=torch.int64)
 
 
+_BALANCE_STEPS = 500
+
+
 def soft_level_labels(
     radii: torch.Tensor,
     *,
@@ -340,9 +343,9 @@ def soft_level_labels(
 
     ``tau`` (> 0) sets how sharply the labels prefer the level with the largest radius (towards 0,
     :func:`best_level`'s one-hot labels). ``level_weights``: None (all 1), K positive numbers, or
-    ``"balanced"``: ``w_k`` inversely proportional to level k's mean unweighted label over the inputs,
-    so that every level carries the same total label mass (levels that win rarely are not drowned by
-    the rest).
+    ``"balanced"``: the weights (found by iterative proportional fitting) under which every level
+    carries the same total label mass, ``mean_x q_k(x) = 1/K`` (levels that win rarely are not drowned
+    by the rest).
     """
     radii = torch.as_tensor(radii, dtype=torch.float64).detach().cpu()
     if radii.dim() != 2 or radii.shape[1] == 0:
@@ -359,8 +362,14 @@ def soft_level_labels(
             raise ValueError(
                 f"level_weights must be None, 'balanced' or {K} positive numbers, got {level_weights!r}"
             )
-        mass = torch.softmax(logits, 1).mean(0)
-        weights = 1.0 / mass.clamp_min(1e-12)
+        # iterative proportional fitting: rescale each level's weight until the mean labels are all 1/K
+        log_w = torch.zeros(K, dtype=torch.float64)
+        for _ in range(_BALANCE_STEPS):
+            mass = torch.softmax(logits + log_w[None, :], 1).mean(0)
+            if float((mass * K - 1).abs().max()) < 1e-6:
+                break
+            log_w = log_w - (mass * K).log()
+        weights = (log_w - log_w.max()).exp()
     else:
         try:
             weights = torch.as_tensor(level_weights, dtype=torch.float64).detach().cpu()
