@@ -47,6 +47,7 @@ from ddrs_ext.data import load_digits_splits
 from ddrs_ext.dual import (
     cross_fit_radii,
     default_selector_sigma,
+    fold_assignment,
     level_radii,
     soft_level_labels,
     train_selector,
@@ -64,7 +65,7 @@ class Recipe:
 
     levels: tuple[float, ...] = (0.25, 0.5, 1.0)
     expert_scheme: str = "consistency"  # SCHEMES: one scheme for every level's expert
-    expert_lam: float = 20.0  # consistency: lambda (eta below); dd-*: a sigma bank around the level
+    expert_lam: float | tuple[float, ...] = 20.0  # consistency's lambda, or one per level
     expert_eta: float = 0.5
     expert_epochs: int = 30
     expert_lr: float = 3e-3
@@ -85,6 +86,7 @@ class Recipe:
     cascade_threshold: float = 0.5
     confidence_thresholds: tuple[float, ...] | None = None  # one per level above the lowest; None: 0.9
     train_count: int | None = None  # None: the whole training split (fewer: --quick only)
+    specialize: float | None = None  # tau of the specialists' sampling weights (None: generalists only)
 
     @property
     def sigma_e(self) -> float:
@@ -147,10 +149,23 @@ class Cache:
 # ---------------------------------------------------------------- training
 
 
+def lam_of(recipe: Recipe, level: int) -> float:
+    lam = recipe.expert_lam
+    return float(lam[level]) if isinstance(lam, tuple) else float(lam)
+
+
 def train_expert(
-    x: torch.Tensor, y: torch.Tensor, sigma: float, recipe: Recipe, seed: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    lam: float,
+    recipe: Recipe,
+    seed: int,
+    weights: torch.Tensor | None = None,
 ) -> torch.nn.Module:
-    """A digits CNN trained at ``sigma`` with ``recipe.expert_scheme`` (Adam, shuffled minibatches)."""
+    """A digits CNN trained at ``sigma`` with ``recipe.expert_scheme`` (Adam, minibatches of a shuffled
+    epoch; with ``weights``, each epoch draws its examples with replacement in proportion to them: a
+    specialist for the inputs that the weights favour)."""
     torch.manual_seed(seed)
     model = digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.expert_lr)
@@ -161,12 +176,16 @@ def train_expert(
         bank = training.SigmaBank(len(y), sigma, sigma_range=(sigma / 2, 2 * sigma))
     for _ in range(recipe.expert_epochs):
         model.train()
-        for index in torch.randperm(len(y), generator=order).split(recipe.expert_batch):
+        if weights is None:
+            epoch = torch.randperm(len(y), generator=order)
+        else:
+            epoch = torch.multinomial(weights.double(), len(y), replacement=True, generator=order)
+        for index in epoch.split(recipe.expert_batch):
             xb, yb = x[index], y[index]
             s = sigma if bank is None else training.update_sigma(model, bank, xb, index, surrogate="certify")
             if recipe.expert_scheme.endswith("consistency"):
                 loss = training.consistency_loss(
-                    model, xb, yb, s, copies=2, lam=recipe.expert_lam, eta=recipe.expert_eta, index=index
+                    model, xb, yb, s, copies=2, lam=lam, eta=recipe.expert_eta, index=index
                 )
             else:
                 loss = training.gaussian_augmentation_loss(model, xb, yb, s, index=index)
@@ -184,16 +203,32 @@ def expert_fields(recipe: Recipe) -> dict:
     }
 
 
-def experts_for(
-    x: torch.Tensor, y: torch.Tensor, recipe: Recipe, cache: Cache, tag: str, seed: int
-) -> list[torch.nn.Module]:
-    """One expert per level, trained on (x, y); cached by recipe, data tag and seed."""
-    out = []
-    for sigma in recipe.levels:
-        name = f"expert_{_key(expert_fields(recipe), sigma, tag, seed)}"
+def _digest(t: torch.Tensor | None) -> str | None:
+    return None if t is None else hashlib.sha256(t.detach().cpu().double().numpy().tobytes()).hexdigest()[:16]
 
-        def make(sigma=sigma):
-            return train_expert(x, y, sigma, recipe, seed + round(1000 * sigma)).state_dict()
+
+def experts_for(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    cache: Cache,
+    tag: str,
+    seed: int,
+    weights: torch.Tensor | None = None,
+) -> list[torch.nn.Module]:
+    """One expert per level, trained on (x, y); with ``weights`` (N, K), the experts above the lowest
+    level are specialists trained on examples drawn in proportion to their column. Cached by everything
+    they depend on."""
+    out = []
+    for k, sigma in enumerate(recipe.levels):
+        w = None if weights is None or k == 0 else weights[:, k]
+        fields = expert_fields(recipe) | {"expert_lam": lam_of(recipe, k)}
+        name = f"expert_{_key(fields, sigma, tag, seed, _digest(w))}"
+
+        def make(sigma=sigma, k=k, w=w):
+            return train_expert(
+                x, y, sigma, lam_of(recipe, k), recipe, seed + round(1000 * sigma), w
+            ).state_dict()
 
         model = digits_cnn()
         model.load_state_dict(cache.get(name, make))
@@ -273,29 +308,37 @@ def dual_notes(dual, final: np.ndarray, oracle: np.ndarray, per_level: list[np.n
 # ---------------------------------------------------------------- the study
 
 
-def selector_labels(
-    x: torch.Tensor, y: torch.Tensor, experts, recipe: Recipe, cache: Cache, seed: int, log
+def held_out_radii(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    experts,
+    recipe: Recipe,
+    cache: Cache,
+    seed: int,
+    weights: torch.Tensor | None,
+    log,
 ) -> torch.Tensor:
-    """Soft labels for the training inputs from their radius at each level (held-out folds or the final
-    experts), with the recipe's temperature and level weights."""
+    """The radius of every training input at every level: by experts trained without its fold
+    (``label_source = "crossfit"``) or by the final experts (``"train"``)."""
     label_seed = (seed * 7919 + 17) % 2**63
     settings = dict(n0=recipe.label_n0, n=recipe.label_n, alpha=recipe.label_alpha, batch_size=10_000)
+    key = _key(expert_fields(recipe), recipe.levels, settings, seed, _digest(weights))
     if recipe.label_source == "crossfit":
-        name = f"radii_cf_{_key(expert_fields(recipe), recipe.levels, recipe.folds, settings, seed)}"
+        part = fold_assignment(len(y), recipe.folds, label_seed)
 
         def fit(xs, ys, fold):
-            return experts_for(xs, ys, recipe, cache, f"fold{fold}of{recipe.folds}", seed + 1 + fold)
+            w = None if weights is None else weights[part != fold]
+            return experts_for(xs, ys, recipe, cache, f"fold{fold}of{recipe.folds}", seed + 1 + fold, w)
 
         radii = cache.get(
-            name,
+            f"radii_cf_{_key(key, recipe.folds)}",
             lambda: cross_fit_radii(
                 fit, x, y, recipe.levels, folds=recipe.folds, seed=label_seed, **settings
             ),
         )
     elif recipe.label_source == "train":
-        name = f"radii_tr_{_key(expert_fields(recipe), recipe.levels, settings, seed)}"
         radii = cache.get(
-            name,
+            f"radii_tr_{key}",
             lambda: level_radii(
                 experts, x, y, recipe.levels, seed=label_seed, index=torch.arange(len(y)), **settings
             ),
@@ -305,6 +348,10 @@ def selector_labels(
     best = radii.argmax(1)
     counts = torch.bincount(best[radii.max(1).values >= 0], minlength=len(recipe.levels)).tolist()
     log(f"label radii ({recipe.label_source}): best level counts {counts} of {len(y)} training inputs")
+    return radii
+
+
+def soft_labels(radii: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     weights = recipe.level_weights
     return soft_level_labels(
         radii, tau=recipe.tau, level_weights=list(weights) if isinstance(weights, tuple) else weights
@@ -342,6 +389,14 @@ def train_recipe_selector(
     return net.eval(), name
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run(
     recipe: Recipe,
     evaluation: Evaluation,
@@ -352,6 +407,10 @@ def run(
 ) -> dict:
     """Trains (or loads) everything the recipe needs, certifies the split's inputs, returns the rows."""
     began = time.perf_counter()
+
+    def stamp(message: str) -> None:
+        log(f"[{time.perf_counter() - began:6.0f} s] {message}")
+
     splits = load_digits_splits(evaluation.data_seed)
     x_train, y_train = splits.train
     if recipe.train_count is not None:
@@ -367,18 +426,27 @@ def run(
         evaluation.split, evaluation.count, evaluation.n0, evaluation.n, seed, evaluation.data_seed
     )
 
-    experts = experts_for(x_train, y_train, recipe, cache, "train", 0)
-    log(f"[{time.perf_counter() - began:6.0f} s] experts ready ({recipe.expert_scheme}, levels {levels})")
-    alone = []
-    for expert, sigma in zip(experts, levels):
-        name = f"cert_{_key(expert_fields(recipe), sigma, eval_key, alpha)}"
-        alone.append(
-            cache.get(name, lambda e=expert, s=sigma: ddrs_ext.certify(e, x, s, alpha=alpha, **common))
-        )
-    log(f"[{time.perf_counter() - began:6.0f} s] experts certified alone")
-    rows = [
-        Row(f"expert σ={s:g} alone", correct_radius(r.prediction, r.radius, y)) for s, r in zip(levels, alone)
-    ]
+    def certified(model, sigma):
+        name = f"cert_{_key(model_digest(model), sigma, eval_key, alpha)}"
+        return cache.get(name, lambda: ddrs_ext.certify(model, x, sigma, alpha=alpha, **common))
+
+    generalists = experts_for(x_train, y_train, recipe, cache, "train", 0)
+    stamp(f"experts ready ({recipe.expert_scheme}, levels {levels})")
+    rows = []
+    for model, sigma in zip(generalists, levels):
+        r = certified(model, sigma)
+        rows.append(Row(f"expert σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
+    experts, weights = generalists, None
+    if recipe.specialize is not None:
+        base = held_out_radii(x_train, y_train, generalists, recipe, cache, 0, None, log)
+        weights = soft_level_labels(base, tau=recipe.specialize)
+        experts = experts_for(x_train, y_train, recipe, cache, "train", 0, weights)
+        stamp("specialists ready (levels above the lowest, trained on examples drawn by held-out labels)")
+        for model, sigma in list(zip(experts, levels))[1:]:
+            r = certified(model, sigma)
+            rows.append(Row(f"specialist σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
+    alone = [certified(model, sigma) for model, sigma in zip(experts, levels)]
+    stamp("experts certified alone")
     at_half = [at_alpha(r, half) for r in alone]
     per_level = [correct_radius(r.prediction, r.radius, y) for r in at_half]
     oracle = np.max(np.stack(per_level, 1), 1)
@@ -389,54 +457,35 @@ def run(
         + ", ".join(f"σ={s:g}: {int(((best == k) & (oracle >= 0)).sum())}" for k, s in enumerate(levels))
     )
     rows.append(oracle_row)
-    result = {"rows": rows}
+    result = {"rows": rows, "baselines": len(rows) - 1}
+    digests = [model_digest(m) for m in experts]
 
     if "dual" in routes:
-        labels = selector_labels(x_train, y_train, experts, recipe, cache, 0, log)
-        label_key = _key(
-            expert_fields(recipe),
-            recipe.levels,
-            recipe.label_source,
-            recipe.folds,
-            recipe.tau,
-            recipe.level_weights,
-            recipe.label_n0,
-            recipe.label_n,
-            recipe.label_alpha,
-        )
+        radii = held_out_radii(x_train, y_train, experts, recipe, cache, 0, weights, log)
+        labels = soft_labels(radii, recipe)
+        label_key = _key(_digest(labels), recipe.label_source, recipe.folds, recipe.label_n, digests)
         selector, selector_key = train_recipe_selector(x_train, labels, recipe, cache, 0, label_key)
-        log(f"[{time.perf_counter() - began:6.0f} s] selector ready (σ_e = {recipe.sigma_e:g})")
-        name = f"dual_{_key(selector_key, eval_key, alpha)}"
+        stamp(f"selector ready (σ_e = {recipe.sigma_e:g})")
         dual = cache.get(
-            name,
+            f"dual_{_key(selector_key, digests, eval_key, alpha)}",
             lambda: ddrs_ext.certify_dual(
                 experts, selector, x, levels, selector_sigma=recipe.sigma_e, alpha=alpha, **common
             ),
         )
         if check_dual:  # the classifier's part is each expert's certify(seed) at alpha / 2
-            chose = dual.level != ABSTAIN
             for k in range(len(levels)):
-                rows_k = (dual.level == k).numpy()
-                assert np.array_equal(
-                    dual.classifier.counts[rows_k].numpy(), at_half[k].counts[rows_k].numpy()
-                )
-                assert torch.equal(
-                    dual.radius_classifier[dual.level == k], at_half[k].radius[dual.level == k]
-                )
-            assert bool((dual.radius[chose] <= dual.radius_selector[chose]).all())
-        row = Row(
-            f"dual, learned selector (σ_e={recipe.sigma_e:g})",
-            correct_radius(dual.prediction, dual.radius, y),
-        )
+                here = dual.level == k
+                assert torch.equal(dual.classifier.counts[here], at_half[k].counts[here])
+                assert torch.equal(dual.radius_classifier[here], at_half[k].radius[here])
+        label = f"dual, learned selector (σ_e={recipe.sigma_e:g})"
+        row = Row(label, correct_radius(dual.prediction, dual.radius, y))
         row.notes = dual_notes(dual, row.radius, oracle, per_level, levels)
         rows.append(row)
         result["dual"] = dual
-        log(f"[{time.perf_counter() - began:6.0f} s] dual certified")
+        stamp("dual certified")
 
     if "cascade" in routes:
-        name = (
-            f"cascade_{_key(expert_fields(recipe), recipe.levels, recipe.cascade_threshold, eval_key, alpha)}"
-        )
+        name = f"cascade_{_key(digests, recipe.levels, recipe.cascade_threshold, eval_key, alpha)}"
         cascade = cache.get(
             name,
             lambda: certify_cascade(
@@ -451,14 +500,12 @@ def run(
         row.notes.append(f"answered at {answered}; abstained on {int((cascade.prediction == ABSTAIN).sum())}")
         rows.append(row)
         result["cascade"] = cascade
-        log(f"[{time.perf_counter() - began:6.0f} s] cascade certified")
+        stamp("cascade certified")
 
     if "confidence" in routes:
         thresholds = recipe.confidence_thresholds or tuple([0.9] * (len(levels) - 1))
         routing = ConfidenceSelector(experts, thresholds)
-        name = (
-            f"conf_{_key(expert_fields(recipe), recipe.levels, thresholds, recipe.sigma_e, eval_key, alpha)}"
-        )
+        name = f"conf_{_key(digests, recipe.levels, thresholds, recipe.sigma_e, eval_key, alpha)}"
         conf = cache.get(
             name,
             lambda: ddrs_ext.certify_dual(
@@ -472,7 +519,7 @@ def run(
         row.notes = dual_notes(conf, row.radius, oracle, per_level, levels)
         rows.append(row)
         result["confidence"] = conf
-        log(f"[{time.perf_counter() - began:6.0f} s] confidence routing certified")
+        stamp("confidence routing certified")
     return result
 
 
@@ -488,14 +535,15 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: Sequence[Row], levels: Sequence[float]) -> list[str]:
-    """The issue's targets, read off the rows: the dual's ACR against the best expert's, its certified
-    accuracy at r >= 0.75 against the smallest level's expert, and within 0.03 of it at r = 0."""
-    experts = rows[: len(levels)]
+def verdict(rows: Sequence[Row], baselines: int) -> list[str]:
+    """The issue's targets, read off the rows: each route's ACR against the best expert's (any expert
+    certified alone), its certified accuracy at r >= 0.75 against the smallest level's expert, and
+    within 0.03 of it at r = 0."""
+    experts = rows[:baselines]
     best = max(experts, key=lambda r: acr(r.radius))
     smallest = experts[0]
     lines = []
-    for row in rows[len(levels) :]:
+    for row in rows[baselines:]:
         c, s = curve(row.radius), curve(smallest.radius)
         high = [i for i, r in enumerate(RADII) if r >= 0.75 and (c[i] > 0 or s[i] > 0)]
         above = bool(high) and all(c[i] > s[i] for i in high)
@@ -525,12 +573,17 @@ def report(result: dict, recipe: Recipe, evaluation: Evaluation) -> str:
     for row in rows:
         for note in row.notes:
             out.append(f"- {row.label}: {note}")
-    out += ["", "Targets:", *verdict(rows, recipe.levels)]
+    out += ["", "Targets:", *verdict(rows, result["baselines"])]
     return "\n".join(out)
 
 
 def _levels(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
+
+
+def _lams(text: str) -> float | tuple[float, ...]:
+    values = _levels(text)
+    return values[0] if len(values) == 1 else values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -553,8 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recipe (defaults: the one chosen on the validation split)")
     g.add_argument("--levels", type=_levels, default=defaults.levels, help="comma-separated sigmas")
     g.add_argument("--expert-scheme", choices=SCHEMES, default=defaults.expert_scheme)
+    g.add_argument(
+        "--expert-lam", type=_lams, default=defaults.expert_lam, help="one lambda, or one per level (comma)"
+    )
+    g.add_argument("--specialize", type=float, default=defaults.specialize, help="tau of the specialists")
     for name in (
-        "expert_lam",
         "expert_eta",
         "tau",
         "selector_lam",

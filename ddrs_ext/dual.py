@@ -382,6 +382,16 @@ def soft_level_labels(
     return torch.softmax(logits + weights.log()[None, :], 1).float()
 
 
+def fold_assignment(count: int, folds: int, seed: int) -> torch.Tensor:
+    """The fold (0 .. folds-1) of each of ``count`` inputs in :func:`cross_fit_radii` with ``seed``: a
+    permutation drawn from ``seed`` dealt round-robin, so the folds differ in size by at most one."""
+    count, folds = check_count(count, "count", minimum=0), check_count(folds, "folds", minimum=1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(rng.resolve_seed(seed)))
+    part = torch.empty(count, dtype=torch.int64)
+    part[order] = torch.arange(count) % folds
+    return part
+
+
 def cross_fit_radii(
     fit: Callable[[torch.Tensor, torch.Tensor, int], Model | Sequence[Model]],
     x: torch.Tensor,
@@ -397,7 +407,7 @@ def cross_fit_radii(
 ) -> torch.Tensor:
     """:func:`level_radii` of every input by experts that never trained on it (cross-fitting).
 
-    The inputs are dealt into ``folds`` parts by a permutation drawn from ``seed``; for each part j,
+    The inputs are dealt into ``folds`` parts (:func:`fold_assignment` with ``seed``); for each part j,
     ``fit(x_rest, y_rest, j)`` trains and returns a model (or one expert per level) on the other parts,
     which then certifies part j. Experts certify the inputs they trained on with larger radii than
     unseen ones, mostly at large sigma, so labels from their own training inputs teach a selector to
@@ -415,9 +425,7 @@ def cross_fit_radii(
         raise TypeError("fit must be a callable fit(x, y, fold) returning a model or one model per level")
     levels = check_sigma_levels(sigma_levels)
     seed = rng.resolve_seed(seed)
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    part = torch.empty(x.shape[0], dtype=torch.int64)
-    part[order] = torch.arange(x.shape[0]) % folds
+    part = fold_assignment(x.shape[0], folds, seed)
     radii = torch.empty((x.shape[0], levels.numel()), dtype=torch.float64)
     for j in range(folds):
         held = (part == j).nonzero()[:, 0]
