@@ -323,3 +323,55 @@ def test_train_selector_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         train_selector(net, x.float(), args.pop("labels"), epochs=1, seed=0, **args)
     assert not net.training  # its mode is restored even after an error
+
+
+class ThreeClass(torch.nn.Module):
+    """Class 1 where x.u > offset, class ``below`` (0 or 2) under it; three logits."""
+
+    def __init__(self, u, offset, below):
+        super().__init__()
+        self.u, self.offset, self.below = u, offset, below
+
+    def forward(self, x):
+        s = 20 * (x.flatten(1).double() @ self.u - self.offset)
+        out = torch.full((len(x), 3), -50.0, dtype=torch.float64)
+        out[:, 1] = s
+        out[:, self.below] = 0.0
+        return out.to(x.dtype)
+
+
+def test_experts_per_level_end_to_end_through_certify_dual():
+    """One expert per level is first-class from labels to certificate: level_radii of the experts give the
+    labels, the selector learns where each expert is the better one, and certify_dual's classifier part for
+    each input is the chosen expert's own CERTIFY (same counts) at alpha - alpha_selector."""
+    from ddrs_ext import certify_dual
+
+    g = torch.Generator().manual_seed(11)
+    u = torch.randn(DIM, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    x = torch.randn(400, DIM, generator=g, dtype=torch.float64)
+    y = (x @ u > 0).long()
+    # level 0 is right everywhere; level 1 (larger sigma, larger radii) is right only where x.u > 0.5 and
+    # answers a class that does not exist (2) below
+    right = ThreeClass(u, 0.0, below=0)
+    partly = ThreeClass(u, 0.5, below=2)
+    levels = [0.25, 0.5]
+    radii = level_radii([right, partly], x, y, levels, n0=20, n=300, alpha=0.01, seed=1)
+    labels = soft_level_labels(radii, tau=0.05)
+    t = x @ u
+    assert float(labels[t > 1.5, 1].mean()) > 0.9 and float(labels[t < 0, 0].mean()) > 0.9
+    net = _net(seed=3)
+    train_selector(net, x.float(), labels, sigma_levels=levels, epochs=40, batch_size=64, lr=5e-3, seed=0)
+    test = torch.randn(60, DIM, generator=g, dtype=torch.float64)
+    r = certify_dual(
+        [right, partly], net, test.float(), levels, selector_sigma=0.5, n0=20, n=400, alpha=0.02, seed=5
+    )
+    chose = r.level != -1
+    tt = test @ u
+    assert float((r.level[chose & (tt > 2.0)] == 1).float().mean()) > 0.8
+    assert float((r.level[chose & (tt < -0.5)] == 0).float().mean()) > 0.8
+    for k, (expert, sigma) in enumerate(zip([right, partly], levels)):
+        here = (r.level == k).nonzero()[:, 0]
+        alone = certify(expert, test.float()[here], sigma, n0=20, n=400, alpha=0.01, seed=5, index=here)
+        assert torch.equal(r.classifier.counts[here], alone.counts)
+        assert torch.equal(r.radius_classifier[here], alone.radius)
