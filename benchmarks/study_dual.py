@@ -547,12 +547,17 @@ def verdict(rows: Sequence[Row], baselines: int) -> list[str]:
         c, s = curve(row.radius), curve(smallest.radius)
         high = [i for i, r in enumerate(RADII) if r >= 0.75 and (c[i] > 0 or s[i] > 0)]
         above = bool(high) and all(c[i] > s[i] for i in high)
+        if high:
+            at_high = (
+                f"{'above' if above else 'NOT above'} {smallest.label} at every radius where either "
+                f"certifies ({', '.join(f'r={RADII[i]:g}: {c[i]:.3f} vs {s[i]:.3f}' for i in high)})"
+            )
+        else:
+            at_high = f"neither it nor {smallest.label} certifies any input (NOT above)"
         lines.append(
             f"- {row.label}: ACR {acr(row.radius):.3f} vs best expert ({best.label}) {acr(best.radius):.3f} "
-            f"({'above' if acr(row.radius) > acr(best.radius) else 'NOT above'}); at r >= 0.75 "
-            f"{'above' if above else 'NOT above'} {smallest.label} at every radius where either certifies "
-            f"({', '.join(f'r={RADII[i]:g}: {c[i]:.3f} vs {s[i]:.3f}' for i in high)}); at r = 0 "
-            f"{c[0]:.3f} vs {s[0]:.3f} ({'within' if c[0] >= s[0] - 0.03 else 'NOT within'} 0.03)"
+            f"({'above' if acr(row.radius) > acr(best.radius) else 'NOT above'}); at r >= 0.75 {at_high}; "
+            f"at r = 0 {c[0]:.3f} vs {s[0]:.3f} ({'within' if c[0] >= s[0] - 0.03 else 'NOT within'} 0.03)"
         )
     return lines
 

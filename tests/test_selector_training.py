@@ -14,6 +14,7 @@ from ddrs_ext.dual import (
     best_level,
     cross_fit_radii,
     default_selector_sigma,
+    fold_assignment,
     level_radii,
     soft_level_labels,
     train_selector,
@@ -146,6 +147,9 @@ def test_cross_fitting_labels_come_from_experts_that_never_saw_the_input():
         assert len(xs) == 40
     trained_on = [(x[:, None, :] == xs[None]).all(2).any(1) for _, xs in seen]
     assert torch.equal(torch.stack(trained_on).sum(0), torch.full((60,), 2))
+    part = fold_assignment(60, 3, 4)  # the folds cross_fit_radii used with seed 4
+    for j in range(3):
+        assert torch.equal(part == j, ~trained_on[j])
     # held-out radii are the fold model's level_radii on its part, with the input's position as stream
     again = cross_fit_radii(fit, x, y, [0.1, 0.2], folds=3, **kw)
     assert torch.equal(held, again)
