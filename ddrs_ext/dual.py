@@ -363,9 +363,16 @@ def soft_level_labels(
                 f"level_weights must be None, 'balanced' or {K} positive numbers, got {level_weights!r}"
             )
         # iterative proportional fitting: rescale each level's weight until the mean labels are all 1/K
+        if radii.shape[0] == 0:
+            return torch.zeros((0, K), dtype=torch.float32)
         log_w = torch.zeros(K, dtype=torch.float64)
         for _ in range(_BALANCE_STEPS):
             mass = torch.softmax(logits + log_w[None, :], 1).mean(0)
+            if not bool((mass > 0).all()):
+                raise ValueError(
+                    "level_weights='balanced': a level gets no label mass at all at this tau (its labels "
+                    "underflow); raise tau or pass explicit weights"
+                )
             if float((mass * K - 1).abs().max()) < 1e-6:
                 break
             log_w = log_w - (mass * K).log()

@@ -106,6 +106,11 @@ def test_balanced_weights_even_out_the_label_mass():
         (dict(level_weights=[1.0, 0.0, 1.0]), ValueError, "3 finite numbers > 0"),
         (dict(radii=torch.zeros(3)), ValueError, r"shape \(inputs, levels\)"),
         (dict(radii=torch.tensor([[0.1, math.nan, 0.2]])), ValueError, "finite"),
+        (
+            dict(radii=torch.tensor([[2.0, -1.0, 0.0]]), tau=1e-3, level_weights="balanced"),
+            ValueError,
+            "no label mass",
+        ),
     ],
 )
 def test_soft_labels_bad_arguments(kwargs, error, match):
