@@ -87,6 +87,7 @@ class Recipe:
     confidence_thresholds: tuple[float, ...] | None = None  # one per level above the lowest; None: 0.9
     train_count: int | None = None  # None: the whole training split (fewer: --quick only)
     specialize: float | None = None  # tau of the specialists' sampling weights (None: generalists only)
+    fixed_extra: tuple[float, ...] = ()  # more fixed-sigma experts certified alone (baselines only)
 
     @property
     def sigma_e(self) -> float:
@@ -436,6 +437,14 @@ def run(
     for model, sigma in zip(generalists, levels):
         r = certified(model, sigma)
         rows.append(Row(f"expert σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
+    extra = [s for s in recipe.fixed_extra if s not in levels]
+    if extra:  # more fixed sigmas, trained as the generalists are: every fixed sigma is a baseline
+        others = experts_for(
+            x_train, y_train, dataclasses.replace(recipe, levels=tuple(extra)), cache, "train", 0
+        )
+        for model, sigma in zip(others, extra):
+            r = certified(model, sigma)
+            rows.append(Row(f"expert σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
     experts, weights = generalists, None
     if recipe.specialize is not None:
         base = held_out_radii(x_train, y_train, generalists, recipe, cache, 0, None, log)
@@ -615,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-lam", type=_lams, default=defaults.expert_lam, help="one lambda, or one per level (comma)"
     )
     g.add_argument("--specialize", type=float, default=defaults.specialize, help="tau of the specialists")
+    g.add_argument(
+        "--fixed-extra", type=_levels, default=defaults.fixed_extra, help="more fixed sigmas, baselines only"
+    )
     for name in (
         "expert_eta",
         "tau",
