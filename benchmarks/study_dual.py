@@ -439,9 +439,8 @@ def run(
         rows.append(Row(f"expert σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
     extra = [s for s in recipe.fixed_extra if s not in levels]
     if extra:  # more fixed sigmas, trained as the generalists are: every fixed sigma is a baseline
-        others = experts_for(
-            x_train, y_train, dataclasses.replace(recipe, levels=tuple(extra)), cache, "train", 0
-        )
+        alike = dataclasses.replace(recipe, levels=tuple(extra), expert_lam=lam_of(recipe, len(levels) - 1))
+        others = experts_for(x_train, y_train, alike, cache, "train", 0)
         for model, sigma in zip(others, extra):
             r = certified(model, sigma)
             rows.append(Row(f"expert σ={sigma:g} alone", correct_radius(r.prediction, r.radius, y)))
