@@ -28,12 +28,14 @@ def quick_run():
 def test_study_rows_and_report(quick_run):
     recipe, evaluation, result = quick_run
     rows = result["rows"]
-    K = len(recipe.levels)
-    assert len(rows) == K + 4  # experts, oracle, dual, cascade, confidence routing
-    oracle = rows[K].radius
+    K, baselines = len(recipe.levels), result["baselines"]
+    # generalists, the extra fixed sigmas, the specialists above the lowest level, then the oracle
+    assert baselines == K + len(recipe.fixed_extra) + K - 1
+    assert [r.label.split(" ")[0] for r in rows[baselines:]] == ["oracle", "dual,", "cascade", "confidence"]
+    oracle = rows[baselines].radius
     for row in rows:
         assert row.radius.shape == (evaluation.count,)
-    for row in rows[K + 1 :]:  # no route certifies any input beyond its best expert at alpha / 2
+    for row in rows[baselines + 1 :]:  # no route certifies any input beyond its best expert at alpha / 2
         assert bool((row.radius <= oracle + 1e-12).all()), row.label
     text = study_dual.report(result, recipe, evaluation)
     assert "| oracle (best level per input, α/2) |" in text and "Targets:" in text

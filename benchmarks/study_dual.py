@@ -63,11 +63,11 @@ SCHEMES = ("gaussian", "consistency", "dd-gaussian", "dd-consistency")
 class Recipe:
     """Everything that makes the experts and the selector (chosen on the validation split)."""
 
-    levels: tuple[float, ...] = (0.25, 0.5, 1.0)
+    levels: tuple[float, ...] = (0.25, 0.5)
     expert_scheme: str = "consistency"  # SCHEMES: one scheme for every level's expert
-    expert_lam: float | tuple[float, ...] = 20.0  # consistency's lambda, or one per level
+    expert_lam: float | tuple[float, ...] = (10.0, 2.0)  # consistency's lambda, or one per level
     expert_eta: float = 0.5
-    expert_epochs: int = 30
+    expert_epochs: int = 60
     expert_lr: float = 3e-3
     expert_batch: int = 64
     label_source: str = "crossfit"  # "crossfit" (held-out folds) or "train" (the final experts)
@@ -84,10 +84,10 @@ class Recipe:
     selector_epochs: int = 30
     selector_lr: float = 1e-3
     cascade_threshold: float = 0.5
-    confidence_thresholds: tuple[float, ...] | None = None  # one per level above the lowest; None: 0.9
+    confidence_thresholds: tuple[float, ...] | None = (0.999,)  # one per level above the lowest
     train_count: int | None = None  # None: the whole training split (fewer: --quick only)
-    specialize: float | None = None  # tau of the specialists' sampling weights (None: generalists only)
-    fixed_extra: tuple[float, ...] = ()  # more fixed-sigma experts certified alone (baselines only)
+    specialize: float | None = 0.1  # tau of the specialists' sampling weights (None: generalists only)
+    fixed_extra: tuple[float, ...] = (1.0,)  # more fixed-sigma experts certified alone (baselines only)
 
     @property
     def sigma_e(self) -> float:
@@ -511,7 +511,7 @@ def run(
         stamp("cascade certified")
 
     if "confidence" in routes:
-        thresholds = recipe.confidence_thresholds or tuple([0.9] * (len(levels) - 1))
+        thresholds = recipe.confidence_thresholds or tuple([0.999] * (len(levels) - 1))
         routing = ConfidenceSelector(experts, thresholds)
         name = f"conf_{_key(digests, recipe.levels, thresholds, recipe.sigma_e, eval_key, alpha)}"
         conf = cache.get(
