@@ -6,20 +6,29 @@ Reads the tab-separated result files that :mod:`ddrs.results` writes (and Cohen 
 lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction of rows with
 ``correct == 1`` and ``radius >= r`` (an abstention is never correct); the average certified radius
 (ACR) is the mean of ``radius * correct`` over all rows.
+
+A file whose settings (``<file>.settings.json``) say its radii are not certificates of one
+classifier (``ddrs certify --no-memory`` with a sigma per input, :mod:`ddrs.result_notes`) is
+labelled so in tables and plots, and the tables end with a note that says it. A file of sequential
+certification in radius mode (``ddrs certify --sequential --radius r``) shows only its certified
+accuracy at ``r`` (the tables gain an ``r`` column if they lack one; its other cells and its ACR are
+left empty, and a plot marks one point instead of a curve).
+
+These are the functions of the ``ddrs analyze`` command (:mod:`ddrs.commands.analyze`) and of the
+demo's table, for use from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ddrs.result_notes import certificate_notes, radius_mode, read_settings
 from ddrs.results import read_results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -32,6 +41,16 @@ class Certified:
     label: str
     correct: np.ndarray
     radius: np.ndarray
+    #: ``(tag, sentence)`` for what the file's radii are not (:func:`ddrs.result_notes.certificate_notes`)
+    notes: tuple[tuple[str, str], ...] = ()
+    #: ``r`` of a file of sequential certification in radius mode, where only "certified at r" is
+    #: meaningful (:func:`ddrs.result_notes.radius_mode`); None otherwise.
+    radius_mode: float | None = None
+
+    @property
+    def title(self) -> str:
+        """The label, with the notes' tags: what a table row or a plot's legend shows."""
+        return self.label + "".join(f" ({tag})" for tag, _ in self.notes)
 
     def __len__(self) -> int:
         return len(self.radius)
@@ -67,8 +86,8 @@ def average_certified_radius(correct, radius) -> float:
 
 def load(path: str | os.PathLike, label: str | None = None) -> Certified:
     """Reads a result file's ``correct`` and ``radius`` columns (``correct`` from ``predict == label``
-    when the file has no ``correct`` column). Raises ``ValueError`` on a missing, empty or malformed
-    file."""
+    when the file has no ``correct`` column), and the notes its settings file gives (none without
+    one). Raises ``ValueError`` on a missing, empty or malformed file."""
     path = Path(path)
     columns = read_results(path)  # ResultFileError (a ValueError) for missing / unreadable files
     if "radius" not in columns:
@@ -88,22 +107,45 @@ def load(path: str | os.PathLike, label: str | None = None) -> Certified:
         raise ValueError(f"{path}: 'correct' must be 0 or 1 in every row")
     if not (np.isfinite(radius).all() and (radius >= 0).all()):
         raise ValueError(f"{path}: every radius must be finite and >= 0")
-    return Certified(label=path.stem if label is None else label, correct=correct == 1, radius=radius)
+    settings = read_settings(path)
+    notes = tuple(certificate_notes(settings)) if settings is not None else ()
+    label = path.stem if label is None else label
+    return Certified(label, correct == 1, radius, notes=notes, radius_mode=radius_mode(settings))
+
+
+def _notes(results: Sequence[Certified]) -> list[str]:
+    """``note: LABEL: SENTENCE`` for each note of each result."""
+    return [f"note: {res.label}: {sentence}" for res in results for _, sentence in res.notes]
 
 
 def _radius_text(r: float) -> str:
     return f"{r:g}"
 
 
+def _table_radii(results: Sequence[Certified], radii: Sequence[float]) -> list[float]:
+    """``radii``, and the ``r`` of each radius-mode result that they lack, in increasing order."""
+    extra = {res.radius_mode for res in results if res.radius_mode is not None} - set(radii)
+    return sorted([*radii, *extra]) if extra else list(radii)
+
+
+def _cells(res: Certified, radii: Sequence[float], empty: str) -> list[str]:
+    """Certified accuracy at ``radii`` and the ACR; ``empty`` where a radius-mode result says nothing."""
+    if res.radius_mode is None:
+        return [*(f"{a:.3f}" for a in res.accuracy(radii)), f"{res.acr:.3f}"]
+    at = float(res.accuracy([res.radius_mode])[0])
+    return [*(f"{at:.3f}" if r == res.radius_mode else empty for r in radii), empty]
+
+
 def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A markdown table: one row per result, certified accuracy at ``radii``, ACR and input count."""
+    radii = _table_radii(results, radii)
     head = ["result", *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for res in results:
-        cells = [res.label.replace("|", "\\|"), *(f"{a:.3f}" for a in res.accuracy(radii))]
-        cells += [f"{res.acr:.3f}", str(len(res))]
+        cells = [res.title.replace("|", "\\|"), *_cells(res, radii, "–"), str(len(res))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = _notes(results)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 _LATEX_SPECIAL = {
@@ -128,6 +170,7 @@ def latex_escape(text: str) -> str:
 def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``): certified accuracy at ``radii``,
     ACR and input count, one row per result."""
+    radii = _table_radii(results, radii)
     k = len(radii)
     lines = [
         "% certified accuracy at L2 radius r; ACR = average certified radius; needs \\usepackage{booktabs}",
@@ -139,10 +182,9 @@ def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_R
         "\\midrule",
     ]
     for res in results:
-        cells = [latex_escape(res.label), *(f"{a:.3f}" for a in res.accuracy(radii))]
-        cells += [f"{res.acr:.3f}", str(len(res))]
+        cells = [latex_escape(res.title), *_cells(res, radii, "--"), str(len(res))]
         lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += ["\\bottomrule", "\\end{tabular}", *(f"% {note}" for note in _notes(results))]
     return "\n".join(lines) + "\n"
 
 
@@ -155,9 +197,10 @@ def plot_certified_accuracy(
     points: int = 2001,
 ) -> Path:
     """Writes a PNG (or any format matplotlib infers from the suffix) of certified accuracy against
-    radius, one step curve per result over ``points`` radii from 0 to ``max_radius`` (default: a
-    little past the largest certified radius). Headless: draws on an Agg canvas without pyplot, so
-    it neither needs a display nor changes the backend of a session that uses pyplot."""
+    radius, one step curve per result (one point at ``r`` for a radius-mode result) over ``points``
+    radii from 0 to ``max_radius`` (default: a little past the largest certified radius). Headless:
+    draws on an Agg canvas without pyplot, so it neither needs a display nor changes the backend of a
+    session that uses pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -165,7 +208,7 @@ def plot_certified_accuracy(
         raise ValueError("nothing to plot")
     path = Path(path)
     if max_radius is None:
-        largest = max(float(res.radius.max()) for res in results)
+        largest = max(max(float(res.radius.max()), res.radius_mode or 0.0) for res in results)
         max_radius = 1.05 * largest if largest > 0 else 1.0
     if not (math.isfinite(max_radius) and max_radius > 0):
         raise ValueError(f"max_radius must be > 0, got {max_radius}")
@@ -174,7 +217,11 @@ def plot_certified_accuracy(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for res in results:
-        ax.step(grid, res.accuracy(grid), where="post", label=f"{res.label} (ACR {res.acr:.3f})")
+        if res.radius_mode is not None:  # one point: certified at r or not
+            r = res.radius_mode
+            ax.plot([r], res.accuracy([r]), marker="o", linestyle="none", label=f"{res.title} (at r = {r:g})")
+            continue
+        ax.step(grid, res.accuracy(grid), where="post", label=f"{res.title} (ACR {res.acr:.3f})")
     ax.set_xlabel("L2 radius r")
     ax.set_ylabel("certified accuracy at radius r")
     ax.set_xlim(0, max_radius)
@@ -188,23 +235,3 @@ def plot_certified_accuracy(
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot write the plot {path}: {exc}") from None
     return path
-
-
-def run(args: argparse.Namespace) -> int:
-    """``ddrs analyze`` (its arguments are defined and checked in ddrs.cli)."""
-    labels = args.labels or [None] * len(args.files)
-    results = [load(path, label) for path, label in zip(args.files, labels)]
-    print(latex_table(results, args.radii) if args.latex else markdown_table(results, args.radii), end="")
-    for out in args.output:
-        text = (
-            latex_table(results, args.radii) if out.suffix == ".tex" else markdown_table(results, args.radii)
-        )
-        try:
-            out.write_text(text)
-        except OSError as exc:
-            raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
-        print(f"wrote {out}", file=sys.stderr)
-    if args.plot is not None:
-        plot_certified_accuracy(results, args.plot, max_radius=args.max_radius, title=args.title)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0

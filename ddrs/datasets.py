@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddrs.loading import load_weights
+from ddrs.weights import load_weights
 
 __all__ = ["Dataset", "load_dataset", "DATA_KEYS", "CIFAR10_FILES"]
 

@@ -40,6 +40,13 @@ LATER_CERTIFY_COLUMNS = ("samples",)
 DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
+# Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes): not
+# compared on a resume, so that files written before they existed resume.
+DESCRIPTIVE_SETTINGS = frozenset({"notes"})
+# Settings that qualify another one (key -> the setting it qualifies): a difference in them is not
+# listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
+# was off then and is on now), so the message names what the user changed.
+QUALIFYING_SETTINGS = {"memory_rule": "memory"}
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
@@ -269,7 +276,9 @@ class ResultFile:
                     before = json.loads(self.settings_path.read_text())
                 except (OSError, ValueError):
                     raise ResultFileError(f"{self.settings_path}: unreadable; remove it to resume") from None
-                changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+                keys = (set(before) | set(settings)) - DESCRIPTIVE_SETTINGS
+                changed = sorted(k for k in keys if before.get(k) != settings.get(k))
+                changed = [k for k in changed if QUALIFYING_SETTINGS.get(k) not in changed]
                 if changed:
                     what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
                     raise ResultFileError(

@@ -1,10 +1,11 @@
 """Sigma selectors for dual certification (:func:`ddrs_ext.certify_dual`) on the embedded digits.
 
-A selector is a small CNN with one output per sigma level. Its training labels come from a trained
-classifier: for each training input, the level at which CERTIFY gives the classifier's true class
-the largest radius (:func:`ddrs_ext.dual.best_level`, with ``n0 = 64``, ``n = 512``,
-``alpha = 0.01`` by default). It is trained with Gaussian augmentation at ``selector_sigma``, the
-noise it is certified with (:func:`ddrs_ext.dual.train_selector`), and saved as a checkpoint that
+The work of ``ddrs train --selector-for`` (:mod:`ddrs.commands.train`). A selector is a small CNN
+with one output per sigma level. Its training labels come from a trained classifier: for each
+training input, the level at which CERTIFY gives the classifier's true class the largest radius
+(:func:`ddrs_ext.dual.best_level`, with ``n0 = 64``, ``n = 512``, ``alpha = 0.01`` by default). It
+is trained with Gaussian augmentation at ``selector_sigma``, the noise it is certified with
+(:func:`ddrs_ext.dual.train_selector`), and saved as a checkpoint (:mod:`ddrs.checkpoints`) that
 ``ddrs certify --selector-checkpoint`` loads alone:
 
     python -m ddrs.train_digits --selector-for dd.pt --sigma-levels 0.25 0.5 1 \\
@@ -28,6 +29,15 @@ from pathlib import Path
 
 import torch
 
+from ddrs.checkpoints import (
+    BUILDER,
+    is_classifier_checkpoint,
+    is_selector_checkpoint,
+    load_checkpoint,
+    load_selector_checkpoint,
+)
+from ddrs.checkpoints import SELECTOR_FORMAT as FORMAT
+from ddrs.loading import load_weights
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.dual import best_level, check_sigma_levels, train_selector
 
@@ -44,8 +54,6 @@ __all__ = [
     "is_selector_checkpoint",
 ]
 
-FORMAT = "ddrs-selector-checkpoint"
-BUILDER = "ddrs_ext.models:digits_cnn"
 #: best_level's settings for the training labels (samples per level and confidence).
 LABEL_SETTINGS = {"n0": 64, "n": 512, "alpha": 0.01}
 _LABEL_KEY, _TRAIN_KEY = 0x1AB31, 0x7EA1
@@ -187,18 +195,15 @@ def train_from_args(args: argparse.Namespace, log: Callable[[str], None] = print
     """``python -m ddrs.train_digits --selector-for CLASSIFIER ...``: a selector for the classifier of
     that train_digits checkpoint, on its training split, with the run's --epochs, --batch-size, --lr
     and --seed, labels from --label-n0 and --label-n samples per level, saved at --out."""
-    from ddrs import train_digits
-    from ddrs.loading import load_weights
-
     if args.sigma_levels is None or args.selector_sigma is None:
         raise ValueError("--selector-for needs --sigma-levels and --selector-sigma")
     check_sigma_levels(args.sigma_levels)
     content = load_weights(args.selector_for, "--selector-for")  # a one-line diagnosis of a wrong file
-    if not (isinstance(content, Mapping) and content.get("format") == train_digits.FORMAT):
+    if not is_classifier_checkpoint(content):
         raise ValueError(
             f"--selector-for {args.selector_for} is not a checkpoint of python -m ddrs.train_digits"
         )
-    classifier, _, classifier_config = train_digits.load_checkpoint(args.selector_for, map_location="cpu")
+    classifier, _, classifier_config = load_checkpoint(args.selector_for, map_location="cpu")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return train_digits_selector(
         classifier,
@@ -215,30 +220,3 @@ def train_from_args(args: argparse.Namespace, log: Callable[[str], None] = print
         config=config,
         log=log,
     )
-
-
-def is_selector_checkpoint(content) -> bool:
-    """Whether a ``torch.load``-ed object is a checkpoint of :func:`train_digits_selector`."""
-    return isinstance(content, Mapping) and content.get("format") == FORMAT
-
-
-def load_selector_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """``(selector in eval mode, checkpoint)`` from a file of :func:`train_digits_selector`
-    (``weights_only=True``); a file of another kind raises ``ValueError``."""
-    from ddrs_ext.models import digits_cnn
-
-    try:
-        state = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{path} is not a selector checkpoint ({type(exc).__name__})") from None
-    if not is_selector_checkpoint(state):
-        raise ValueError(f"{path} is not a selector checkpoint of python -m ddrs.train_digits --selector-for")
-    if state.get("version") != 1 or state.get("builder") != BUILDER:
-        raise ValueError(f"{path}: unknown selector checkpoint version {state.get('version')!r}")
-    selector = digits_cnn(int(state["num_levels"]))
-    try:
-        selector.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"{path}: the selector's weights do not fit its network ({first})") from None
-    return selector.eval(), state

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ddrs import analyze, cli
+from ddrs.commands import analyze as analyze_command
 from ddrs.results import CERTIFY_COLUMNS, ResultFile
 
 # idx, label, predict, radius, correct, sigma
@@ -48,7 +49,7 @@ def write_cohen(path, rows=ROWS):
 
 
 def run(argv):
-    return analyze.run(cli.parse_args(["analyze", *map(str, argv)]))
+    return analyze_command.run(cli.parse_args(["analyze", *map(str, argv)]))
 
 
 def test_accuracy_and_acr_by_hand(tmp_path):

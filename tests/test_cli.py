@@ -7,6 +7,8 @@ import ast
 import inspect
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +21,11 @@ import pytest
 import torch
 
 import ddrs_ext
-from ddrs import cli, commands
+from ddrs import cli, job, sigma_options
+from ddrs.commands import analyze as analyze_command
+from ddrs.commands import certify as certify_command
+from ddrs.commands import certify_run
+from ddrs.commands import demo as demo_command
 from ddrs.results import PREDICT_COLUMNS, SIGMA_COLUMNS, ResultFile, read_rows
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.memory import CertificationMemory
@@ -263,7 +269,7 @@ def write_abs_data(tmp_path, n=24):
 def test_memory_resume_equals_uninterrupted_run(capsys, models, tmp_path):
     data, sigma = write_abs_data(tmp_path)
     common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
-    ok(capsys, *common, "--out", tmp_path / "plain.tsv")
+    ok(capsys, *common, "--no-memory", "--out", tmp_path / "plain.tsv")
     ok(capsys, *common, "--memory", "--out", tmp_path / "whole.tsv")
     plain, whole = rows(tmp_path / "plain.tsv"), rows(tmp_path / "whole.tsv")
     assert sum(p != w for p, w in zip(plain, whole)) >= 3  # the memory does change answers here
@@ -286,7 +292,7 @@ def test_memory_extend_restores_the_memory():
     p1, r1 = first.adjust(x[:25], prediction[:25], radius[:25])
     rebuilt = CertificationMemory()
     rebuilt.extend(x[:25], p1, r1)
-    assert len(rebuilt) == len(first) == int((p1 != -1).sum())
+    assert len(rebuilt) == len(first) == 25  # every answer, abstentions included
     for key, value in first.state_dict().items():
         other = rebuilt.state_dict()[key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
@@ -303,7 +309,7 @@ def test_memory_extend_checks_like_adjust():
     with pytest.raises(ValueError, match="shape"):
         memory.extend(torch.zeros(2, 2), torch.tensor([1]), torch.tensor([0.5]))
     memory.extend(torch.zeros(2, 2), torch.tensor([1, -1]), torch.tensor([0.5, 0.0]))
-    assert len(memory) == 1
+    assert len(memory) == 2
     with pytest.raises(ValueError, match="per-input shape"):
         memory.extend(torch.zeros(1, 3), torch.tensor([1]), torch.tensor([0.5]))
 
@@ -367,23 +373,28 @@ def test_the_parser_mirrors_the_library():
     from ddrs import analyze
     from ddrs_ext import sigma
 
-    assert cli.ESTIMATORS == sigma.ESTIMATORS and cli.SURROGATES == sigma.SURROGATES
-    assert set(cli.RULES) == set(sigma.RULES)
-    assert cli.PAPER_SETTINGS == sigma.PAPER_SETTINGS == ddrs_ext.PAPER_SETTINGS
+    assert sigma_options.ESTIMATORS == sigma.ESTIMATORS and sigma_options.SURROGATES == sigma.SURROGATES
+    assert set(sigma_options.RULES) == set(sigma.RULES)
+    assert sigma_options.PAPER_SETTINGS == sigma.PAPER_SETTINGS == ddrs_ext.PAPER_SETTINGS
     params = inspect.signature(sigma.optimize_sigma).parameters
-    assert cli.LIBRARY_OPTIMIZE_DEFAULTS == {k: params[k].default for k in cli.LIBRARY_OPTIMIZE_DEFAULTS}
-    assert set(cli.OPTIMIZE_DEFAULTS) | {"probabilities"} == set(params) - {
+    assert sigma_options.LIBRARY_OPTIMIZE_DEFAULTS == {
+        k: params[k].default for k in sigma_options.LIBRARY_OPTIMIZE_DEFAULTS
+    }
+    assert set(sigma_options.OPTIMIZE_DEFAULTS) | {"probabilities"} == set(params) - {
         "model", "x", "sigma0", "batch_size", "seed", "index", "progress", "callback"
     }  # fmt: skip
-    assert cli.ANALYZE_RADII == analyze.DEFAULT_RADII
+    assert analyze_command.ANALYZE_RADII == analyze.DEFAULT_RADII
     test_size = inspect.signature(load_digits_split).parameters["test_size"].default
-    assert cli.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
+    assert demo_command.DEMO_TEST_SIZE == test_size == len(load_digits_split()[1][1])
     from ddrs import selector
     from ddrs_ext import sequential
 
-    assert cli.SEQUENTIAL_TOLERANCE == sequential.DEFAULT_TOLERANCE
+    assert certify_command.SEQUENTIAL_TOLERANCE == sequential.DEFAULT_TOLERANCE
     labels = selector.LABEL_SETTINGS
-    assert (cli.DEMO_DEFAULTS["label_n0"], cli.DEMO_DEFAULTS["label_n"]) == (labels["n0"], labels["n"])
+    assert (demo_command.DEMO_DEFAULTS["label_n0"], demo_command.DEMO_DEFAULTS["label_n"]) == (
+        labels["n0"],
+        labels["n"],
+    )
 
 
 def test_cohen_spellings_are_aliases_and_abbreviations_are_refused(capsys, models, tmp_path):
@@ -607,7 +618,7 @@ def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch, models, tmp_p
     assert cli.main(["certify", "--help"]) == 130
     assert capsys.readouterr().err == ""
     monkeypatch.undo()
-    monkeypatch.setattr(commands, "certify", interrupted)  # while certifying: how to resume
+    monkeypatch.setattr(certify_run, "certify", interrupted)  # while certifying: how to resume
     argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 3, *TINY]
     code, _, err = run(capsys, *argv, "--no-progress", "--out", tmp_path / "c.tsv")
     assert code == 130 and err == "ddrs certify: interrupted; run the same command again to resume\n"
@@ -835,7 +846,7 @@ def test_predict_rows_match_the_library_and_resume(capsys, models, tmp_path):
 
 def plan(total, fixed=None, minimum=1, seconds_per_input=None, seconds=3.0):
     """The chunk sizes chunk_sizes gives when every input takes ``seconds_per_input``."""
-    sizes, gen = [], commands.chunk_sizes(total, fixed, minimum, seconds)
+    sizes, gen = [], job.chunk_sizes(total, fixed, minimum, seconds)
     size = next(gen)
     while True:
         sizes.append(size)
@@ -846,9 +857,9 @@ def plan(total, fixed=None, minimum=1, seconds_per_input=None, seconds=3.0):
 
 
 def test_chunk_planner():
-    assert commands.min_chunk(2000, 512) == 16  # 4 forward batches of sigma-optimisation rows
-    assert commands.min_chunk(1000, 100) == 40  # the paper's 100 samples per step
-    assert commands.min_chunk(1000, 100_000) == 1  # certification alone: one input fills many batches
+    assert job.min_chunk(2000, 512) == 16  # 4 forward batches of sigma-optimisation rows
+    assert job.min_chunk(1000, 100) == 40  # the paper's 100 samples per step
+    assert job.min_chunk(1000, 100_000) == 1  # certification alone: one input fills many batches
     assert plan(10, fixed=4) == [4, 4, 2]
     # slow inputs (5 s each) go min_chunk at a time, not one at a time
     assert plan(100, minimum=16, seconds_per_input=5.0) == [16] * 6 + [4]
@@ -863,16 +874,16 @@ def test_chunk_planner():
 
 def test_automatic_chunks_fill_the_forward_batches(capsys, models, tmp_path, monkeypatch):
     calls = []
-    real = commands.optimize_sigma
+    real = job.optimize_sigma
 
     def spy(model, x, *args, **kwargs):
         calls.append(len(x))
         return real(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(commands, "optimize_sigma", spy)
+    monkeypatch.setattr(job, "optimize_sigma", spy)
     argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--max", 30, *TINY, "--optimize"]
     ok(capsys, *argv, *SIGMA_FAST, "--batch-size", 20, "--out", tmp_path / "o.tsv")
-    assert calls[0] == commands.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
+    assert calls[0] == job.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
     assert sum(calls) == 30
 
 
@@ -904,3 +915,313 @@ def test_cheaper_forward_options_certify_the_model_as_evaluated(capsys, models, 
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(a) for a in (*common, "--autocast", "fp64", "--out", tmp_path / "x.tsv")])
     assert exit_.value.code == 2 and "argument --autocast: invalid choice" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- ddrs train
+
+
+def test_ddrs_train_is_python_m_ddrs_train_digits(capsys, tmp_path):
+    """``ddrs train`` trains what ``python -m ddrs.train_digits`` trains, with the same options (the
+    same weights, sigma bank and stored settings), selector training included; its usage errors are
+    ddrs's one-line errors."""
+    from ddrs import train_digits
+    from ddrs.checkpoints import load_selector_checkpoint
+
+    argv = ["--data-dependent", "--epochs", "1", "--sigma-steps", "1", "--sigma-samples", "4", "--seed", "3"]
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "a.pt")]) == 0
+    assert train_digits.main([*argv, "--out", str(tmp_path / "b.pt")]) == 0
+    capsys.readouterr()
+    model_a, bank_a, config_a = train_digits.load_checkpoint(tmp_path / "a.pt")
+    model_b, bank_b, config_b = train_digits.load_checkpoint(tmp_path / "b.pt")
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(bank_a.sigma, bank_b.sigma) and bool((bank_a.sigma != 0.25).any())
+    assert {k: v for k, v in config_a.items() if k != "out"} == {
+        k: v for k, v in config_b.items() if k != "out"
+    }
+    assert set(config_a) == set(vars(train_digits.build_parser().parse_args([])))  # nothing of ddrs's own
+    selector = ["--sigma-levels", "0.25", "0.5", "--selector-sigma", "0.5", "--epochs", "1"]
+    selector += ["--label-n0", "4", "--label-n", "8", "--batch-size", "256"]
+    for name, main in (("s1.pt", lambda a: cli.main(["train", *a])), ("s2.pt", train_digits.main)):
+        assert main(["--selector-for", str(tmp_path / "a.pt"), *selector, "--out", str(tmp_path / name)]) == 0
+    one, _ = load_selector_checkpoint(tmp_path / "s1.pt")
+    two, _ = load_selector_checkpoint(tmp_path / "s2.pt")
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert torch.equal(a, b), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--sigma-levels", "0.25", "0.5", "--out", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "ddrs train: error: --sigma-levels and --selector-sigma are for --selector-for "
+        "(see 'ddrs train --help')\n"
+    )
+    assert cli.main(["train", "--selector-for", str(tmp_path / "no.pt"), *selector]) == 2
+    assert (
+        capsys.readouterr().err == f"ddrs train: error: --selector-for {tmp_path / 'no.pt'}: no such file\n"
+    )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_ddrs_train_help_and_usage_errors_answer_before_torch_is_imported(tmp_path):
+    for argv, code in (
+        (["train", "--help"], 0),
+        (["train", "--epochs", "0"], 2),
+        (["train", "--selector-sigma", "1"], 2),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "ddrs", *argv], timeout=300, **installed(tmp_path)
+        )
+        assert done.returncode == code, done.stderr
+        imported = [
+            line.split("|")[-1].strip()
+            for line in done.stderr.splitlines()
+            if line.startswith("import time:")
+        ]
+        assert "ddrs.commands.train" in imported
+        assert not [m for m in imported if m.split(".")[0] in ("torch", "numpy", "ddrs_ext")], argv
+        errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+        assert errors == ([] if code == 0 else [errors[0]]) and all(
+            e.startswith("ddrs train: error: ") for e in errors
+        )
+
+
+# ----------------------------------------------------------------------------- the memory by default
+
+
+def overlapping_balls(rows_: list[dict], x: torch.Tensor) -> list[tuple[int, int]]:
+    """Pairs of inputs certified for different classes whose balls overlap (||x_i - x_j|| < r_i + r_j):
+    certificates that no single classifier can give together."""
+    flat = x.flatten(1).to(torch.float64)
+    found = []
+    for a, ra in enumerate(rows_):
+        for b in range(a + 1, len(rows_)):
+            rb = rows_[b]
+            if ra["predict"] < 0 or rb["predict"] < 0 or ra["predict"] == rb["predict"]:
+                continue
+            d = float((flat[ra["idx"]] - flat[rb["idx"]]).norm())
+            if d < ra["radius"] + rb["radius"] - 1e-9:
+                found.append((ra["idx"], rb["idx"]))
+    return found
+
+
+NO_MEMORY = "per-input sigma without memory: not a certificate of one classifier"
+
+
+def test_a_sigma_per_input_goes_through_the_memory_by_default(capsys, models, tmp_path):
+    """Nearby inputs certified at different sigmas (0.05 and 2) would claim overlapping balls of
+    different classes; by default (no flag) the memory adjusts them, as --memory does. The negative
+    control, --no-memory, does give overlapping balls, and the file, its summary and ddrs analyze
+    say that they are not certificates of one classifier."""
+    data, sigma = write_abs_data(tmp_path)
+    x = torch.load(data)["x"]
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    out = ok(capsys, *common, "--out", tmp_path / "default.tsv")
+    ok(capsys, *common, "--memory", "--out", tmp_path / "memory.tsv")
+    nm_out = ok(capsys, *common, "--no-memory", "--out", tmp_path / "nm.tsv")
+    default, raw = rows(tmp_path / "default.tsv"), rows(tmp_path / "nm.tsv")
+    assert default == rows(tmp_path / "memory.tsv")
+    assert overlapping_balls(default, x) == []
+    overlaps = overlapping_balls(raw, x)  # the negative control: what the memory prevents
+    assert len(overlaps) >= 3
+    assert all(raw[i]["sigma"] != raw[j]["sigma"] for i, j in overlaps)
+    assert sum(d != r for d, r in zip(default, raw)) >= 3
+    # the summary says how many certificates the memory changed (of this run's: a resume counts its own)
+    changed = [(d["predict"], d["radius"]) != (r["predict"], r["radius"]) for d, r in zip(default, raw)]
+    assert f"the memory changed {sum(changed)} of the 24 certificates of this run" in out
+    assert "the memory changed" not in nm_out
+    lines = (tmp_path / "default.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "default.tsv").write_text("".join(lines[:11]))  # 10 rows done
+    resumed = ok(capsys, *common, "--out", tmp_path / "default.tsv")
+    assert f"the memory changed {sum(changed[10:])} of the 14 certificates of this run" in resumed
+    assert rows(tmp_path / "default.tsv") == default
+    assert "the memory changed" not in ok(capsys, *common, "--out", tmp_path / "default.tsv")  # nothing to do
+    # settings: the memory recorded; the opt-out marked
+    settings = json.loads((tmp_path / "default.tsv.settings.json").read_text())
+    assert settings["memory"] is True and "notes" not in settings
+    settings = json.loads((tmp_path / "nm.tsv.settings.json").read_text())
+    assert settings["memory"] is False and settings["notes"] == [NO_MEMORY]
+    # the run's summary
+    assert NO_MEMORY not in out
+    assert f"{tmp_path / 'nm.tsv'}: {NO_MEMORY}" in nm_out
+    # ddrs analyze: the row labelled, the note printed (markdown and LaTeX)
+    argv = ["analyze", tmp_path / "default.tsv", tmp_path / "nm.tsv", "--labels", "default", "nm"]
+    code, table, _ = run(capsys, *argv)
+    assert code == 0
+    assert "| default | " in table and "| nm (per-input σ without memory) | " in table
+    assert table.strip().splitlines()[-1] == f"note: nm: {NO_MEMORY}"
+    assert table.count(NO_MEMORY) == 1
+    code, latex, _ = run(capsys, *argv, "--latex")
+    assert code == 0 and latex.strip().splitlines()[-1] == f"% note: nm: {NO_MEMORY}"
+    assert "nm (per-input $\\sigma$ without memory)" in latex
+    from ddrs import analyze
+
+    assert analyze.load(tmp_path / "nm.tsv").notes and not analyze.load(tmp_path / "default.tsv").notes
+
+
+def test_memory_options_parse(capsys):
+    base = ["certify", "--data", "d", "--out", "o"]
+    for extra, memory in (
+        (["--sigma-file", "s.tsv"], True),
+        (["--optimize"], True),
+        (["--sigma", "1"], False),
+        (["--sigma-file", "s.tsv", "--no-memory"], False),
+        (["--optimize", "--memory"], True),
+        (["--sigma", "1", "--memory"], True),  # as before: the memory at a fixed sigma, if asked for
+        (["--sigma", "1", "--no-memory"], False),
+        (["--sigma-levels", "1", "2", "--selector", "m:f", "--selector-sigma", "1"], False),
+        (["--sigma-levels", "1", "2", "--selector", "m:f", "--selector-sigma", "1", "--no-memory"], False),
+    ):
+        assert cli.parse_args([*base, *extra]).memory is memory, extra
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--sigma-file", "s.tsv", "--memory", "--no-memory"])
+    assert "argument --no-memory: not allowed with argument --memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["certify", "--help"])
+    assert "NOT certificates of one classifier" in " ".join(capsys.readouterr().out.split())
+
+
+def test_files_of_earlier_versions_resume_with_their_meaning(capsys, models, tmp_path):
+    """A per-input-sigma run started without the memory before it was the default (its settings
+    lack "notes", memory false) resumes without the memory when rerun with the same command (no
+    flag), with a note; it stays flagged. An explicit --memory is refused (other settings); a
+    fixed-sigma file of that version resumes as ever."""
+    data, sigma = write_abs_data(tmp_path)
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    ok(capsys, *common, "--no-memory", "--out", tmp_path / "whole.tsv")
+    settings = json.loads((tmp_path / "whole.tsv.settings.json").read_text())
+    del settings["notes"]  # as the earlier version wrote them
+    old = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    lines = (tmp_path / "whole.tsv").read_text().splitlines(keepends=True)
+    for name in ("old.tsv", "old2.tsv"):
+        (tmp_path / name).write_text("".join(lines[:9]))  # 8 rows done
+        (tmp_path / f"{name}.settings.json").write_text(old)
+    code, out, err = run(capsys, *common, "--no-progress", "--out", tmp_path / "old.tsv")
+    assert code == 0, err
+    assert f"ddrs certify: note: {tmp_path / 'old.tsv'} was started without the memory" in err
+    assert "resuming; 8 of 24 selected inputs already done" in err
+    assert rows(tmp_path / "old.tsv") == rows(tmp_path / "whole.tsv")  # no memory, as it was begun
+    assert (tmp_path / "old.tsv.settings.json").read_text() == old  # left as it was
+    assert NO_MEMORY in out
+    from ddrs import analyze
+
+    assert [s for _, s in analyze.load(tmp_path / "old.tsv").notes] == [NO_MEMORY]  # flagged all the same
+    msg = fails(capsys, *common, "--memory", "--out", tmp_path / "old2.tsv")
+    assert "was started with other settings (memory: False then, True now)" in msg
+    # --no-memory given explicitly resumes it too, without the note
+    code, _, err = run(capsys, *common, "--no-memory", "--no-progress", "--out", tmp_path / "old2.tsv")
+    assert code == 0 and "was started without the memory" not in err
+    assert rows(tmp_path / "old2.tsv") == rows(tmp_path / "whole.tsv")
+    # a fixed-sigma file of that version (no memory, no notes) resumes as before
+    fixed = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma", 0.5, *TINY]
+    ok(capsys, *fixed, "--out", tmp_path / "fixed.tsv")
+    settings = json.loads((tmp_path / "fixed.tsv.settings.json").read_text())
+    assert settings["memory"] is False and "notes" not in settings
+    lines = (tmp_path / "fixed.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "fixed2.tsv").write_text("".join(lines[:5]))
+    (tmp_path / "fixed2.tsv.settings.json").write_text((tmp_path / "fixed.tsv.settings.json").read_text())
+    code, _, err = run(capsys, *fixed, "--no-progress", "--out", tmp_path / "fixed2.tsv")
+    assert code == 0 and "note" not in err
+    assert rows(tmp_path / "fixed2.tsv") == rows(tmp_path / "fixed.tsv")
+    assert not analyze.load(tmp_path / "fixed.tsv").notes
+
+
+def test_memory_files_of_the_earlier_rule_are_not_continued(capsys, models, tmp_path):
+    """A --memory file records the memory's rule; one adjusted under the earlier rule (abstentions
+    passed through and not stored; its settings lack "memory_rule") is refused on resume with a
+    message that says why, since rebuilding the memory from its rows would mix two rules. Negative
+    control: the same file with the current rule's marker resumes."""
+    data, sigma = write_abs_data(tmp_path)
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    ok(capsys, *common, "--out", tmp_path / "whole.tsv")
+    settings = json.loads((tmp_path / "whole.tsv.settings.json").read_text())
+    assert settings["memory"] is True and settings["memory_rule"] == 2
+    lines = (tmp_path / "whole.tsv").read_text().splitlines(keepends=True)
+    old = dict(settings)
+    del old["memory_rule"]
+    for name, kept in (("old.tsv", old), ("current.tsv", settings)):
+        (tmp_path / name).write_text("".join(lines[:9]))
+        (tmp_path / f"{name}.settings.json").write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    msg = fails(capsys, *common, "--out", tmp_path / "old.tsv")
+    assert "certified with the memory of an earlier ddrs version (rule 1" in msg and "another --out" in msg
+    code, _, err = run(capsys, *common, "--no-progress", "--out", tmp_path / "current.tsv")
+    assert code == 0, err
+    assert rows(tmp_path / "current.tsv") == rows(tmp_path / "whole.tsv")
+
+
+# ----------------------------------------------------------------------------- help examples, paths
+
+
+def broken_continuations(epilog: str) -> list[str]:
+    """The example lines of an epilog that show a command cut or glued wrong: a continuation line
+    after a line that does not end in a backslash, or a line holding a run of spaces before an
+    option (a backslash-newline inside the Python string joined two lines into one)."""
+    examples = epilog.split("examples:\n", 1)[1] if "examples:\n" in epilog else ""
+    broken, previous = [], ""
+    for line in examples.splitlines():
+        cut = line.startswith("      ") and line.strip() and not previous.rstrip().endswith("\\")
+        if cut or re.search(r"\S {3,}--", line.strip()):
+            broken.append(line.strip())
+        previous = line
+    return broken
+
+
+def example_commands(epilog: str) -> list[str]:
+    examples = epilog.split("examples:\n", 1)[1] if "examples:\n" in epilog else ""
+    return [c.strip() for c in examples.replace("\\\n", " ").splitlines() if c.strip().startswith("ddrs ")]
+
+
+def test_help_examples_are_whole_commands_that_parse():
+    for p in _subparsers():
+        if p.prog in ("ddrs certify", "ddrs predict", "ddrs optimize-sigma"):  # --data digits' format
+            assert (
+                "digits                          the embedded digits: inputs (N, 1, 8, 8) in [0, 1]"
+                in p.epilog
+            )
+        assert broken_continuations(p.epilog or "") == [], p.prog
+        commands = example_commands(p.epilog or "")
+        assert commands, p.prog
+        for command in commands:
+            args = cli.parse_args(shlex.split(command)[1:])
+            assert args.command in command.split()[1], command
+    # the negative controls: an example as it was written (a backslash-newline in the string), and
+    # a continuation line after a line without its backslash
+    glued = """
+examples:
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \
+      --n 100000 --out seq_r05.tsv
+"""
+    assert broken_continuations(glued) == [
+        "ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5       "
+        "--n 100000 --out seq_r05.tsv"
+    ]
+    cut = "examples:\n  ddrs certify --radius 0.5\n      --n 100000 --out b\n"
+    assert broken_continuations(cut) == ["--n 100000 --out b"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--sigma", "1", "--out", "/nonexistent_dir/x.tsv"],
+            "--out /nonexistent_dir/x.tsv: its folder /nonexistent_dir does not exist",
+        ),
+        (
+            ["--sigma", "1", "--checkpoint", "no_such.pt", "--out", "x.tsv"],
+            "--checkpoint no_such.pt: no such file",
+        ),
+        (["--sigma-file", "no_such.tsv", "--out", "x.tsv"], "--sigma-file no_such.tsv: no such file"),
+    ],
+)
+def test_path_errors_answer_before_torch_is_imported(tmp_path, extra, message):
+    argv = ["-X", "importtime", "-m", "ddrs", "certify", "--data", "digits", *extra]
+    done = subprocess.run([sys.executable, *argv], timeout=300, **installed(tmp_path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "ddrs.cli" in imported and not [
+        m for m in imported if m.split(".")[0] in ("torch", "numpy", "ddrs_ext")
+    ]
+    assert [line for line in lines if not line.startswith("import time:")] == [
+        f"ddrs certify: error: {message}"
+    ]

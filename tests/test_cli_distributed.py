@@ -209,7 +209,8 @@ def reference(place, tmp_path_factory) -> dict[str, Path]:
     """One process's result files: certify with and without --memory, and with --max 23."""
     folder = tmp_path_factory.mktemp("one_process")
     files = {}
-    for name, extra in (("plain", []), ("memory", ["--memory"]), ("memory_max", ["--memory", "--max", "23"])):
+    runs = (("plain", ["--no-memory"]), ("memory", ["--memory"]), ("memory_max", ["--memory", "--max", "23"]))
+    for name, extra in runs:
         files[name] = folder / f"{name}.tsv"
         one_process(*certify_args(place), *extra, "--out", files[name])
     return files

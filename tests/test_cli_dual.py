@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 
 import pytest
@@ -14,6 +15,7 @@ from test_cli import fails, ok, run  # the command-line helpers the other CLI te
 
 import ddrs_ext
 from ddrs import analyze, cli, selector, train_digits
+from ddrs.commands import certify as certify_command
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, ResultFile, read_results, read_rows
 from ddrs_ext.data import load_digits_split
 
@@ -113,7 +115,9 @@ def test_sequential_rows_equal_the_library_and_resume(capsys, models, tmp_path, 
     assert [r["samples"] for r in got] == want.samples.tolist()
     assert min(r["samples"] for r in got) < 16 + 800  # some inputs stopped early
     settings = json.loads((tmp_path / "s.tsv.settings.json").read_text())
-    tolerance = library.get("tolerance", None if "radius" in library else cli.SEQUENTIAL_TOLERANCE)
+    tolerance = library.get(
+        "tolerance", None if "radius" in library else certify_command.SEQUENTIAL_TOLERANCE
+    )
     assert settings["sequential"] == {"radius": library.get("radius"), "tolerance": tolerance}
     # killed after 5 rows, resumed with other batching: the uninterrupted run's rows
     ok(capsys, *argv, "--out", tmp_path / "whole.tsv")
@@ -135,6 +139,45 @@ def test_sequential_rows_equal_the_library_and_resume(capsys, models, tmp_path, 
         tmp_path / "s.tsv",
     )
     assert "other settings" in msg and "sequential" in msg
+
+
+def test_radius_mode_files_report_only_certified_at_r(capsys, models, tmp_path):
+    """--sequential --radius r answers "certified at r or not" per input: its file is marked, and its
+    summary and ddrs analyze give the certified accuracy at r alone (no curve, no ACR). The negative
+    control, curve mode, is not marked and keeps its full row."""
+    x, _ = digits_test(12)
+    with torch.no_grad():  # labelled with the classifier's own answers: some certify, some do not
+        torch.save({"x": x, "y": build(models, "classifier")(x).argmax(1)}, tmp_path / "own.pt")
+    common = ["certify", "--model", f"{models}:classifier", "--data", tmp_path / "own.pt", "--sigma", 0.25]
+    argv = [*common, "--n0", 16, "--n", 800, "--sequential"]
+    summary = ok(capsys, *argv, "--radius", 0.2, "--out", tmp_path / "r.tsv")
+    curve = ok(capsys, *argv, "--out", tmp_path / "c.tsv")
+    got = read_rows(tmp_path / "r.tsv")[1]
+    at = sum(r["correct"] == 1 and r["radius"] >= 0.2 for r in got) / len(got)
+    assert 0 < at < 1
+    assert f"12 inputs, certified accuracy {at:.3f} at radius 0.2 (radius mode" in summary
+    assert not re.search(r"average certified radius \d", summary) and "model evaluations per input" in summary
+    assert re.search(r"average certified radius \d", curve) and "radius mode" not in curve
+    notes = json.loads((tmp_path / "r.tsv.settings.json").read_text())["notes"]
+    assert len(notes) == 1 and notes[0].startswith("sequential certification in radius mode (r = 0.2)")
+    assert "notes" not in json.loads((tmp_path / "c.tsv.settings.json").read_text())
+    code, table, _ = run(capsys, "analyze", tmp_path / "r.tsv", tmp_path / "c.tsv", "--radii", 0, 0.5)
+    assert code == 0
+    lines = table.strip().splitlines()
+    assert lines[0] == "| result | r = 0 | r = 0.2 | r = 0.5 | ACR | inputs |"  # r joins the columns
+    assert lines[2] == f"| r (radius mode, r = 0.2) | – | {at:.3f} | – | – | 12 |"
+    c = analyze.load(tmp_path / "c.tsv")
+    assert (
+        lines[3]
+        == "| c | " + " | ".join(f"{a:.3f}" for a in c.accuracy([0, 0.2, 0.5])) + f" | {c.acr:.3f} | 12 |"
+    )
+    assert lines[-1].startswith("note: r: sequential certification in radius mode (r = 0.2)")
+    code, latex, _ = run(capsys, "analyze", tmp_path / "r.tsv", "--latex")
+    assert code == 0 and f"r (radius mode, r = 0.2) & -- & {at:.3f} & -- & -- & -- & -- & -- & 12" in latex
+    code, _, _ = run(capsys, "analyze", tmp_path / "r.tsv", tmp_path / "c.tsv", "--plot", tmp_path / "p.png")
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 0
+    r = analyze.load(tmp_path / "r.tsv")
+    assert r.radius_mode == 0.2 and c.radius_mode is None and not c.notes
 
 
 def test_sequential_with_a_sigma_per_input_and_the_memory(capsys, models, tmp_path):
@@ -391,7 +434,7 @@ def test_repeated_model_and_checkpoint_options():
     args = cli.parse_args(["certify", "--data", "d", "--out", "o", "--sigma", "1", "--model", "a:b"])
     assert (args.model, args.models, args.checkpoint, args.checkpoints) == ("a:b", ["a:b"], None, [])
     args = cli.parse_args(["certify", "--data", "d", "--out", "o", "--sigma", "1", "--sequential"])
-    assert args.tolerance == cli.SEQUENTIAL_TOLERANCE and args.radius is None
+    assert args.tolerance == certify_command.SEQUENTIAL_TOLERANCE and args.radius is None
 
 
 # ----------------------------------------------------------------------------- selectors of train_digits

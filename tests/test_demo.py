@@ -9,7 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from ddrs import analyze, cli, demo
+from ddrs import analyze, cli
+from ddrs.commands import demo as demo_command
+from ddrs.commands import demo_run as demo
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, ResultFileError, read_results
 
 TINY = ["--quick", "--count", "8", "--n", "100", "--sigma-iterations", "2", "--sigma-samples", "32"]
@@ -108,7 +110,7 @@ def test_sequential_and_dual_rows_are_the_library_s(first_run):
     from ddrs_ext.data import load_digits_split
 
     out, _ = first_run
-    _, (x, y) = load_digits_split(0, cli.DEMO_TEST_SIZE)
+    _, (x, y) = load_digits_split(0, demo_command.DEMO_TEST_SIZE)
     x, index = x[:8], torch.arange(8)
     fixed, _, _ = train_digits.load_checkpoint(out / "fixed_model.pt")
     dd, _, _ = train_digits.load_checkpoint(out / "dd_model.pt")
@@ -207,9 +209,9 @@ def test_out_is_a_file(tmp_path):
 
 def test_quick_fills_only_unset_options():
     args = cli.parse_args(["demo", "--quick", "--n", "300"])
-    assert (args.n, args.n0, args.count, args.epochs) == (300, cli.DEMO_QUICK["n0"], 20, 1)
+    assert (args.n, args.n0, args.count, args.epochs) == (300, demo_command.DEMO_QUICK["n0"], 20, 1)
     args = cli.parse_args(["demo"])
-    assert {k: getattr(args, k) for k in cli.DEMO_DEFAULTS} == cli.DEMO_DEFAULTS
+    assert {k: getattr(args, k) for k in demo_command.DEMO_DEFAULTS} == demo_command.DEMO_DEFAULTS
     assert args.out.name == "ddrs_demo"
 
 

@@ -1,4 +1,5 @@
-"""ddrs demo: fixed against data-dependent noise levels, end to end on the embedded digits data.
+"""The work of ``ddrs demo`` (its options: :mod:`ddrs.commands.demo`): fixed against data-dependent
+noise levels, end to end on the embedded digits data.
 
 Trains two small CNNs on the digits (one with Gaussian augmentation at a fixed sigma, one with a
 data-dependent sigma per training example), optimises a sigma for every test input, certifies the
@@ -7,9 +8,8 @@ and prints certified accuracy at several radii, the average certified radius and
 more rows: the fixed-sigma model certified sequentially (:func:`ddrs_ext.certify_sequential`, curve
 mode, default tolerance; a second table shows the model evaluations it spends against CERTIFY's),
 and the data-dependent model with a dual certificate (:func:`ddrs_ext.certify_dual`: a selector
-trained by :mod:`ddrs.selector` picks sigma among :func:`ddrs.selector.demo_levels`). The
-command's options, their defaults and --quick's are defined and checked in :mod:`ddrs.cli`;
-:func:`run` receives them resolved.
+trained by :mod:`ddrs.selector` picks sigma among :func:`ddrs.selector.demo_levels`). The rows and
+the verdicts are :mod:`ddrs.commands.demo_table`'s; :func:`run` receives the options resolved.
 
 Everything goes into the ``--out`` folder: the checkpoints, one result file per table row,
 ``table.md`` and ``curves.png``. A re-run over the same folder resumes.
@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import ddrs_ext
-from ddrs import analyze, selector, train_digits
-from ddrs.cli import DEMO_TEST_SIZE
+from ddrs import analyze, selector
+from ddrs.checkpoints import load_checkpoint, load_selector_checkpoint
+from ddrs.commands.demo_table import RADII, Row, evaluations_table, table_rows, verdict
+from ddrs.commands.train import build_parser as train_parser
+from ddrs.digits_training import train
 from ddrs.results import (
     CERTIFY_COLUMNS,
     DUAL_COLUMNS,
@@ -43,9 +43,9 @@ from ddrs.results import (
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.sequential import DEFAULT_TOLERANCE
 
-RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+__all__ = ["demo_files", "run"]
+
 CHUNK = 100  # inputs per certification step (progress and resume granularity)
-SURROGATES = ("paper", "certify")
 # The dual row: sigma levels sigma * LEVEL_FACTORS (capped at --sigma-max), the selector smoothed at
 # SELECTOR_FACTOR * sigma, alpha split in halves; picked in an exploratory trial (README, the demo's
 # step 5): best_level labels over nearest_level ones, a selector sigma of 2 sigma over 1 sigma.
@@ -57,42 +57,6 @@ SELECTOR_FACTOR = 2
 # CERTIFY's radius: on these digits a model trained on the paper's surrogate certified about a fifth
 # fewer test inputs at radius 0 (0.795 against 0.990 in a 200-input trial; see the README).
 DD_TRAINING = ("--scheme", "gaussian", "--data-dependent", "--sigma-surrogate", "certify")
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str  # file stem
-    label: str
-    model: str  # "fixed" or "dd"
-    surrogate: str | None  # None: the fixed sigma for every input (or the dual certificate's levels)
-    memory: bool = False
-    method: str = "certify"  # "certify", "sequential" (certify_sequential) or "dual" (certify_dual)
-
-    @property
-    def source(self) -> str:
-        """The file whose certificates the memory adjusts."""
-        return self.key.removesuffix("_memory")
-
-
-def table_rows(sigma: float) -> list[Row]:
-    fixed = f"fixed-σ model, σ = {sigma:g} for every input"
-    rows = [
-        Row("fixed_sigma", fixed, "fixed", None),
-        Row(
-            "fixed_sigma_sequential",
-            f"fixed-σ model, σ = {sigma:g}, sequential certification (tolerance {DEFAULT_TOLERANCE:g})",
-            "fixed",
-            None,
-            method="sequential",
-        ),
-    ]
-    for model, name in (("fixed", "fixed-σ model"), ("dd", "data-dependent model")):
-        for surrogate in SURROGATES:
-            key, label = f"{model}_model_{surrogate}", f"{name}, σ per input ({surrogate} surrogate)"
-            rows.append(Row(key, label, model, surrogate))
-            rows.append(Row(key + "_memory", label + " + memory", model, surrogate, memory=True))
-    rows.append(Row("dd_model_dual", "data-dependent model, dual certificate", "dd", None, method="dual"))
-    return rows
 
 
 def demo_files(out: Path, sigma: float) -> list[Path]:
@@ -134,25 +98,25 @@ def _fingerprint(model: torch.nn.Module) -> str:
 
 
 def _train_or_load(path: Path, argv: list[str], what: str, clock: _Clock) -> torch.nn.Module:
-    """A model trained by ``train_digits.train`` with ``argv`` (plus ``--out path``): the checkpoint
+    """A model trained by ``ddrs.digits_training.train`` with ``argv`` (plus ``--out path``): the checkpoint
     at ``path`` when it was trained with the same settings, otherwise trained now."""
-    args = train_digits.build_parser().parse_args([*argv, "--out", str(path)])
+    args = train_parser().parse_args([*argv, "--out", str(path)])
     wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     if path.exists():
-        model, _, config = train_digits.load_checkpoint(path)
+        model, _, config = load_checkpoint(path)
         _check_config(path, config, wanted)
         clock.log(f"{what}: reusing {path}")
         return model
     clock.log(f"training the {what}, {args.epochs} epoch(s)")
-    train_digits.train(args, log=lambda line: print("           " + line, flush=True))
-    model, _, _ = train_digits.load_checkpoint(path)
+    train(args, log=lambda line: print("           " + line, flush=True))
+    model, _, _ = load_checkpoint(path)
     return model
 
 
 def _check_config(path: Path, config: dict, wanted: dict, ignore: tuple[str, ...] = ("out",)) -> None:
     """Refuses a checkpoint trained with other settings than ``wanted``. An option that a checkpoint of
     an earlier version lacks did not exist then: it matches while it has its default now."""
-    defaults = vars(train_digits.build_parser().parse_args([]))
+    defaults = vars(train_parser().parse_args([]))
     defaults = {k: (str(v) if isinstance(v, Path) else v) for k, v in defaults.items()}
     keys = (set(config) | set(wanted)) - set(ignore)
     then = {k: config.get(k, defaults.get(k)) for k in keys}
@@ -175,7 +139,7 @@ def _selector_or_load(
     argv = ["--selector-for", str(classifier_path), "--sigma-levels", *map(str, levels)]
     argv += ["--selector-sigma", str(SELECTOR_FACTOR * args.sigma), "--epochs", str(args.epochs)]
     argv += ["--label-n0", str(args.label_n0), "--label-n", str(args.label_n), "--seed", str(args.seed)]
-    targs = train_digits.build_parser().parse_args([*argv, "--out", str(path)])
+    targs = train_parser().parse_args([*argv, "--out", str(path)])
     wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(targs).items()}
     wanted.update(
         classifier_fingerprint=selector.fingerprint(classifier),
@@ -183,7 +147,7 @@ def _selector_or_load(
         data_seed=args.seed,
     )
     if path.exists():
-        model, checkpoint = selector.load_selector_checkpoint(path)
+        model, checkpoint = load_selector_checkpoint(path)
         _check_config(path, checkpoint["config"], wanted, ignore=("out", "selector_for"))
         clock.log(f"selector: reusing {path}")
         return model
@@ -192,7 +156,7 @@ def _selector_or_load(
         f"{SELECTOR_FACTOR * args.sigma:g}), {args.epochs} epoch(s)"
     )
     selector.train_from_args(targs, log=lambda line: print("           " + line, flush=True))
-    model, _ = selector.load_selector_checkpoint(path)
+    model, _ = load_selector_checkpoint(path)
     return model
 
 
@@ -314,163 +278,8 @@ def _memory_row(row: Row, source: Path, x: torch.Tensor, settings: dict, path: P
     clock.log(f"{row.label}: {changed} of {len(x)} certificates changed by the memory")
 
 
-def _verdict(
-    results: dict[str, analyze.Certified],
-    columns: dict[str, dict[str, np.ndarray]],
-    rows: list[Row],
-    sigma: float,
-    sigma_max: float,
-    certify_samples: int,
-) -> list[str]:
-    """Plain sentences comparing the sound data-dependent rows (with memory, and the dual certificate)
-    against the fixed sigma, how much of the difference comes from inputs whose sigma reached
-    ``sigma_max``, where the dual certificate loses radius, and what sequential certification saves
-    against CERTIFY's ``certify_samples`` model evaluations per input."""
-    base = results["fixed_sigma"]
-    base_acc = base.accuracy(RADII)
-    radius_text = ", ".join(f"{r:g}" for r in RADII)
-    lines = []
-    outcomes = []
-    dual_outcome = None
-    for row in rows:
-        if not (row.memory or row.method == "dual"):
-            continue
-        res = results[row.key]
-        acc = res.accuracy(RADII)
-        diff = np.where(res.correct, res.radius, 0.0) - np.where(base.correct, base.radius, 0.0)
-        delta = float(diff.mean())
-        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-        higher = [f"{r:g}" for r, a, b in zip(RADII, acc, base_acc) if a > b]
-        lower = [f"{r:g}" for r, a, b in zip(RADII, acc, base_acc) if a < b]
-        measurable = math.isfinite(se) and abs(delta) > 2 * se
-        if delta > 0 and measurable and not lower:
-            outcome = "helps"
-        elif delta > 0 and measurable:
-            outcome = "mixed"
-        elif delta < 0 and measurable:
-            outcome = "hurts"
-        else:
-            outcome = "no measurable difference"
-        if row.method == "dual":
-            dual_outcome = outcome
-        else:
-            outcomes.append((row, outcome))
-        parts = [f"ACR {res.acr:.3f} vs {base.acr:.3f} ({delta:+.3f} ± {se:.3f} paired s.e.)"]
-        parts.append(
-            f"certified accuracy higher at r = {', '.join(higher)}" if higher else "higher at no radius"
-        )
-        parts.append(f"lower at r = {', '.join(lower)}" if lower else "lower at no radius")
-        if row.method == "dual":
-            parts += _dual_facts(columns[row.key], res)
-        capped = columns[row.key]["sigma"] >= sigma_max * (1 - 1e-9)
-        if row.method != "dual" and capped.any() and not capped.all():
-            rest = ~capped
-            acr = np.where(res.correct[rest], res.radius[rest], 0.0).mean()
-            base_acr = np.where(base.correct[rest], base.radius[rest], 0.0).mean()
-            labels = np.bincount(columns[row.key]["label"][capped])
-            most = f", {int(labels.max())} of them digit {int(labels.argmax())}"
-            parts.append(
-                f"{int(capped.sum())} input(s) reached σ = {sigma_max:g}{most} (σ stopped at the cap: the "
-                f"model keeps their class under heavy noise); without them ACR {acr:.3f} vs "
-                f"{base_acr:.3f} ({acr - base_acr:+.3f})"
-            )
-        lines.append(f"- {row.label}: {outcome}; " + "; ".join(parts) + ".")
-    words = {
-        "helps": "helps",
-        "mixed": "a mixed result (higher ACR, lower certified accuracy at some radius)",
-        "hurts": "hurts",
-        "no measurable difference": "no measurable difference",
-    }
-
-    def summary(model: str) -> str:
-        found = {row.surrogate: o for row, o in outcomes if row.model == model}
-        if len(set(found.values())) == 1:
-            return f"{words[next(iter(found.values()))]} with both surrogates"
-        return ", ".join(f"{words[o]} with the {s} surrogate" for s, o in found.items())
-
-    head = [
-        f"Does data-dependent σ help here? The paper's full method (data-dependent training, a σ per test "
-        f"input, memory): {summary('dd')}. A σ per test input for the fixed-σ model alone: "
-        f"{summary('fixed')}.",
-        f"Baseline: the fixed-σ model certified at σ = {sigma:g} (certified accuracy "
-        f"{', '.join(f'{a:.3f}' for a in base_acc)} at r = {radius_text}; ACR {base.acr:.3f}); "
-        f"{len(base)} test inputs; per-input rows counted with memory, the sound certificates:",
-    ]
-    if dual_outcome is not None:
-        head.insert(
-            1,
-            f"The dual certificate (data-dependent model, σ chosen among levels by a certified selector, "
-            f"sound without a memory): {words[dual_outcome]}.",
-        )
-    tail = []
-    for row in rows:
-        if row.method == "sequential":
-            tail.append(_sequential_facts(row, results[row.key], base, columns[row.key], certify_samples))
-    return [" ".join(head), *lines, *tail]
-
-
-def _dual_facts(column: dict[str, np.ndarray], res: analyze.Certified) -> list[str]:
-    """Where a dual certificate's row loses: the selector's abstentions and how often its radius, not
-    the classifier's, set the certified one."""
-    level = column["level"]
-    chose = level != ddrs_ext.ABSTAIN
-    certified = chose & (column["predict"] != ddrs_ext.ABSTAIN)
-    smaller = certified & (column["radius_selector"] < column["radius_classifier"])
-    sigmas = column["sigma"][chose]
-    picked = ", ".join(f"σ = {v:g}: {int((sigmas == v).sum())}" for v in np.unique(sigmas))
-    alone = np.where(res.correct, column["radius_classifier"], 0.0).mean()
-    return [
-        f"the selector abstained on {int((~chose).sum())} of {len(level)} inputs (they abstain) and chose "
-        + (picked or "no level"),
-        f"the selector's radius was the smaller one on {int(smaller.sum())} of the {int(certified.sum())} "
-        f"certified inputs (the classifier's radius alone would give ACR {alone:.3f}, not a certificate)",
-    ]
-
-
-def _sequential_facts(
-    row: Row,
-    res: analyze.Certified,
-    base: analyze.Certified,
-    column: dict[str, np.ndarray],
-    certify_samples: int,
-) -> str:
-    """Sequential certification against CERTIFY: model evaluations and certified accuracy."""
-    spent = float(column["samples"].mean())
-    acc, base_acc = res.accuracy(RADII), base.accuracy(RADII)
-    gap = float(np.abs(acc - base_acc).max())
-    return (
-        f"Sequential certification of the fixed-σ model (curve mode, tolerance {DEFAULT_TOLERANCE:g}, "
-        f"n_max = n): {spent:.0f} model evaluations per input against "
-        f"CERTIFY's {certify_samples} ({certify_samples / spent:.1f}x fewer); certified accuracy "
-        f"{', '.join(f'{a:.3f}' for a in acc)} at r = {', '.join(f'{r:g}' for r in RADII)} (at most "
-        f"{gap:.3f} from CERTIFY's); ACR {res.acr:.3f} vs {base.acr:.3f}."
-    )
-
-
-def _evaluations_table(rows: list[Row], columns: dict[str, dict[str, np.ndarray]], args) -> str:
-    """Model evaluations per input of CERTIFY, sequential certification and the dual certificate."""
-    certify = args.n0 + args.n
-    lines = [
-        "| result | model evaluations per input (mean) | fewest | most | vs CERTIFY |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        if row.key != "fixed_sigma" and row.method == "certify":
-            continue
-        samples = columns[row.key].get("samples")
-        if samples is None:  # a file of an earlier version: CERTIFY spends n0 + n on every input
-            samples = np.full(len(columns[row.key]["idx"]), certify)
-        what = {"certify": "", "sequential": "", "dual": " (selector + classifier)"}
-        mean = float(samples.mean())
-        lines.append(
-            f"| {row.label.replace('|', chr(92) + '|')}{what[row.method]} | {mean:.0f} | "
-            f"{int(samples.min())} | {int(samples.max())} | {mean / certify:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def run(args: argparse.Namespace) -> int:
-    """``ddrs demo`` with the options ddrs.cli resolved (--quick's or the full run's filled in)."""
+    """``ddrs demo`` with the options ddrs.commands.demo resolved (--quick's or the full run's filled in)."""
     clock = _Clock()
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -483,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         f"ddrs demo: digits, {args.count} test inputs, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha}, "
         f"sigma = {args.sigma}, seed = {args.seed}, output in {out.resolve()}/"
     )
-    (_, _), (x_test, y_test) = load_digits_split(args.seed, DEMO_TEST_SIZE)
+    (_, _), (x_test, y_test) = load_digits_split(args.seed)  # 497 test inputs (DEMO_TEST_SIZE)
     x, y = x_test[: args.count], y_test[: args.count]
 
     common = ["--sigma", str(args.sigma), "--epochs", str(args.epochs), "--seed", str(args.seed)]
@@ -557,9 +366,9 @@ def run(args: argparse.Namespace) -> int:
         f"{args.alpha / 2:g}."
     )
     table = analyze.markdown_table(ordered, RADII)
-    table += "\n" + _evaluations_table(rows, columns, args)
-    verdict = _verdict(results, columns, rows, args.sigma, args.sigma_max, args.n0 + args.n)
-    (out / "table.md").write_text(caption + "\n\n" + table + "\n" + "\n".join(verdict) + "\n")
+    table += "\n" + evaluations_table(rows, columns, args)
+    verdicts = verdict(results, columns, rows, args.sigma, args.sigma_max, args.n0 + args.n)
+    (out / "table.md").write_text(caption + "\n\n" + table + "\n" + "\n".join(verdicts) + "\n")
     plotted = [results[row.key] for row in rows if row.surrogate is None or row.memory]
     analyze.plot_certified_accuracy(plotted, out / "curves.png", title="digits: certified accuracy")
     clock.log(f"wrote {out}/table.md, {out}/curves.png and one result file per row")
@@ -567,5 +376,5 @@ def run(args: argparse.Namespace) -> int:
     print(caption)
     print()
     print(table)
-    print("\n".join(verdict))
+    print("\n".join(verdicts))
     return 0

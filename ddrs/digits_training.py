@@ -1,0 +1,184 @@
+"""Training a small CNN on the embedded digits data with a randomized-smoothing scheme, with a fixed
+or a data-dependent noise level: the work of ``ddrs train`` (``python -m ddrs.train_digits``; its
+options: :mod:`ddrs.commands.train`). The checkpoint (:mod:`ddrs.checkpoints`) holds the model's
+state_dict, the builder of its architecture, the per-example sigma bank (data-dependent runs) and
+the settings; :func:`ddrs.checkpoints.load_checkpoint` restores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ddrs import distributed_run
+from ddrs.checkpoints import BUILDER, FORMAT, build
+from ddrs_ext import training
+from ddrs_ext.data import load_digits_split
+from ddrs_ext.distributed import exchange, share
+
+__all__ = ["noisy_accuracy", "train"]
+
+
+def noisy_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, seed: int
+) -> float:
+    """Accuracy of the base model on one noisy copy of each input (a quick training signal)."""
+    with training.frozen(model), torch.no_grad():
+        noisy = training.noisy_copies(x, sigma, seed=seed)
+        return float((model(noisy).argmax(1) == y).float().mean())
+
+
+def train(args: argparse.Namespace, log=print) -> dict:
+    """Trains the model as ``args`` say and saves the checkpoint; returns it.
+
+    Under torchrun (``torchrun --nproc-per-node N -m ddrs.train_digits ...``) the processes train one
+    model with DistributedDataParallel (gloo on the CPU, NCCL with one GPU per process): each global
+    minibatch of ``--batch-size`` examples is split over the ranks (rank r takes positions r, r + N,
+    ...), the losses are weighted so that the averaged gradient is the whole minibatch's, the sigma
+    steps run on each rank's own examples, the sigma bank is synchronised after every epoch, and
+    rank 0 logs and saves the checkpoint (with its BatchNorm statistics, given to every rank first).
+    """
+    launch = None
+    if distributed_run.launched():
+        launch = distributed_run.join(getattr(args, "device", None), getattr(args, "dist_timeout", 1800.0))
+    try:
+        return _train(args, log, launch)
+    finally:
+        if launch is not None:
+            distributed_run.leave(launch)
+
+
+def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None) -> dict:
+    rank, world = (0, 1) if launch is None else (launch.rank, launch.world)
+    device = launch.device if launch is not None else torch.device(getattr(args, "device", None) or "cpu")
+    if rank != 0:
+        log = _silent
+    torch.manual_seed(args.seed)
+    (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
+    if len(y_train) < world:
+        raise ValueError(f"{world} processes for {len(y_train)} training examples; start fewer")
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+    model = build(BUILDER)().to(device)
+    net = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    bank = None
+    if args.data_dependent:
+        if args.sigma > args.sigma_max:
+            raise ValueError(f"--sigma {args.sigma} exceeds --sigma-max {args.sigma_max}")
+        bank = training.SigmaBank(len(y_train), args.sigma, sigma_range=(1e-3, args.sigma_max), device=device)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        net.train()
+        total, seen = 0.0, 0
+        for batch in _minibatches(len(y_train), args.batch_size, world):
+            index = batch if world == 1 else batch[share(len(batch))]
+            x, y = x_train[index], y_train[index]
+            sigma = args.sigma
+            if bank is not None:
+                sigma = training.update_sigma(
+                    net,
+                    bank,
+                    x,
+                    index,
+                    steps=args.sigma_steps,
+                    num_samples=args.sigma_samples,
+                    lr=args.sigma_lr,
+                    surrogate=args.sigma_surrogate,
+                    estimator=args.sigma_estimator,
+                )
+            if args.scheme == "gaussian":
+                loss = training.gaussian_augmentation_loss(net, x, y, sigma, index=index)
+            elif args.scheme == "macer":
+                loss = training.macer_loss(
+                    net,
+                    x,
+                    y,
+                    sigma,
+                    num_samples=args.macer_samples,
+                    lam=args.macer_lambda,
+                    gamma=args.macer_gamma,
+                    beta=args.macer_beta,
+                    index=index,
+                )
+            else:
+                eps = training.warmup(args.adv_epsilon, epoch, args.adv_warmup)
+                loss = training.smoothadv_loss(
+                    net,
+                    x,
+                    y,
+                    sigma,
+                    epsilon=eps,
+                    steps=args.adv_steps,
+                    num_samples=args.adv_samples,
+                    index=index,
+                )
+            optimizer.zero_grad()
+            if world > 1:  # DDP averages the ranks' gradients: weight each by its share of the minibatch
+                (loss * (len(index) * world / len(batch))).backward()
+            else:
+                loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        if world > 1:
+            if bank is not None:
+                bank.synchronize()
+            pairs = exchange(lambda pair=(total, seen): pair, what="train_digits")
+            total, seen = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        if rank == 0:
+            acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed)
+            extra = f", bank sigma mean {bank.sigma.mean():.3f}" if bank is not None else ""
+            log(
+                f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}, test accuracy under noise "
+                f"sigma={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
+            )
+    model.eval()
+    if world > 1:  # DDP keeps the parameters equal, not BatchNorm's running statistics: rank 0's win
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    checkpoint = {
+        "format": FORMAT,
+        "version": 1,
+        "builder": BUILDER,
+        "model": _on_cpu(model.state_dict()),
+        "sigma_bank": None if bank is None else _on_cpu(bank.state_dict()),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+    def save() -> None:
+        if rank == 0:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, args.out)
+
+    if world > 1:
+        exchange(save, what="saving the checkpoint")  # a failure on rank 0 stops every rank
+    else:
+        save()
+    log(f"saved {args.out}")
+    return checkpoint
+
+
+def _minibatches(total: int, batch_size: int, world: int) -> list[torch.Tensor]:
+    """The epoch's minibatches of a random permutation (rank 0's, under torchrun); with several ranks a
+    last minibatch smaller than the number of ranks joins the one before, so every rank has examples."""
+    permutation = torch.randperm(total)
+    if world > 1:
+        permutation = exchange(lambda: permutation, what="train_digits")[0]
+    batches = list(permutation.split(batch_size))
+    if world > 1 and len(batches) > 1 and len(batches[-1]) < world:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _on_cpu(state: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
