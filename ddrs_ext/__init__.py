@@ -9,6 +9,7 @@ from ddrs_ext.certification import ABSTAIN, CertifyResult, certify, predict
 from ddrs_ext.dual import DualCertifyResult, certify_dual
 from ddrs_ext.memory import CertificationMemory
 from ddrs_ext.precision import Evaluated
+from ddrs_ext.routing import CascadeCertifyResult, certify_cascade
 from ddrs_ext.sequential import certify_sequential
 from ddrs_ext.sigma import (
     PAPER_DATASET_SETTINGS,
@@ -24,6 +25,7 @@ from ddrs_ext.smooth import Smooth
 __version__ = "0.1.0"
 __all__ = [
     "ABSTAIN",
+    "CascadeCertifyResult",
     "PAPER_DATASET_SETTINGS",
     "PAPER_L1_SETTINGS",
     "PAPER_SETTINGS",
@@ -34,6 +36,7 @@ __all__ = [
     "SigmaStep",
     "Smooth",
     "certify",
+    "certify_cascade",
     "certify_dual",
     "certify_sequential",
     "distributed",
