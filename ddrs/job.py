@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from ddrs import distributed_run
 from ddrs.datasets import data_settings, image_settings, load_dataset
 from ddrs.loading import load_model, model_settings, resolve_device
 from ddrs.results import ResultFile, ResultFileError, read_rows
-from ddrs_ext.precision import Evaluated
+from ddrs_ext._validate import evaluating
+from ddrs_ext.precision import Evaluated, EvaluationWarning, compile_pays
 from ddrs_ext.sigma import optimize_sigma
 
 __all__ = [
     "Job",
     "Sigma",
+    "compile_choice",
+    "forward_rows_per_input",
     "chunk_sizes",
     "min_chunk",
     "message",
@@ -49,27 +53,63 @@ def message(exc: BaseException) -> str:
 
 
 def _evaluated_settings(args: argparse.Namespace) -> dict:
-    """The --autocast / --channels-last / --compile choices that are set (they change the function
-    that is certified, so they belong to the settings)."""
+    """The --autocast / --channels-last choices that are set: they belong to the settings that a resume
+    must match (autocast changes the function that is certified; channels-last has been recorded so
+    since it exists)."""
     chosen = {
         "autocast": getattr(args, "autocast", None),
         "channels_last": bool(getattr(args, "channels_last", False)),
-        "compile": getattr(args, "compile", None),
     }
     return {k: v for k, v in chosen.items() if v}
 
 
-def _evaluated(model, options: dict):
+def forward_rows_per_input(args: argparse.Namespace) -> int:
+    """Forward rows (noisy copies through the model) that the command evaluates per input, at least,
+    in forward passes that torch.compile speeds up (optimize_sigma's reparam estimator runs
+    uncompiled: forward-mode autograd does not go through a compiled model)."""
+    options = getattr(args, "optimize_options", None)
+    sigma_rows = 0
+    if options is not None and options["estimator"] != "reparam":
+        sigma_rows = options["iterations"] * options["num_samples"]
+    if args.command == "predict":
+        return args.n
+    if args.command == "optimize-sigma":
+        return sigma_rows + args.surrogate_samples
+    n = args.n
+    if getattr(args, "sequential", False):
+        from ddrs_ext.sequential import round_schedule
+
+        n = round_schedule(args.n, args.alpha).ends[0]  # every input runs the first round
+    return sigma_rows + args.n0 + n
+
+
+def compile_choice(args: argparse.Namespace, rows: int, device: torch.device) -> dict:
+    """--compile resolved for a run of ``rows`` forward rows: ``{"mode": MODE or "off", "auto": bool,
+    "forward_rows": rows}``; auto compiles (mode "default") where
+    :func:`ddrs_ext.precision.compile_pays` (on the CPU, from COMPILE_MIN_ROWS rows)."""
+    given = getattr(args, "compile", None) or "off"
+    if given != "auto":
+        return {"mode": given, "auto": False, "forward_rows": rows}
+    return {"mode": "default" if compile_pays(rows, device) else "off", "auto": True, "forward_rows": rows}
+
+
+def _evaluated(model, options: dict, compile_mode: str):
     """``model`` wrapped in ddrs_ext.Evaluated as the options say (channels-last weights converted)."""
     if options.get("channels_last") and isinstance(model, torch.nn.Module):
         model = model.to(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("autocast"))
-    compile = {"mode": options["compile"]} if options.get("compile") else False
+    compile = False if compile_mode == "off" else {"mode": compile_mode}
     return Evaluated(model, autocast=dtype, channels_last=bool(options.get("channels_last")), compile=compile)
 
 
 class Job:
-    """What the commands share: the model, the data, the selected inputs, their labels, the classes."""
+    """What the commands share: the model, the data, the selected inputs, their labels, the classes.
+
+    ``model`` is the model as the commands evaluate it: wrapped in :class:`ddrs_ext.Evaluated` when
+    --autocast or --channels-last is given or --compile resolves to a mode (compiled, and any
+    fallback noted, by a warm-up forward pass before the settings are written). ``settings`` holds
+    --autocast/--channels-last under "evaluated" (compared on a resume) and --compile's outcome under
+    "compile" (recorded, not compared: ddrs.results.DESCRIPTIVE_SETTINGS)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         out = Path(args.out)
@@ -77,16 +117,9 @@ class Job:
             raise ValueError(f"--out {out} is a folder; give a file name")
         if not out.parent.exists():
             raise ValueError(f"--out {out}: its folder {out.parent} does not exist")
+        self.command = args.command
         self.device = resolve_device(args.device)
-        self.model = load_model(
-            args.model,
-            args.checkpoint,
-            self.device,
-            note=lambda text: print(f"ddrs {args.command}: note: {text}", file=sys.stderr),
-        )
-        self.evaluated = _evaluated_settings(args)
-        if self.evaluated:
-            self.model = _evaluated(self.model, self.evaluated)
+        self.model = load_model(args.model, args.checkpoint, self.device, note=self.note)
         self.data = load_dataset(args.data, args.split, args.image_size)
         n = len(self.data)
         if n > _INDEX_LIMIT:
@@ -107,6 +140,12 @@ class Job:
                 f"(the model has {self.num_classes} outputs); {int(bad.sum())} selected label(s) out of range"
             )
         self.labels = {i: int(v) for i, v in zip(self.selected, labels.tolist())}
+        self.evaluated = _evaluated_settings(args)
+        self.compile = compile_choice(args, len(self.selected) * forward_rows_per_input(args), self.device)
+        self._notes_said = 0
+        if self.evaluated or self.compile["mode"] != "off":
+            self.model = _evaluated(self.model, self.evaluated, self.compile["mode"])
+            self._warm_up(args.batch_size)
         self.settings = {
             **model_settings(args.model, args.checkpoint),
             **data_settings(args.data, self.data),
@@ -118,8 +157,48 @@ class Job:
         }
         if self.evaluated:  # only when set, so that earlier settings files still match
             self.settings["evaluated"] = self.evaluated
+        self.settings["compile"] = self.compile
+
+    def note(self, text: str) -> None:
+        """``ddrs COMMAND: note: text`` on stderr (above a progress bar, if one is drawn)."""
+        tqdm.write(f"ddrs {self.command}: note: {text}", file=sys.stderr)
+
+    def say_notes(self) -> None:
+        """Notes, one line each, what ddrs_ext.Evaluated noted since the last call (its fallbacks)."""
+        notes = self.model.notes if isinstance(self.model, Evaluated) else []
+        for text in notes[self._notes_said :]:
+            self.note(text)
+        self._notes_said = len(notes)
+
+    def _warm_up(self, batch_size: int) -> None:
+        """One forward batch through the evaluated model (noise-free copies of the first input), so that
+        torch.compile compiles, and torch's refusals (to compile, to autocast) are noted and recorded,
+        before the settings are written."""
+        model = self.model
+        x = self.inputs(self.selected[:1])
+        x = x.expand(max(2, batch_size), *x.shape[1:]).contiguous()
+        given = [f"--autocast {self.evaluated['autocast']}"] if "autocast" in self.evaluated else []
+        given += ["--channels-last"] if self.evaluated.get("channels_last") else []
+        if self.compile["mode"] != "off":
+            given.append(f"--compile {'auto' if self.compile['auto'] else self.compile['mode']}")
+            why = f", {self.compile['forward_rows']:,} forward rows" if self.compile["auto"] else ""
+            self.note(f"compiling the model (torch.compile, mode {self.compile['mode']}{why})")
+        try:
+            with torch.inference_mode(), evaluating(model), warnings.catch_warnings():
+                warnings.simplefilter("ignore", EvaluationWarning)  # noted below, one line each
+                model(x)
+        except Exception as exc:
+            raise ValueError(
+                f"the model fails when evaluated with {' '.join(given)}: {message(exc)}"
+            ) from None
+        self.say_notes()
+        if model.autocast is None and "autocast" in self.evaluated:
+            del self.evaluated["autocast"]  # torch refused it: the model is certified in its own precision
+        if model.compile_options is None and self.compile["mode"] != "off":
+            self.compile = {**self.compile, "mode": "off", "fallback": model.notes[-1]}
 
     def _probe(self) -> int:
+        """The model's number of classes, from one forward pass of the model as loaded."""
         x = self.data.inputs(self.selected[:1]).to(self.device)
         try:
             with torch.no_grad():
@@ -193,7 +272,15 @@ def run_chunks(
     if rank == 0:
         _report_start(args, out, total, already, left)
     if remaining:
-        _chunk_loop(args, out, remaining, rows_per_input, work, progress=rank == 0)
+
+        def noted(index: torch.Tensor) -> list[dict]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EvaluationWarning)  # noted, one line each
+                rows = work(index)
+            job.say_notes()
+            return rows
+
+        _chunk_loop(args, out, remaining, rows_per_input, noted, progress=rank == 0)
     if is_sharded(out):
         out.finish()
 

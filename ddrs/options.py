@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 SEED_LIMIT = 2**64
+# ddrs_ext.precision.COMPILE_MIN_ROWS (not imported: this module imports no torch)
+COMPILE_MIN_ROWS = 2_000_000
+COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 _CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DIST_TIMEOUT = 1800.0  # seconds, --dist-timeout (torch's own default for gloo)
 
@@ -302,28 +305,35 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_argument_group(
-        "cheaper forward passes",
-        "The model is then certified as evaluated that way: deploy it that way (ddrs_ext.Evaluated).",
+        "cheaper forward passes (ddrs_ext.Evaluated)",
+        "--compile evaluates the same function (logits equal up to rounding): on by default where it pays.\n"
+        "--autocast evaluates another function (bfloat16 or float16 arithmetic): the certificates are then\n"
+        "about the model evaluated that way, so deploy it that way; never on by default. Where torch\n"
+        "cannot compile or autocast, the model is evaluated without it and a one-line note says so.",
+    )
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="auto",
+        metavar="MODE",
+        help="torch.compile the model: auto (compile, mode default, on the CPU when the run evaluates "
+        f"at least {COMPILE_MIN_ROWS:,} noisy copies, where compiling measured faster overall; "
+        "otherwise not), off, or a torch.compile mode: default, reduce-overhead (CUDA graphs), "
+        "max-autotune. Kept in the settings file, not compared on a resume (the same function)",
     )
     g.add_argument(
         "--autocast",
         choices=("bf16", "fp16"),
         default=None,
-        help="evaluate the model under torch.autocast in bfloat16 or float16 (with --optimize: use "
-        "--estimator score, forward-mode autograd does not run under autocast)",
+        help="evaluate the model under torch.autocast in bfloat16 or float16: faster where the CPU or GPU "
+        "has those instructions (a note says when it has not), and another function: the settings "
+        "file keeps it and a resume must match (with --optimize: use --estimator score, forward-mode "
+        "autograd does not run under autocast)",
     )
     g.add_argument(
         "--channels-last",
         action="store_true",
         help="give the model its weights and 4-d inputs in channels-last memory format",
-    )
-    g.add_argument(
-        "--compile",
-        choices=("default", "reduce-overhead", "max-autotune"),
-        default=None,
-        metavar="MODE",
-        help="torch.compile the model with this mode (reduce-overhead: CUDA graphs); "
-        "one of default, reduce-overhead, max-autotune",
     )
     g = p.add_argument_group(
         "several processes",

@@ -40,9 +40,11 @@ LATER_CERTIFY_COLUMNS = ("samples",)
 DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
-# Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes): not
-# compared on a resume, so that files written before they existed resume.
-DESCRIPTIVE_SETTINGS = frozenset({"notes"})
+# Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes) or how
+# they were computed without changing what they are (--compile: the same function, logits equal up
+# to rounding, like a change of --batch-size or threads): not compared on a resume, so that files
+# written before they existed resume, and a resume may compile or not.
+DESCRIPTIVE_SETTINGS = frozenset({"notes", "compile"})
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
@@ -197,6 +199,14 @@ def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[di
     return rows
 
 
+def _compared(key: str, value):
+    """A setting as a resume compares it: "evaluated" without "compile" (where the versions before
+    --compile auto recorded --compile; it is now the descriptive "compile" setting)."""
+    if key == "evaluated" and isinstance(value, Mapping) and "compile" in value:
+        return {k: v for k, v in value.items() if k != "compile"} or None
+    return value
+
+
 class ResultFile:
     """A result file open for appending rows, resuming whatever complete rows it already holds.
 
@@ -273,7 +283,9 @@ class ResultFile:
                 except (OSError, ValueError):
                     raise ResultFileError(f"{self.settings_path}: unreadable; remove it to resume") from None
                 keys = (set(before) | set(settings)) - DESCRIPTIVE_SETTINGS
-                changed = sorted(k for k in keys if before.get(k) != settings.get(k))
+                changed = sorted(
+                    k for k in keys if _compared(k, before.get(k)) != _compared(k, settings.get(k))
+                )
                 if changed:
                     what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
                     raise ResultFileError(
