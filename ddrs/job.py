@@ -29,7 +29,7 @@ from ddrs_ext.sigma import optimize_sigma
 __all__ = [
     "Job",
     "Sigma",
-    "compile_choice",
+    "evaluation_choice",
     "forward_rows_per_input",
     "chunk_sizes",
     "min_chunk",
@@ -53,14 +53,10 @@ def message(exc: BaseException) -> str:
 
 
 def _evaluated_settings(args: argparse.Namespace) -> dict:
-    """The --autocast / --channels-last choices that are set: they belong to the settings that a resume
-    must match (autocast changes the function that is certified; channels-last has been recorded so
-    since it exists)."""
-    chosen = {
-        "autocast": getattr(args, "autocast", None),
-        "channels_last": bool(getattr(args, "channels_last", False)),
-    }
-    return {k: v for k, v in chosen.items() if v}
+    """--autocast, when given: it changes the function that is certified, so it belongs to the
+    settings that a resume must match (under "evaluated")."""
+    autocast = getattr(args, "autocast", None)
+    return {"autocast": autocast} if autocast else {}
 
 
 def forward_rows_per_input(args: argparse.Namespace) -> int:
@@ -83,33 +79,44 @@ def forward_rows_per_input(args: argparse.Namespace) -> int:
     return sigma_rows + args.n0 + n
 
 
-def compile_choice(args: argparse.Namespace, rows: int, device: torch.device) -> dict:
-    """--compile resolved for a run of ``rows`` forward rows: ``{"mode": MODE or "off", "auto": bool,
-    "forward_rows": rows}``; auto compiles (mode "default") where
-    :func:`ddrs_ext.precision.compile_pays` (on the CPU, from COMPILE_MIN_ROWS rows)."""
+def evaluation_choice(args: argparse.Namespace, rows: int, device: torch.device, convolutional: bool) -> dict:
+    """How the model is evaluated (the same function either way), for a run of ``rows`` forward rows:
+    ``{"compile": MODE or "off", "channels_last": bool, "auto": bool, "forward_rows": rows}``.
+    --compile auto compiles (mode "default") where :func:`ddrs_ext.precision.compile_pays` (on the
+    CPU, from COMPILE_MIN_ROWS rows) and then gives a ``convolutional`` model (4-d weights)
+    channels-last weights and inputs too (measured faster compiled on the CPU); --channels-last asks
+    for channels-last always."""
     given = getattr(args, "compile", None) or "off"
-    if given != "auto":
-        return {"mode": given, "auto": False, "forward_rows": rows}
-    return {"mode": "default" if compile_pays(rows, device) else "off", "auto": True, "forward_rows": rows}
+    auto = given == "auto"
+    mode = ("default" if compile_pays(rows, device) else "off") if auto else given
+    channels_last = bool(getattr(args, "channels_last", False)) or (auto and mode != "off" and convolutional)
+    return {"compile": mode, "channels_last": channels_last, "auto": auto, "forward_rows": rows}
 
 
-def _evaluated(model, options: dict, compile_mode: str):
-    """``model`` wrapped in ddrs_ext.Evaluated as the options say (channels-last weights converted)."""
-    if options.get("channels_last") and isinstance(model, torch.nn.Module):
-        model = model.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("autocast"))
-    compile = False if compile_mode == "off" else {"mode": compile_mode}
-    return Evaluated(model, autocast=dtype, channels_last=bool(options.get("channels_last")), compile=compile)
+def _convolutional(model) -> bool:
+    return isinstance(model, torch.nn.Module) and any(p.dim() == 4 for p in model.parameters())
+
+
+def _evaluated(model, autocast: str | None, evaluation: dict):
+    """``model`` wrapped in ddrs_ext.Evaluated as chosen (channels-last weights converted in place)."""
+    channels_last = evaluation["channels_last"]
+    if isinstance(model, torch.nn.Module):
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
+    compile = False if evaluation["compile"] == "off" else {"mode": evaluation["compile"]}
+    return Evaluated(model, autocast=dtype, channels_last=channels_last, compile=compile)
 
 
 class Job:
     """What the commands share: the model, the data, the selected inputs, their labels, the classes.
 
     ``model`` is the model as the commands evaluate it: wrapped in :class:`ddrs_ext.Evaluated` when
-    --autocast or --channels-last is given or --compile resolves to a mode (compiled, and any
-    fallback noted, by a warm-up forward pass before the settings are written). ``settings`` holds
-    --autocast/--channels-last under "evaluated" (compared on a resume) and --compile's outcome under
-    "compile" (recorded, not compared: ddrs.results.DESCRIPTIVE_SETTINGS)."""
+    --autocast is given or --compile/--channels-last resolve to something (compiled, and torch's
+    refusals noted, by a warm-up forward pass before the settings are written). ``settings`` keeps
+    --autocast under "evaluated" (it changes the function: compared on a resume) and how the model
+    is evaluated otherwise (compile mode, channels-last, the rows that --compile auto counted, any
+    fallback) under "evaluation" (the same function: recorded, not compared,
+    ddrs.results.DESCRIPTIVE_SETTINGS)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         out = Path(args.out)
@@ -141,11 +148,11 @@ class Job:
             )
         self.labels = {i: int(v) for i, v in zip(self.selected, labels.tolist())}
         self.evaluated = _evaluated_settings(args)
-        self.compile = compile_choice(args, len(self.selected) * forward_rows_per_input(args), self.device)
+        rows = len(self.selected) * forward_rows_per_input(args)
+        self.evaluation = evaluation_choice(args, rows, self.device, _convolutional(self.model))
         self._notes_said = 0
-        if self.evaluated or self.compile["mode"] != "off":
-            self.model = _evaluated(self.model, self.evaluated, self.compile["mode"])
-            self._warm_up(args.batch_size)
+        if self.evaluated or self.evaluation["compile"] != "off" or self.evaluation["channels_last"]:
+            self._warm_up(args)
         self.settings = {
             **model_settings(args.model, args.checkpoint),
             **data_settings(args.data, self.data),
@@ -157,7 +164,7 @@ class Job:
         }
         if self.evaluated:  # only when set, so that earlier settings files still match
             self.settings["evaluated"] = self.evaluated
-        self.settings["compile"] = self.compile
+        self.settings["evaluation"] = self.evaluation
 
     def note(self, text: str) -> None:
         """``ddrs COMMAND: note: text`` on stderr (above a progress bar, if one is drawn)."""
@@ -170,32 +177,52 @@ class Job:
             self.note(text)
         self._notes_said = len(notes)
 
-    def _warm_up(self, batch_size: int) -> None:
-        """One forward batch through the evaluated model (noise-free copies of the first input), so that
-        torch.compile compiles, and torch's refusals (to compile, to autocast) are noted and recorded,
-        before the settings are written."""
-        model = self.model
+    def _warm_up(self, args: argparse.Namespace) -> None:
+        """Wraps the model in ddrs_ext.Evaluated and runs one forward batch through it (noise-free
+        copies of the first input), so that torch.compile compiles, and torch's refusals (to compile,
+        to autocast) are noted and recorded, before the settings are written. A model that fails
+        with the channels-last format that --compile auto chose is evaluated without it (noted)."""
+        raw, evaluation = self.model, self.evaluation
         x = self.inputs(self.selected[:1])
-        x = x.expand(max(2, batch_size), *x.shape[1:]).contiguous()
-        given = [f"--autocast {self.evaluated['autocast']}"] if "autocast" in self.evaluated else []
-        given += ["--channels-last"] if self.evaluated.get("channels_last") else []
-        if self.compile["mode"] != "off":
-            given.append(f"--compile {'auto' if self.compile['auto'] else self.compile['mode']}")
-            why = f", {self.compile['forward_rows']:,} forward rows" if self.compile["auto"] else ""
-            self.note(f"compiling the model (torch.compile, mode {self.compile['mode']}{why})")
+        x = x.expand(max(2, args.batch_size), *x.shape[1:]).contiguous()
+        if evaluation["compile"] != "off":
+            why = f", {evaluation['forward_rows']:,} forward rows" if evaluation["auto"] else ""
+            cl = " and channels-last" if evaluation["channels_last"] and evaluation["auto"] else ""
+            self.note(f"compiling the model (torch.compile, mode {evaluation['compile']}{cl}{why})")
+        self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation)
         try:
-            with torch.inference_mode(), evaluating(model), warnings.catch_warnings():
-                warnings.simplefilter("ignore", EvaluationWarning)  # noted below, one line each
-                model(x)
+            self._forward(x)
         except Exception as exc:
-            raise ValueError(
-                f"the model fails when evaluated with {' '.join(given)}: {message(exc)}"
-            ) from None
+            if not (
+                evaluation["auto"]
+                and evaluation["channels_last"]
+                and not getattr(args, "channels_last", False)
+            ):
+                given = [f"--autocast {self.evaluated['autocast']}"] if self.evaluated else []
+                given += ["--channels-last"] if evaluation["channels_last"] else []
+                given += (
+                    [f"--compile {getattr(args, 'compile', None)}"] if evaluation["compile"] != "off" else []
+                )
+                raise ValueError(
+                    f"the model fails when evaluated with {' '.join(given)}: {message(exc)}"
+                ) from None
+            self.evaluation = evaluation = {**evaluation, "channels_last": False}
+            self.note(
+                f"the model fails with channels-last weights and inputs ({message(exc)[:200]}); it is "
+                "evaluated in the contiguous format"
+            )
+            self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation)
+            self._forward(x)
         self.say_notes()
-        if model.autocast is None and "autocast" in self.evaluated:
+        if self.model.autocast is None and "autocast" in self.evaluated:
             del self.evaluated["autocast"]  # torch refused it: the model is certified in its own precision
-        if model.compile_options is None and self.compile["mode"] != "off":
-            self.compile = {**self.compile, "mode": "off", "fallback": model.notes[-1]}
+        if self.model.compile_options is None and evaluation["compile"] != "off":
+            self.evaluation = {**evaluation, "compile": "off", "fallback": self.model.notes[-1]}
+
+    def _forward(self, x: torch.Tensor) -> None:
+        with torch.inference_mode(), evaluating(self.model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", EvaluationWarning)  # noted by say_notes, one line each
+            self.model(x)
 
     def _probe(self) -> int:
         """The model's number of classes, from one forward pass of the model as loaded."""

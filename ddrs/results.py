@@ -41,10 +41,10 @@ DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
 # Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes) or how
-# they were computed without changing what they are (--compile: the same function, logits equal up
-# to rounding, like a change of --batch-size or threads): not compared on a resume, so that files
-# written before they existed resume, and a resume may compile or not.
-DESCRIPTIVE_SETTINGS = frozenset({"notes", "compile"})
+# they were computed without changing what they are ("evaluation": --compile, --channels-last, the
+# same function, logits equal up to rounding, like a change of --batch-size or threads): not
+# compared on a resume, so that files written before they existed resume, and a resume may change them.
+DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
@@ -200,10 +200,11 @@ def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[di
 
 
 def _compared(key: str, value):
-    """A setting as a resume compares it: "evaluated" without "compile" (where the versions before
-    --compile auto recorded --compile; it is now the descriptive "compile" setting)."""
-    if key == "evaluated" and isinstance(value, Mapping) and "compile" in value:
-        return {k: v for k, v in value.items() if k != "compile"} or None
+    """A setting as a resume compares it: "evaluated" (the function: --autocast) without "compile"
+    and "channels_last", where versions before --compile auto recorded those (they are now in the
+    descriptive "evaluation")."""
+    if key == "evaluated" and isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in ("compile", "channels_last")} or None
     return value
 
 

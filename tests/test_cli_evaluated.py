@@ -86,7 +86,12 @@ def test_auto_leaves_a_short_run_uncompiled(capsys, common, compiled, tmp_path):
     out = tmp_path / "short.tsv"
     err = ok(capsys, *common, *SMALL, "--out", out)
     assert compiled == [] and notes(err) == []
-    assert settings(out)["compile"] == {"mode": "off", "auto": True, "forward_rows": 6 * (16 + 64)}
+    assert settings(out)["evaluation"] == {
+        "compile": "off",
+        "channels_last": False,
+        "auto": True,
+        "forward_rows": 6 * (16 + 64),
+    }
     assert "evaluated" not in settings(out)
 
 
@@ -98,10 +103,13 @@ def test_auto_compiles_a_long_run_with_the_same_rows(capsys, common, compiled, m
     err = ok(capsys, *common, *SMALL, "--out", out)
     assert compiled == [{"mode": "default"}]
     assert notes(err) == [
-        "ddrs certify: note: compiling the model (torch.compile, mode default, 480 forward rows)"
+        "ddrs certify: note: compiling the model (torch.compile, mode default and channels-last, "
+        "480 forward rows)"
     ]
-    assert settings(out)["compile"] == {"mode": "default", "auto": True, "forward_rows": 480}
-    assert settings(plain)["compile"] == {"mode": "off", "auto": False, "forward_rows": 480}
+    evaluation = {"compile": "default", "channels_last": True, "auto": True, "forward_rows": 480}
+    assert settings(out)["evaluation"] == evaluation
+    evaluation = {"compile": "off", "channels_last": False, "auto": False, "forward_rows": 480}
+    assert settings(plain)["evaluation"] == evaluation
     assert rows(out) == rows(plain)
 
 
@@ -122,8 +130,8 @@ def test_a_model_that_does_not_compile_is_noted_in_one_line(capsys, common, monk
     assert len(said) == 2 and said[0].endswith("compiling the model (torch.compile, mode default)")
     assert said[1].startswith("ddrs certify: note: torch.compile could not compile the model (RuntimeError")
     assert said[1].endswith("it is evaluated uncompiled (the same function)")
-    record = settings(out)["compile"]
-    assert record["mode"] == "off" and record["fallback"].startswith("torch.compile could not compile")
+    record = settings(out)["evaluation"]
+    assert record["compile"] == "off" and record["fallback"].startswith("torch.compile could not compile")
     assert rows(out) == rows(plain)
 
 
@@ -142,13 +150,16 @@ def test_compile_is_not_compared_on_a_resume(capsys, common, compiled, tmp_path)
     assert rows(out) == rows(whole)
 
 
-@pytest.mark.parametrize("earlier", [{"evaluated": {"compile": "default"}}, {}])
+@pytest.mark.parametrize(
+    "earlier", [{"evaluated": {"compile": "default"}}, {"evaluated": {"channels_last": True}}, {}]
+)
 def test_files_of_earlier_versions_resume(capsys, common, tmp_path, earlier):
-    """Before --compile auto the settings had no "compile"; --compile, when given, was in "evaluated"."""
+    """Before --compile auto the settings had no "evaluation"; --compile and --channels-last, when
+    given, were in "evaluated" (compared then)."""
     out = tmp_path / "old.tsv"
     ok(capsys, *common, *SMALL, "--out", out)
     path = out.with_name(out.name + ".settings.json")
-    old = {k: v for k, v in settings(out).items() if k != "compile"}
+    old = {k: v for k, v in settings(out).items() if k != "evaluation"}
     path.write_text(json.dumps({**old, **earlier}))
     err = ok(capsys, *common, *SMALL, "--out", out)
     assert "all 6 selected inputs are already done" in err
@@ -186,11 +197,12 @@ def test_predict_and_optimize_sigma_take_the_choice(capsys, common, compiled, tm
     base = [a for a in common[1:] if a != "--sigma" and a != 0.25]
     out = tmp_path / "p.tsv"
     ok(capsys, "predict", *base, "--sigma", 0.25, "--n", 64, "--compile", "default", "--out", out)
-    assert settings(out)["compile"]["mode"] == "default"
+    assert settings(out)["evaluation"]["compile"] == "default"
     out = tmp_path / "s.tsv"
     sigma = ["--iterations", 2, "--num-samples", 8, "--surrogate-samples", 16, "--estimator", "score"]
     ok(capsys, "optimize-sigma", *base, *sigma, "--out", out)
-    assert settings(out)["compile"] == {"mode": "off", "auto": True, "forward_rows": 6 * (2 * 8 + 16)}
+    assert settings(out)["evaluation"]["forward_rows"] == 6 * (2 * 8 + 16)
+    assert settings(out)["evaluation"]["compile"] == "off"
     assert len(compiled) == 1
 
 
@@ -221,14 +233,57 @@ def test_forward_rows_per_input():
 
 def test_the_threshold_is_the_librarys():
     assert options.COMPILE_MIN_ROWS == precision.COMPILE_MIN_ROWS
-    rows = precision.COMPILE_MIN_ROWS
-    args = argparse.Namespace(compile="auto")
-    assert job.compile_choice(args, rows, torch.device("cpu"))["mode"] == "default"
-    assert job.compile_choice(args, rows - 1, torch.device("cpu"))["mode"] == "off"
-    assert job.compile_choice(args, rows, torch.device("cuda"))["mode"] == "off"
-    given = argparse.Namespace(compile="max-autotune")
-    assert job.compile_choice(given, 1, torch.device("cpu")) == {
-        "mode": "max-autotune",
+    rows, cpu = precision.COMPILE_MIN_ROWS, torch.device("cpu")
+    auto = argparse.Namespace(compile="auto", channels_last=False)
+    assert job.evaluation_choice(auto, rows, cpu, True) == {
+        "compile": "default",
+        "channels_last": True,
+        "auto": True,
+        "forward_rows": rows,
+    }
+    assert not job.evaluation_choice(auto, rows, cpu, False)["channels_last"]  # no 4-d weights
+    assert job.evaluation_choice(auto, rows - 1, cpu, True)["compile"] == "off"
+    assert not job.evaluation_choice(auto, rows - 1, cpu, True)["channels_last"]
+    assert job.evaluation_choice(auto, rows, torch.device("cuda"), True)["compile"] == "off"
+    given = argparse.Namespace(compile="max-autotune", channels_last=False)
+    assert job.evaluation_choice(given, 1, cpu, True) == {
+        "compile": "max-autotune",
+        "channels_last": False,
         "auto": False,
         "forward_rows": 1,
     }
+
+
+def test_a_model_that_fails_channels_last_is_evaluated_contiguous(capsys, compiled, monkeypatch, tmp_path):
+    """--compile auto's channels-last must not break a model that views its activations (as many do)."""
+    path = tmp_path / "viewmodels.py"
+    path.write_text(
+        MODELS
+        + textwrap.dedent(
+            """
+
+            class Views(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.net = build()
+
+                def forward(self, x):
+                    h = self.net[1](self.net[0](x))
+                    return self.net[3](h.view(h.shape[0], -1))
+            """
+        )
+    )
+    monkeypatch.setattr(precision, "COMPILE_MIN_ROWS", 1)
+    base = ["certify", "--model", f"{path}:Views", "--data", "digits", "--sigma", 0.25, "--max", 6, *SMALL]
+    out = tmp_path / "views.tsv"
+    err = ok(capsys, *base, "--out", out)
+    said = notes(err)
+    assert len(said) == 2 and "the model fails with channels-last weights and inputs (" in said[1]
+    assert said[1].endswith("it is evaluated in the contiguous format")
+    assert settings(out)["evaluation"]["channels_last"] is False
+    plain = tmp_path / "plain.tsv"
+    ok(capsys, *base, "--compile", "off", "--out", plain)
+    assert rows(out) == rows(plain)
+    # negative control: asked for explicitly, channels-last that fails is an error
+    code, _, err = run(capsys, *base, "--channels-last", "--compile", "off", "--out", tmp_path / "x.tsv")
+    assert code == 2 and "the model fails when evaluated with --channels-last: " in err
