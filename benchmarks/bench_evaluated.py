@@ -1,8 +1,9 @@
 """Cheaper forward passes on the CPU (issue 23): certify, optimize_sigma and a training step with the
 model evaluated through each ``ddrs_ext.Evaluated`` option, beside eager float32.
 
-Variants (``VARIANTS``): eager float32 (the model itself), channels-last, ``torch.compile``
-(inductor, default mode), bfloat16 autocast, bfloat16 autocast + ``torch.compile``.
+Variants (``VARIANTS``): eager float32 (the model itself), channels-last (weights and inputs),
+``torch.compile`` (inductor, default mode), compile + channels-last (what ``ddrs certify --compile
+auto`` does on long runs), bfloat16 autocast, bfloat16 autocast + compile + channels-last.
 
 Tasks:
 
@@ -10,18 +11,19 @@ Tasks:
   augmentation at sigma 0.25, fixed seed, a few seconds) at sigma 0.25, and on the CIFAR-shaped CNN
   (``baselines.small_cnn``, random weights, per-input sigma in [0.12, 0.5]); the digits rounds also
   time Cohen et al.'s plain per-input loop (``baselines.plain_certify``, eager: what ``core.Smooth``
-  does) and ``ddrs_ext.Smooth(model, 10, 0.25, compile=True)`` input by input (Cohen's route with
-  ddrs_ext);
+  does) and ``ddrs_ext.Smooth(model, 10, 0.25, compile=True)`` (channels-last weights) input by
+  input (Cohen's route with ddrs_ext);
 - ``optimize_sigma`` on the digits CNN with the score estimator (every variant) and the
   reparameterisation estimator (eager and channels-last: forward-mode autograd runs neither under
   autocast nor through a compiled model; ``Evaluated`` runs it uncompiled);
 - a training step of ``ddrs train`` (digits CNN, minibatches of 64, Adam): Gaussian augmentation at
   a fixed sigma (every variant), and with a data-dependent sigma (``update_sigma``, reparam, 3 steps
-  of 16 samples; eager, channels-last, compile).
+  of 16 samples; the variants without autocast).
 
-Every variant is called once first: that call's time is reported apart (``first``; for the compiled
-variants it holds the compilation, with a cold inductor cache: the session uses a fresh
-``TORCHINDUCTOR_CACHE_DIR`` unless ``DDRS_BENCH_WARM_CACHE=1``), then timed in interleaved rounds
+Every variant is called once first, after ``torch._dynamo.reset()``: that call's time is reported
+apart (``first``; for the compiled variants it holds the compilation; the session uses a fresh
+``TORCHINDUCTOR_CACHE_DIR``, so the first compilation of each graph is a cold one, unless
+``DDRS_BENCH_WARM_CACHE=1``: rerun with it to see a warm cache's), then timed in interleaved rounds
 (timing.py), so that drift hits every variant alike. Reported per variant: the speed-up over eager
 float32 (the median of the per-round ratios), the compile overhead (first call less a steady
 round) and the forward rows after which compiling has paid for itself (``break-even rows``), and how
@@ -69,17 +71,24 @@ ALPHA, NUM_CLASSES, SIGMA = 0.001, 10, 0.25
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 FLIP_COPIES = 2000  # noisy copies per input on which vote flips are counted exactly
 EAGER = "eager float32"
+RECOMMENDED = "compile + channels-last"  # what ddrs certify's --compile auto does on long runs
 VARIANTS: dict[str, dict] = {
     EAGER: {},
     "channels-last": {"channels_last": True},
     "compile": {"compile": True},
+    RECOMMENDED: {"compile": True, "channels_last": True},
     "bf16": {"autocast": torch.bfloat16},
-    "bf16 + compile": {"autocast": torch.bfloat16, "compile": True},
+    "bf16 + compile + channels-last": {"autocast": torch.bfloat16, "compile": True, "channels_last": True},
 }
-NO_FORWARD_AD = ("bf16", "bf16 + compile", "compile")  # reparam: autocast refuses it, compile bypasses
+AUTOCAST = ("bf16", "bf16 + compile + channels-last")
+# reparam: autocast refuses forward-mode autograd, and Evaluated runs it uncompiled
+NO_FORWARD_AD = (*AUTOCAST, "compile", RECOMMENDED)
 
 if os.environ.get("DDRS_BENCH_WARM_CACHE") != "1" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddrs-bench-inductor-")
+# Every compiled variant is a model of the same classes: their compiled code hangs on the same code
+# objects, whose default limit of 8 versions would send later variants back to eager evaluation.
+torch._dynamo.config.recompile_limit = 64
 
 
 @dataclass(frozen=True)
@@ -125,15 +134,20 @@ def evaluated(model: torch.nn.Module, variant: str, quick: bool) -> Callable:
 
 
 def run_interleaved(benchmark, fns: dict[str, Callable], rounds: int, rows: int) -> tuple[dict, dict]:
-    """Each of ``fns`` once (the first call, timed apart), then ``rounds`` interleaved rounds of all;
-    returns (first results, rows of the timing table), the latter also in extra_info."""
+    """Each of ``fns`` once (the first call, timed apart, after ``torch._dynamo.reset()``: the
+    compilation it needs), once more untimed, then ``rounds`` interleaved rounds of all; returns
+    (first results, rows of the timing table), the latter also in extra_info."""
     first, results = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EvaluationWarning)  # the table says what runs how
         for name, fn in fns.items():
+            torch._dynamo.reset()  # each first call compiles anew (the inductor cache may still hit)
             began = time.perf_counter()
             results[name] = fn()
             first[name] = time.perf_counter() - began
+        torch._dynamo.reset()
+        for fn in fns.values():  # compiled again (from the inductor cache) before the timed rounds
+            fn()
         target, *_ = fns
         others = {name: fn for name, fn in fns.items() if name != target}
         pedantic_interleaved(benchmark, fns[target], others, rounds=rounds, warmup_rounds=0)
@@ -291,7 +305,8 @@ def test_certify_digits(benchmark, digits, sizes, quick):
     fns["Cohen's per-input loop (core.Smooth), eager"] = lambda: plain_certify(
         model, x, sigma_each, sizes.n0, sizes.n, ALPHA, sizes.batch_size, NUM_CLASSES
     )
-    smooth = ddrs_ext.Smooth(model, NUM_CLASSES, SIGMA, seed=0, compile=compile_options(quick))
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    smooth = ddrs_ext.Smooth(nhwc, NUM_CLASSES, SIGMA, seed=0, compile=compile_options(quick))
 
     def smooth_loop() -> SmoothAnswers:
         answers = [smooth.certify(x[b], sizes.n0, sizes.n, ALPHA, sizes.batch_size) for b in range(len(x))]
@@ -299,7 +314,7 @@ def test_certify_digits(benchmark, digits, sizes, quick):
             torch.tensor([c for c, _ in answers]), torch.tensor([r for _, r in answers], dtype=torch.float64)
         )
 
-    fns["ddrs_ext.Smooth(compile=True), per input"] = smooth_loop
+    fns["ddrs_ext.Smooth(compile=True), channels-last weights, per input"] = smooth_loop
     benchmark.group = "evaluated_certify_digits"
     rows = len(x) * (sizes.n0 + sizes.n)
     benchmark.extra_info.update(
@@ -323,7 +338,7 @@ def test_certify_digits(benchmark, digits, sizes, quick):
         flips,
     )
     # the same noise and a sound bound: where eager and a same-function variant both certify, they agree
-    for name in ("channels-last", "compile"):
+    for name in ("channels-last", "compile", RECOMMENDED):
         r, e = results[name], results[EAGER]
         both = (r.prediction != ddrs_ext.ABSTAIN) & (e.prediction != ddrs_ext.ABSTAIN)
         assert torch.equal(r.prediction[both], e.prediction[both])
@@ -429,7 +444,7 @@ class TrainingRun:
 @pytest.mark.parametrize("sigma_kind", ["fixed", "data-dependent"])
 def test_training_step_digits(benchmark, sizes, quick, sigma_kind):
     dd = sigma_kind == "data-dependent"
-    names = [n for n in VARIANTS if not dd or n not in ("bf16", "bf16 + compile")]
+    names = [n for n in VARIANTS if not dd or n not in AUTOCAST]
     fns = {name: TrainingRun(name, dd, sizes.steps, quick) for name in names}
     benchmark.group = f"evaluated_training_{sigma_kind}"
     benchmark.extra_info.update(steps_per_round=sizes.steps, batch=64, scheme="gaussian", sigma=sigma_kind)
