@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ddrs.datasets import data_settings, image_settings, load_dataset
 from ddrs.loading import load_model, model_settings, resolve_device
 from ddrs.results import ResultFile, ResultFileError, read_rows
 from ddrs_ext._validate import evaluating
-from ddrs_ext.precision import Evaluated, EvaluationWarning, compile_pays
+from ddrs_ext.precision import Evaluated, compile_pays
 from ddrs_ext.sigma import optimize_sigma
 
 __all__ = [
@@ -97,14 +96,15 @@ def _convolutional(model) -> bool:
     return isinstance(model, torch.nn.Module) and any(p.dim() == 4 for p in model.parameters())
 
 
-def _evaluated(model, autocast: str | None, evaluation: dict):
-    """``model`` wrapped in ddrs_ext.Evaluated as chosen (channels-last weights converted in place)."""
+def _evaluated(model, autocast: str | None, evaluation: dict, note: Callable[[str], None]):
+    """``model`` wrapped in ddrs_ext.Evaluated as chosen (channels-last weights converted in place),
+    its fallbacks said by ``note``."""
     channels_last = evaluation["channels_last"]
     if isinstance(model, torch.nn.Module):
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
     compile = False if evaluation["compile"] == "off" else {"mode": evaluation["compile"]}
-    return Evaluated(model, autocast=dtype, channels_last=channels_last, compile=compile)
+    return Evaluated(model, autocast=dtype, channels_last=channels_last, compile=compile, notify=note)
 
 
 class Job:
@@ -150,7 +150,6 @@ class Job:
         self.evaluated = _evaluated_settings(args)
         rows = len(self.selected) * forward_rows_per_input(args)
         self.evaluation = evaluation_choice(args, rows, self.device, _convolutional(self.model))
-        self._notes_said = 0
         if self.evaluated or self.evaluation["compile"] != "off" or self.evaluation["channels_last"]:
             self._warm_up(args)
         self.settings = {
@@ -170,13 +169,6 @@ class Job:
         """``ddrs COMMAND: note: text`` on stderr (above a progress bar, if one is drawn)."""
         tqdm.write(f"ddrs {self.command}: note: {text}", file=sys.stderr)
 
-    def say_notes(self) -> None:
-        """Notes, one line each, what ddrs_ext.Evaluated noted since the last call (its fallbacks)."""
-        notes = self.model.notes if isinstance(self.model, Evaluated) else []
-        for text in notes[self._notes_said :]:
-            self.note(text)
-        self._notes_said = len(notes)
-
     def _warm_up(self, args: argparse.Namespace) -> None:
         """Wraps the model in ddrs_ext.Evaluated and runs one forward batch through it (noise-free
         copies of the first input), so that torch.compile compiles, and torch's refusals (to compile,
@@ -189,7 +181,7 @@ class Job:
             why = f", {evaluation['forward_rows']:,} forward rows" if evaluation["auto"] else ""
             cl = " and channels-last" if evaluation["channels_last"] and evaluation["auto"] else ""
             self.note(f"compiling the model (torch.compile, mode {evaluation['compile']}{cl}{why})")
-        self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation)
+        self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation, self.note)
         try:
             self._forward(x)
         except Exception as exc:
@@ -211,17 +203,15 @@ class Job:
                 f"the model fails with channels-last weights and inputs ({message(exc)[:200]}); it is "
                 "evaluated in the contiguous format"
             )
-            self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation)
+            self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation, self.note)
             self._forward(x)
-        self.say_notes()
         if self.model.autocast is None and "autocast" in self.evaluated:
             del self.evaluated["autocast"]  # torch refused it: the model is certified in its own precision
         if self.model.compile_options is None and evaluation["compile"] != "off":
             self.evaluation = {**evaluation, "compile": "off", "fallback": self.model.notes[-1]}
 
     def _forward(self, x: torch.Tensor) -> None:
-        with torch.inference_mode(), evaluating(self.model), warnings.catch_warnings():
-            warnings.simplefilter("ignore", EvaluationWarning)  # noted by say_notes, one line each
+        with torch.inference_mode(), evaluating(self.model):
             self.model(x)
 
     def _probe(self) -> int:
@@ -299,15 +289,7 @@ def run_chunks(
     if rank == 0:
         _report_start(args, out, total, already, left)
     if remaining:
-
-        def noted(index: torch.Tensor) -> list[dict]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EvaluationWarning)  # noted, one line each
-                rows = work(index)
-            job.say_notes()
-            return rows
-
-        _chunk_loop(args, out, remaining, rows_per_input, noted, progress=rank == 0)
+        _chunk_loop(args, out, remaining, rows_per_input, work, progress=rank == 0)
     if is_sharded(out):
         out.finish()
 

@@ -95,7 +95,8 @@ class Evaluated(torch.nn.Module):
     Where torch cannot compile the model or autocast on the inputs' device, the model is evaluated
     without it and an :class:`EvaluationWarning` says so (see the module's documentation); the
     attributes ``autocast`` and ``compile_options`` then say what is evaluated, and ``notes``
-    lists the warnings' messages.
+    lists the warnings' messages. ``notify``: a function that receives each such message instead
+    (an application's logger), in place of the warning.
 
     The wrapped model is a submodule, so eval/train modes, ``.to()``, ``parameters()`` and
     ``state_dict()`` reach it; the sampling entry points evaluate it in eval mode as they do any module.
@@ -108,6 +109,7 @@ class Evaluated(torch.nn.Module):
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
         if not callable(model):
@@ -118,6 +120,8 @@ class Evaluated(torch.nn.Module):
             raise TypeError(f"channels_last must be a bool, got {channels_last!r}")
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+        if notify is not None and not callable(notify):
+            raise TypeError(f"notify must be None or a function of one string, got {notify!r}")
         self.model = model
         self.autocast = autocast
         self.channels_last = channels_last
@@ -125,6 +129,7 @@ class Evaluated(torch.nn.Module):
             None if compile is False else {} if compile is True else dict(compile)
         )
         self.notes: list[str] = []
+        self.notify = notify
         # not registered submodules: they wrap the same model, whose state must appear once
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_checked_devices", set())
@@ -134,7 +139,10 @@ class Evaluated(torch.nn.Module):
 
     def _warn(self, text: str) -> None:
         self.notes.append(text)
-        warnings.warn(text, EvaluationWarning, stacklevel=4)
+        if self.notify is not None:
+            self.notify(text)
+        else:
+            warnings.warn(text, EvaluationWarning, stacklevel=4)
 
     def _check_autocast(self, device_type: str) -> None:
         """Once per device type: can torch autocast to ``self.autocast`` there? Falls back if not."""

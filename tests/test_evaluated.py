@@ -257,3 +257,21 @@ def test_smooth_bad_evaluation_options():
         ddrs_ext.Smooth(_cnn(), 4, 0.25, autocast=torch.float64)
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         ddrs_ext.Smooth(_cnn(), 4, 0.25, compile="yes")
+
+
+def test_notify_takes_the_notes_instead_of_warnings(monkeypatch):
+    def broken(model, **options):
+        def call(x):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    said: list[str] = []
+    wrapped = Evaluated(_cnn(), compile=True, notify=said.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        wrapped(_inputs())
+    assert len(said) == 1 and said == wrapped.notes and said[0].startswith("torch.compile could not compile")
+    with pytest.raises(TypeError, match="notify must be None or a function of one string"):
+        Evaluated(_cnn(), notify="print")
