@@ -165,6 +165,13 @@ class Job:
             self.settings["evaluated"] = self.evaluated
         self.settings["evaluation"] = self.evaluation
 
+    def evaluate(self, model):
+        """Another model of the run (a selector, an expert) evaluated as ``self.model`` is (the
+        resolved --autocast, --compile and channels-last; compiled at its first call)."""
+        if not isinstance(self.model, Evaluated):
+            return model
+        return _evaluated(model, self.evaluated.get("autocast"), self.evaluation, self.note)
+
     def note(self, text: str) -> None:
         """``ddrs COMMAND: note: text`` on stderr (above a progress bar, if one is drawn)."""
         tqdm.write(f"ddrs {self.command}: note: {text}", file=sys.stderr)

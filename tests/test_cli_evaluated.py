@@ -313,3 +313,25 @@ def test_train_compiles_on_request_and_saves_contiguous_weights(capsys, compiled
         # channels-last convolutions round differently (and Adam magnifies the rounding in the bias
         # before BatchNorm, whose gradient is nil): the same training, up to rounding, in function
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=1e-2)
+
+
+def test_dual_certification_evaluates_the_selector_as_the_model(capsys, common, compiled, tmp_path):
+    path = Path(common[2].rpartition(":")[0])
+    path.write_text(
+        MODELS
+        + textwrap.dedent(
+            """
+
+            def selector():
+                torch.manual_seed(1)
+                return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+            """
+        )
+    )
+    dual = ["--sigma-levels", 0.25, 0.5, 1, "--selector", f"{path}:selector", "--selector-sigma", 0.5]
+    base = [a for a in common if a not in ("--sigma", 0.25)]
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    ok(capsys, *base, *SMALL, *dual, "--compile", "default", "--out", a)
+    assert compiled == [{"mode": "default"}, {"mode": "default"}]  # the model, then the selector
+    ok(capsys, *base, *SMALL, *dual, "--compile", "off", "--out", b)
+    assert repr(rows(a)) == repr(rows(b))  # sigma is nan where the selector abstained

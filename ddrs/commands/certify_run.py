@@ -146,11 +146,13 @@ class _Certifier:
                 f"{' '.join(f'{v:g}' for v in self.levels)}); for one input it returned {got}"
             )
         self._note_trained_levels(note)
+        self.selector = job.evaluate(self.selector)  # as the model is (compiled at its first call)
         experts = _expert_specs(args, K)
         self.model = job.model
         if len(experts) > 1:
             self.model = [job.model] + [
-                load_model(spec, checkpoint, job.device, note) for spec, checkpoint in experts[1:]
+                job.evaluate(load_model(spec, checkpoint, job.device, note))
+                for spec, checkpoint in experts[1:]
             ]
             self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
         self.alpha_selector = args.alpha / 2 if args.alpha_selector is None else args.alpha_selector
