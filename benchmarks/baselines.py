@@ -327,15 +327,14 @@ def plain_paper_sigma(
 def plain_memory_adjust(
     x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory-based certification (DESIGN.md section 2) over a stream of queries, one at a time.
+    """Memory-based certification (``CertificationMemory``'s rule) over a stream of queries, one at a time.
 
-    For each certified query: float64 L2 distances to every stored entry (``torch.cdist`` with
-    the direct, difference-based kernel, which also measured faster here than
-    ``vector_norm(stored - q, dim=1)``), ``gap = d - R`` with entries of its own class masked to
+    For each query, abstentions (-1, radius 0) included: float64 L2 distances to every stored entry
+    (``torch.cdist`` with the direct, difference-based kernel, which also measured faster here than
+    ``vector_norm(stored - q, dim=1)``), ``gap = d - R`` with entries of its own label masked to
     inf, ``argmin`` (first on ties); inside a ball the answer becomes ``(c_j, -gap)``, otherwise
-    the radius shrinks to ``min(R, gap)``; then the answer is stored. Abstentions (-1) pass
-    through and are not stored. Stored rows live in buffers allocated once for the whole stream, on
-    ``x``'s device; the answers are on the CPU.
+    the radius shrinks to ``min(R, gap)``; then the answer is stored. Stored rows live in buffers
+    allocated once for the whole stream, on ``x``'s device; the answers are on the CPU.
     """
     Q = x.shape[0]
     flat = x.reshape(Q, -1).to(torch.float64)
@@ -346,8 +345,6 @@ def plain_memory_adjust(
     n = 0
     for i in range(Q):
         c, r = int(prediction[i]), float(radius[i])
-        if c == -1:
-            continue
         if n:
             gap = torch.cdist(flat[i : i + 1], stored[:n], compute_mode="donot_use_mm_for_euclid_dist")[0]
             gap -= radii[:n]

@@ -11,6 +11,9 @@ changes within a second (a single-threaded randn here swings between 12 and
 22 ms). The memcpy reference does not: it is bound by memory, and the other
 buffers passing through the cache between its rounds would change its time.
 
+The uniform-noise op (``perturb_uniform_out``, the l1 certificate's noise) is measured the same way,
+beside ``torch.rand(out=)`` + one fused affine ``addcmul`` and the same memory references.
+
 Sizes (``SIZES``): on the CPU, 10 CIFAR-shaped inputs x 100 noise samples and 100 x 100 rows of
 10 logits; on a GPU those of the first GPU run (issue 12): 128 x 1000 CIFAR-shaped noisy copies
 (393 M elements, float32 and bfloat16) and 1.28 M rows of 10 float32 logits, the short ops
@@ -195,6 +198,106 @@ def test_noise_fill(benchmark, noise, sizes):
     fn = synced(noise.fill, noise.sync)
     out = benchmark.pedantic(fn, rounds=2 * sizes.noise_rounds, warmup_rounds=5, iterations=1)
     assert bool((out[:1] == 0.5).all())
+
+
+class PlainUniformNoise:
+    """``m`` copies ``x_b + theta_b * u``, ``u`` uniform on [-1, 1], the plain way into a reused buffer:
+    ``torch.rand(out=buf)`` then one fused ``addcmul`` of the affine map,
+    ``(x - theta) + (2 theta) * r``, over broadcast views (``x - theta`` and ``2 theta`` computed once)."""
+
+    def __init__(self, x: torch.Tensor, theta: torch.Tensor, m: int) -> None:
+        B = x.shape[0]
+        self.buf = torch.empty((B * m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.view = self.buf.view(B, m, *x.shape[1:])
+        t = theta.to(device=x.device, dtype=x.dtype).view(B, *([1] * x.dim()))
+        self.low = x.view(B, 1, *x.shape[1:]) - t
+        self.width = 2 * t
+
+    def __call__(self) -> torch.Tensor:
+        torch.rand(self.buf.shape, out=self.buf)
+        torch.addcmul(self.low, self.view, self.width, out=self.view)
+        return self.buf
+
+    def rand_only(self) -> torch.Tensor:
+        return torch.rand(self.buf.shape, out=self.buf)
+
+
+class UniformNoiseCase(NoiseCase):
+    """The noise benchmark's inputs and buffers, for uniform noise (the l1 certificate's)."""
+
+    def __init__(self, sizes: Sizes, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(sizes, device, dtype)
+        self.plain = PlainUniformNoise(self.x, self.sigma, self.m)
+
+    def ddrs(self) -> torch.Tensor:
+        ops.perturb_uniform_out(self.x, self.sigma, self.stream, SEED, 0, self.m, 0, self.out)
+        return self.out
+
+    def check(self, out: torch.Tensor) -> None:
+        """Shape, and (out - x) / theta uniform on [-1, 1]: inside it, mean 0 and variance 1/3 within 6
+        standard errors (one input's copies on a GPU)."""
+        assert out.shape == (self.B * self.m, *self.shape)
+        inputs = 1 if self.device.type == "cuda" else self.B
+        noisy = out[: inputs * self.m].view(inputs, self.m, -1).double()
+        u = (noisy - self.x[:inputs].double().view(inputs, 1, -1)) / self.sigma[:inputs].view(-1, 1, 1)
+        blur = 0.0 if out.dtype in (torch.float32, torch.float64) else 1e-2
+        assert bool((u.abs() <= 1 + 1e-5 + 4 * blur).all())
+        n = u.numel()
+        assert abs(float(u.mean())) < 6 * (1 / 3 / n) ** 0.5 + blur
+        assert abs(float(u.var()) - 1 / 3) < 6 * (4 / 45 / n) ** 0.5 + blur
+
+
+@pytest.fixture(scope="module")
+def uniform_noise(sizes, device, noise_dtype):
+    return UniformNoiseCase(sizes, device, noise_dtype)
+
+
+@pytest.mark.benchmark(group="noise")
+def test_noise_uniform_ddrs(benchmark, uniform_noise, sizes, request):
+    noise = uniform_noise
+    plain, rand = (
+        _name(request, "test_noise_uniform_plain"),
+        _name(request, "test_noise_uniform_plain_rand_only"),
+    )
+    reference = _name(request, "test_noise_fill" if noise.device.type == "cuda" else "test_noise_copy")
+    benchmark.extra_info.update(
+        label="ddrs_ext.ops.perturb_uniform_out (uniform noise, l1)" + _dtype_label(noise),
+        work=noise.work,
+        baseline=plain,
+        reference=reference,
+    )
+    # the memory reference runs on its own (test_noise_copy / test_noise_fill), as for the Gaussian op
+    others = {plain: noise.plain, rand: noise.plain.rand_only}
+    result = pedantic_interleaved(
+        benchmark, noise.ddrs, others, rounds=sizes.noise_rounds, warmup_rounds=2, sync=noise.sync
+    )
+    noise.check(result)
+
+
+@pytest.mark.benchmark(group="noise")
+def test_noise_uniform_plain(benchmark, uniform_noise, sizes):
+    noise = uniform_noise
+    label = "plain: rand(out=buf), addcmul(x - theta, buf, 2 theta, out=buf)" + _dtype_label(noise)
+    benchmark.extra_info.update(label=label, work=noise.work)
+    rounds = max(1, sizes.noise_rounds // 5)
+    noise.check(
+        benchmark.pedantic(synced(noise.plain, noise.sync), rounds=rounds, warmup_rounds=1, iterations=1)
+    )
+
+
+@pytest.mark.benchmark(group="noise")
+def test_noise_uniform_plain_rand_only(benchmark, uniform_noise, sizes, request):
+    noise = uniform_noise
+    benchmark.extra_info.update(
+        label="plain: rand(out=buf) alone, a bound on any plain version" + _dtype_label(noise),
+        work=noise.work,
+        baseline=_name(request, "test_noise_uniform_plain"),
+    )
+    rounds = max(1, sizes.noise_rounds // 5)
+    out = benchmark.pedantic(
+        synced(noise.plain.rand_only, noise.sync), rounds=rounds, warmup_rounds=1, iterations=1
+    )
+    assert out.shape == noise.out.shape
 
 
 class VotesCase:

@@ -17,55 +17,67 @@ struct RowPlan {
   int64_t samples_per_input;  // m
 };
 
+// How the noise ops name themselves and their scale argument in error messages.
+struct NoiseOpNames {
+  const char* op;       // "perturb_gaussian"
+  const char* op_out;   // "perturb_gaussian_out"
+  const char* scale;    // "sigma"
+};
+inline constexpr NoiseOpNames kGaussianNames{"perturb_gaussian", "perturb_gaussian_out", "sigma"};
+inline constexpr NoiseOpNames kUniformNames{"perturb_uniform", "perturb_uniform_out", "theta"};
+
 inline RowPlan check_perturb_args(const at::Tensor& x, const at::Tensor& sigma,
                                   const at::Tensor& stream, int64_t sample_offset,
                                   int64_t samples_per_input, int64_t row_start,
-                                  int64_t num_rows) {
+                                  int64_t num_rows, const NoiseOpNames& names = kGaussianNames) {
+  const char* op = names.op;
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "perturb_gaussian: x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "perturb_gaussian: x must have a batch dimension, got a 0-d tensor");
+                   op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
   const int64_t B = x.size(0);
   TORCH_CHECK_TYPE(at::isFloatingType(sigma.scalar_type()),
-                   "perturb_gaussian: sigma must be a floating-point tensor");
+                   op, ": ", names.scale, " must be a floating-point tensor");
   TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == B,
-                    "perturb_gaussian: sigma must have shape (", B, ",), got ", sigma.sizes());
+                    op, ": ", names.scale, " must have shape (", B, ",), got ", sigma.sizes());
   TORCH_CHECK_TYPE(stream.scalar_type() == at::kLong,
-                   "perturb_gaussian: stream must be an int64 tensor, got ", stream.scalar_type());
+                   op, ": stream must be an int64 tensor, got ", stream.scalar_type());
   TORCH_CHECK_VALUE(stream.dim() == 1 && stream.size(0) == B,
-                    "perturb_gaussian: stream must have shape (", B, ",), got ", stream.sizes());
+                    op, ": stream must have shape (", B, ",), got ", stream.sizes());
   TORCH_CHECK_VALUE(x.device() == sigma.device() && x.device() == stream.device(),
-                    "perturb_gaussian: x, sigma and stream must be on the same device");
-  TORCH_CHECK_VALUE(samples_per_input >= 1, "perturb_gaussian: samples_per_input must be >= 1, got ",
+                    op, ": x, ", names.scale, " and stream must be on the same device");
+  TORCH_CHECK_VALUE(samples_per_input >= 1, op, ": samples_per_input must be >= 1, got ",
                     samples_per_input);
-  TORCH_CHECK_VALUE(sample_offset >= 0, "perturb_gaussian: sample_offset must be >= 0, got ",
+  TORCH_CHECK_VALUE(sample_offset >= 0, op, ": sample_offset must be >= 0, got ",
                     sample_offset);
   TORCH_CHECK_VALUE(row_start >= 0 && num_rows >= 0,
-                    "perturb_gaussian: row_start and num_rows must be >= 0");
+                    op, ": row_start and num_rows must be >= 0");
   TORCH_CHECK_VALUE(B == 0 || samples_per_input <= (INT64_MAX / B),
-                    "perturb_gaussian: num_inputs * samples_per_input overflows int64");
+                    op, ": num_inputs * samples_per_input overflows int64");
   TORCH_CHECK_VALUE(row_start + num_rows <= B * samples_per_input,
-                    "perturb_gaussian: rows [", row_start, ", ", row_start + num_rows,
+                    op, ": rows [", row_start, ", ", row_start + num_rows,
                     ") lie outside the ", B * samples_per_input, " rows of ", B, " inputs x ",
                     samples_per_input, " samples");
   const int64_t D = x.numel() / (B == 0 ? 1 : B);
-  TORCH_CHECK_VALUE(D <= (int64_t{1} << 34), "perturb_gaussian: inputs may have at most 2^34 elements");
+  TORCH_CHECK_VALUE(D <= (int64_t{1} << 34), op, ": inputs may have at most 2^34 elements");
   return RowPlan{B, B == 0 ? 0 : D, samples_per_input};
 }
 
 inline void check_perturb_out(const at::Tensor& x, const at::Tensor& out,
-                              const std::optional<at::Tensor>& sq_norm, int64_t num_rows) {
-  TORCH_CHECK_VALUE(out.scalar_type() == x.scalar_type(), "perturb_gaussian_out: out must have x's dtype ",
+                              const std::optional<at::Tensor>& sq_norm, int64_t num_rows,
+                              const NoiseOpNames& names = kGaussianNames) {
+  const char* op = names.op_out;
+  TORCH_CHECK_VALUE(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ",
                     x.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.device() == x.device(), "perturb_gaussian_out: out must be on x's device");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "perturb_gaussian_out: out must be contiguous");
+  TORCH_CHECK_VALUE(out.device() == x.device(), op, ": out must be on x's device");
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
   TORCH_CHECK_VALUE(out.dim() == x.dim() && out.size(0) == num_rows &&
                         out.sizes().slice(1) == x.sizes().slice(1),
-                    "perturb_gaussian_out: out must have shape (num_rows, *x.shape[1:])");
+                    op, ": out must have shape (num_rows, *x.shape[1:])");
   if (sq_norm.has_value()) {
     TORCH_CHECK_VALUE(sq_norm->scalar_type() == at::kDouble && sq_norm->dim() == 1 &&
                           sq_norm->size(0) == num_rows && sq_norm->is_contiguous() &&
                           sq_norm->device() == x.device(),
-                      "perturb_gaussian_out: sq_norm must be a contiguous float64 tensor of shape (",
+                      op, ": sq_norm must be a contiguous float64 tensor of shape (",
                       num_rows, ",) on x's device");
   }
 }
@@ -147,7 +159,7 @@ inline void check_soft_votes_args(const at::Tensor& logits, const std::optional<
 
 inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top2, const at::Tensor& dtop2,
                                   const at::Tensor& bracket, const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
-                                  double sigma_min, double sigma_max, int64_t rule, double growth) {
+                                  double sigma_min, double sigma_max, int64_t rule, double growth, int64_t gap) {
   TORCH_CHECK_VALUE(sigma.scalar_type() == at::kDouble && sigma.dim() == 1,
                     "sigma_step: sigma must be a float64 tensor of shape (B,)");
   const int64_t B = sigma.size(0);
@@ -163,9 +175,13 @@ inline void check_sigma_step_args(const at::Tensor& sigma, const at::Tensor& top
                           beyond->device() == sigma.device(),
                       "sigma_step: beyond must be a bool tensor of shape (", B, ",) on sigma's device");
   }
-  TORCH_CHECK_VALUE(0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0,
-                    "sigma_step: the clip range must satisfy 0 < clip_lo < clip_hi < 1, got (", clip_lo, ", ",
-                    clip_hi, ")");
+  TORCH_CHECK_VALUE(gap == 0 || gap == 1, "sigma_step: gap must be 0 (probit, Gaussian) or 1 (linear, uniform), got ",
+                    gap);
+  // Phi^-1 needs the clip to stay inside (0, 1); the linear gap is finite on all of [0, 1].
+  TORCH_CHECK_VALUE(gap == 0 ? (0.0 < clip_lo && clip_lo < clip_hi && clip_hi < 1.0)
+                             : (0.0 <= clip_lo && clip_lo < clip_hi && clip_hi <= 1.0),
+                    "sigma_step: the clip range must satisfy 0 ", gap == 0 ? "<" : "<=", " clip_lo < clip_hi ",
+                    gap == 0 ? "<" : "<=", " 1, got (", clip_lo, ", ", clip_hi, ")");
   TORCH_CHECK_VALUE(0.0 < sigma_min && sigma_min <= sigma_max && std::isfinite(sigma_max),
                     "sigma_step: the sigma range must satisfy 0 < sigma_min <= sigma_max < inf");
   TORCH_CHECK_VALUE(rule == 0 || rule == 1, "sigma_step: rule must be 0 (ascent) or 1 (bisect), got ", rule);

@@ -32,6 +32,14 @@ TORCH_LIBRARY(ddrs_ext, m) {
   m.def(
       "perturb_gaussian_out(Tensor x, Tensor sigma, Tensor stream, int seed, int sample_offset, "
       "int samples_per_input, int row_start, Tensor(a!) out, Tensor(b!)? sq_norm) -> ()");
+  // The same with uniform noise: row g holds x[b] + theta[b] * u, u uniform on [-1, 1]^D drawn for
+  // (seed, stream[b], sample_offset + k) (csrc/uniform.h); the l1 certificate's noise.
+  m.def(
+      "perturb_uniform(Tensor x, Tensor theta, Tensor stream, int seed, int sample_offset, "
+      "int samples_per_input, int row_start, int num_rows) -> Tensor");
+  m.def(
+      "perturb_uniform_out(Tensor x, Tensor theta, Tensor stream, int seed, int sample_offset, "
+      "int samples_per_input, int row_start, Tensor(a!) out) -> ()");
   // Hard votes: counts[g // samples_per_input, argmax(logits[r])] += 1 for g = row_start + r.
   // Ties go to the lowest class; a NaN/Inf logit raises ValueError naming the input.
   // Raw Philox4x32-10 words for counters (N, 4) and the 64-bit key `seed`: the
@@ -52,9 +60,12 @@ TORCH_LIBRARY(ddrs_ext, m) {
   // surrogate radius, its derivative). rule 0: ascent with lr; rule 1: bisection with the
   // per-input bracket (B, 2), updated in place; beyond (B,) bool, optional, marks inputs whose
   // current sigma the bisection must treat as past the optimum whatever the gradient says.
+  // gap 0: the Gaussian surrogate sigma/2 (Phi^-1 E_A - Phi^-1 E_B); gap 1: uniform noise's
+  // theta (E_A - E_B), the l1 certificate's.
   m.def(
       "sigma_step(Tensor sigma, Tensor top2, Tensor dtop2, Tensor(a!) bracket, Tensor? beyond, float lr, "
-      "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth) -> (Tensor, Tensor, Tensor)");
+      "float clip_lo, float clip_hi, float sigma_min, float sigma_max, int rule, float growth, int gap=0) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace ddrs {
@@ -80,6 +91,20 @@ std::tuple<at::Tensor, at::Tensor> perturb_gaussian(const at::Tensor& x, const a
   return {out, sq};
 }
 
+at::Tensor perturb_uniform(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& stream, int64_t seed,
+                           int64_t sample_offset, int64_t samples_per_input, int64_t row_start, int64_t num_rows) {
+  check_perturb_args(x, theta, stream, sample_offset, samples_per_input, row_start, num_rows, kUniformNames);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = num_rows;
+  at::Tensor out = at::empty(shape, x.options());
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddrs_ext::perturb_uniform_out", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         int64_t, int64_t, const at::Tensor&)>();
+  op.call(x, theta, stream, seed, sample_offset, samples_per_input, row_start, out);
+  return out;
+}
+
 at::Tensor count_votes(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input, int64_t num_inputs) {
   TORCH_CHECK_VALUE(num_inputs >= 0, "count_votes: num_inputs must be >= 0");
   TORCH_CHECK_VALUE(logits.dim() == 2, "count_votes: logits must have shape (rows, num_classes), got ",
@@ -97,5 +122,6 @@ at::Tensor count_votes(const at::Tensor& logits, int64_t row_start, int64_t samp
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CompositeExplicitAutograd, m) {
   m.impl("perturb_gaussian", &ddrs::perturb_gaussian);
+  m.impl("perturb_uniform", &ddrs::perturb_uniform);
   m.impl("count_votes", &ddrs::count_votes);
 }

@@ -1,7 +1,8 @@
-// The data-dependent sigma step (DESIGN.md section 2, the paper's Algorithm 1),
+// The data-dependent sigma step (docs/mathematics.md, "Data-dependent sigma"; the paper's Algorithm 1),
 // shared by the CPU and CUDA kernels: the surrogate certified radius
-//     R(sigma) = sigma / 2 * (Phi^-1(clip E_A) - Phi^-1(clip E_B)),
-// its closed-form derivative in sigma and one update of sigma.
+//     R(sigma) = sigma / 2 * (Phi^-1(clip E_A) - Phi^-1(clip E_B))      (Gaussian noise, L2), or
+//     R(theta) = theta * (clip E_A - clip E_B)                          (uniform noise, L1),
+// its closed-form derivative in sigma (theta) and one update of sigma (theta).
 #pragma once
 
 #include <math.h>
@@ -63,9 +64,16 @@ enum class StepRule : int64_t {
   kBisect = 1,  // bracket the zero of dR/dsigma geometrically, then bisect it
 };
 
+// Which surrogate: the gap between the top two classes that the radius scales.
+enum class StepGap : int64_t {
+  kProbit = 0,  // sigma / 2 * (Phi^-1(E_A) - Phi^-1(E_B)): Gaussian noise's L2 radius
+  kLinear = 1,  // theta * (E_A - E_B): uniform noise's L1 radius (Yang et al. 2020)
+};
+
 struct SigmaStepParams {
   double lr, clip_lo, clip_hi, sigma_min, sigma_max, growth;
   StepRule rule;
+  StepGap gap = StepGap::kProbit;
 };
 
 struct SigmaStepOut {
@@ -82,15 +90,24 @@ DDRS_HD double clamp_to(double v, double lo, double hi) { return v < lo ? lo : (
 // sigma as above the optimum whatever the gradient) as an outside verdict.
 DDRS_HD SigmaStepOut sigma_step(double sigma, double e_a, double e_b, double de_a, double de_b,
                                 const SigmaStepParams& p, double* bracket, bool beyond = false) {
-  const double qa = normal_icdf(clamp_to(e_a, p.clip_lo, p.clip_hi));
-  const double qb = normal_icdf(clamp_to(e_b, p.clip_lo, p.clip_hi));
+  const double ca = clamp_to(e_a, p.clip_lo, p.clip_hi);
+  const double cb = clamp_to(e_b, p.clip_lo, p.clip_hi);
   const bool free_a = e_a >= p.clip_lo && e_a <= p.clip_hi;
   const bool free_b = e_b >= p.clip_lo && e_b <= p.clip_hi;
-  const double slope_a = free_a ? de_a / normal_pdf(qa) : 0.0;
-  const double slope_b = free_b ? de_b / normal_pdf(qb) : 0.0;
   SigmaStepOut out;
-  out.radius = 0.5 * sigma * (qa - qb);
-  out.grad = 0.5 * (qa - qb) + 0.5 * sigma * (slope_a - slope_b);
+  if (p.gap == StepGap::kLinear) {
+    const double slope_a = free_a ? de_a : 0.0;
+    const double slope_b = free_b ? de_b : 0.0;
+    out.radius = sigma * (ca - cb);
+    out.grad = (ca - cb) + sigma * (slope_a - slope_b);
+  } else {
+    const double qa = normal_icdf(ca);
+    const double qb = normal_icdf(cb);
+    const double slope_a = free_a ? de_a / normal_pdf(qa) : 0.0;
+    const double slope_b = free_b ? de_b / normal_pdf(qb) : 0.0;
+    out.radius = 0.5 * sigma * (qa - qb);
+    out.grad = 0.5 * (qa - qb) + 0.5 * sigma * (slope_a - slope_b);
+  }
   double next;
   if (p.rule == StepRule::kAscent) {
     next = sigma + p.lr * out.grad;

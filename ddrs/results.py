@@ -45,6 +45,10 @@ SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
 # same function, logits equal up to rounding, like a change of --batch-size or threads): not
 # compared on a resume, so that files written before they existed resume, and a resume may change them.
 DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
+# Settings that qualify another one (key -> the setting it qualifies): a difference in them is not
+# listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
+# was off then and is on now), so the message names what the user changed.
+QUALIFYING_SETTINGS = {"memory_rule": "memory"}
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
@@ -287,6 +291,7 @@ class ResultFile:
                 changed = sorted(
                     k for k in keys if _compared(k, before.get(k)) != _compared(k, settings.get(k))
                 )
+                changed = [k for k in changed if QUALIFYING_SETTINGS.get(k) not in changed]
                 if changed:
                     what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
                     raise ResultFileError(

@@ -19,7 +19,9 @@ from ddrs_ext._validate import (
     check_sigma,
     evaluating,
 )
+from ddrs_ext.noise import Noise, resolve_noise, scale_name
 
+#: The class returned where the smoothed classifier abstains (no certificate; radius 0).
 ABSTAIN = -1
 
 
@@ -28,13 +30,24 @@ class CertifyResult:
     """Per-input certification results (all tensors on the CPU).
 
     prediction: (B,) int64, the certified class or ``ABSTAIN`` (-1).
-    radius: (B,) float64, the certified L2 radius (0 when abstaining).
+    radius: (B,) float64, the certified radius in the norm ``norm`` (0 when abstaining).
     p_lower: (B,) float64, the (1 - alpha) lower confidence bound on the top class's probability.
     counts: (B, C) int64, the estimation-phase vote counts.
-    sigma: (B,) float64, the noise level each input was certified with.
+    sigma: (B,) float64, the noise level each input was certified with (Gaussian noise's sigma, or
+        uniform noise's half-width theta).
     seed: the seed that generated the noise (pass it back to reproduce the run).
     samples: (B,) int64, model evaluations spent on each input (selection included);
-        ``n0 + n`` for :func:`certify`, fewer for sequential certification that stops early.
+        ``n0 + n`` for :func:`certify` (``n`` with ``labels``), fewer for sequential certification
+        that stops early.
+    norm: the norm ``radius`` is in: ``"l2"`` (Gaussian noise) or ``"l1"`` (uniform noise).
+    bound_alpha: (B,) float64, the Clopper-Pearson level at which ``p_lower`` was computed from
+        ``counts`` (the votes for the certified class among ``counts.sum(1)`` samples): ``alpha`` for
+        :func:`certify`, the stopping round's share of ``alpha`` for
+        :func:`ddrs_ext.certify_sequential`. Clopper-Pearson recomputed from ``counts`` is a valid
+        bound at this level only. None where not recorded.
+    labels: (B,) int64, the true labels of an evaluation run (``labels=...``): ``prediction`` is then
+        the label or ``ABSTAIN``, never another class, and certifies "correct within radius"; None
+        when ``prediction`` is the smoothed classifier's own class.
     """
 
     prediction: torch.Tensor
@@ -44,6 +57,9 @@ class CertifyResult:
     sigma: torch.Tensor
     seed: int
     samples: torch.Tensor | None = None
+    norm: str = "l2"
+    bound_alpha: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 def plan_chunks(num_inputs: int, samples: Sequence[int], batch_size: int):
@@ -80,6 +96,8 @@ class VoteSampler:
     The copies of all inputs and phases form one virtual batch that is cut into
     chunks of ``batch_size`` rows; a chunk may hold the end of one input's
     samples and the start of the next. One input buffer is reused for every chunk.
+    ``noise`` is the family (``"gaussian"``: ``sigma`` is its standard deviation; ``"uniform"``:
+    ``sigma`` is the half-width theta of the cube).
     """
 
     def __init__(
@@ -91,8 +109,10 @@ class VoteSampler:
         seed: int,
         batch_size: int,
         num_classes: int | None,
+        noise: str | Noise = "gaussian",
     ) -> None:
         self.model, self.x, self.sigma, self.stream, self.seed = model, x, sigma, stream, seed
+        self.noise = resolve_noise(noise)
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.max_classes: int | None = None  # Smooth: num_classes may exceed the model's outputs
@@ -122,7 +142,7 @@ class VoteSampler:
         rows_max = max(rows for rows, _ in chunks)
         if self._buffer is None or self._buffer.shape[0] < rows_max:
             self._buffer = torch.empty((rows_max, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        perturb, vote = torch.ops.ddrs_ext.perturb_gaussian_out, torch.ops.ddrs_ext.count_votes_
+        perturb, vote = self.noise.perturb_out, torch.ops.ddrs_ext.count_votes_
         seed = ops.as_signed64(self.seed)
         with torch.inference_mode(), evaluating(self.model):
             for rows, segments in chunks:
@@ -130,7 +150,7 @@ class VoteSampler:
                 for k, row0, seg, off in segments:
                     phase = phases[k]
                     out = batch if seg == rows else batch[off : off + seg]
-                    perturb(x, sigma, stream, seed, phase.sample_offset, phase.samples, row0, out, None)
+                    perturb(x, sigma, stream, seed, phase.sample_offset, phase.samples, row0, out)
                 logits = self._check_logits(self.model(batch), rows)
                 for k, row0, seg, off in segments:
                     if results[k] is None:
@@ -166,10 +186,39 @@ def check_sampling_args(model, x, sigma, batch_size, seed, index, sigma_name: st
     return x, sigma, batch_size, seed, stream
 
 
-def _prepare(model, x, sigma, batch_size, num_classes, seed, index):
-    x, sigma, batch_size, seed, stream = check_sampling_args(model, x, sigma, batch_size, seed, index)
+def check_labels(labels, num_inputs: int, num_classes: int | None) -> torch.Tensor:
+    """True labels for evaluation mode: (B,) int64 on the CPU, each in [0, num_classes) when known."""
+    if isinstance(labels, bool):
+        raise TypeError("labels must be a sequence of class indices, one per input, got a bool")
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"labels must be a sequence of class indices, one per input, got {type(labels).__name__}"
+        ) from None
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"labels must hold integer class indices, got dtype {y.dtype}")
+    if y.dim() > 1:
+        raise ValueError(
+            f"labels must be 1-d, one entry per input ({num_inputs}), got shape {tuple(y.shape)}"
+        )
+    y = y.detach().to(device="cpu", dtype=torch.int64).reshape(-1)
+    if y.shape[0] != num_inputs:
+        raise ValueError(f"labels must have one entry per input ({num_inputs}), got {y.shape[0]}")
+    if num_inputs and int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+    if num_inputs and num_classes is not None and int(y.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, num_classes = {num_classes}), got {int(y.max())}")
+    return y
+
+
+def _prepare(model, x, sigma, batch_size, num_classes, seed, index, noise="gaussian"):
+    noise = resolve_noise(noise)
+    x, sigma, batch_size, seed, stream = check_sampling_args(
+        model, x, sigma, batch_size, seed, index, scale_name(noise)
+    )
     num_classes = check_num_classes(num_classes)
-    return VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes), seed
+    return VoteSampler(model, x, sigma, stream, seed, batch_size, num_classes, noise), seed
 
 
 def certify(
@@ -184,8 +233,11 @@ def certify(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str = "gaussian",
+    labels: torch.Tensor | Sequence[int] | None = None,
 ) -> CertifyResult:
-    """Certifies every input of ``x`` (shape ``(B, ...)``) under Gaussian noise of its own ``sigma``.
+    """Certifies every input of ``x`` (shape ``(B, ...)``) under Gaussian noise of its own ``sigma``
+    (or, with ``noise="uniform"``, uniform noise on a cube of half-width ``sigma``).
 
     For each input: the class with most votes among ``n0`` noisy copies is the
     candidate; ``n`` fresh copies bound its probability from below at confidence
@@ -197,22 +249,49 @@ def certify(
     ``batch_size`` or threads. An ``nn.Module`` (or a bound method of one) is evaluated in eval
     mode, as ``core.Smooth`` does, and every submodule's mode is restored afterwards; a plain
     function is called as it is.
+
+    ``labels`` (evaluation mode): one true label per input. Certified accuracy only asks whether the
+    smoothed classifier returns the label within r, so selection is skipped (``n0`` is not used, and
+    ``samples`` is ``n``) and the ``n`` samples bound the LABEL's probability: ``prediction`` is the
+    label or ``ABSTAIN`` (never another class; the result's ``labels`` is set), a sound certificate
+    that the smoothed classifier returns the label everywhere within ``radius``. An input
+    misclassified by the smoothed classifier abstains. Use it to evaluate a labelled test set.
+
+    ``noise="uniform"`` certifies L1 radii: each noisy copy is ``x + sigma * u`` with ``u`` uniform on
+    ``[-1, 1]^D`` (``sigma`` is then the cube's half-width theta), and the radius is
+    ``sigma * (2 p_lower - 1)`` (Yang et al. 2020); ``result.norm`` says ``"l1"``. Everything else,
+    abstention below 1/2 included, is as above.
     """
     n0 = check_count(n0, "n0")
     n = check_count(n, "n")
     alpha = check_alpha(alpha)
-    sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
-    return certify_with(sampler, seed, n0, n, alpha)
+    sampler, seed = _prepare(model, x, sigma, batch_size, num_classes, seed, index, noise)
+    if labels is not None:
+        labels = check_labels(labels, sampler.x.shape[0], sampler.num_classes)
+    return certify_with(sampler, seed, n0, n, alpha, labels=labels)
 
 
-def certify_with(sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float) -> CertifyResult:
-    """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked)."""
-    select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
-    guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
+def certify_with(
+    sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float, labels: torch.Tensor | None = None
+) -> CertifyResult:
+    """CERTIFY's selection, estimation and statistics over a prepared sampler (arguments checked); with
+    ``labels``, no selection: the estimation bounds each label's probability."""
+    if labels is None:
+        select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
+        guess = select.argmax(dim=1) if select.shape[1] else torch.zeros(0, dtype=torch.int64)
+        spent = n0 + n
+    else:
+        (estimate,) = sampler.counts([_Phase(rng.PHASE_ESTIMATION, n)])
+        if labels.numel() and int(labels.max()) >= estimate.shape[1]:
+            raise ValueError(
+                f"labels must lie in [0, {estimate.shape[1]}) (the model returned {estimate.shape[1]} "
+                f"classes), got {int(labels.max())}"
+            )
+        guess, spent = labels, n
     n_a = estimate.gather(1, guess[:, None])[:, 0].numpy() if estimate.shape[0] else np.zeros(0)
     p_lower = stats.clopper_pearson_lower(n_a, n, alpha)
     sig = sampler.sigma.cpu().numpy()
-    radius = stats.certified_radius(p_lower, sig)
+    radius = sampler.noise.radius(p_lower, sig)
     certified = p_lower >= 0.5
     prediction = torch.where(torch.from_numpy(certified), guess, torch.full_like(guess, ABSTAIN))
     return CertifyResult(
@@ -222,7 +301,10 @@ def certify_with(sampler: VoteSampler, seed: int, n0: int, n: int, alpha: float)
         counts=estimate,
         sigma=torch.from_numpy(sig),
         seed=seed,
-        samples=torch.full((len(sig),), n0 + n, dtype=torch.int64),
+        samples=torch.full((len(sig),), spent, dtype=torch.int64),
+        norm=sampler.noise.norm,
+        bound_alpha=torch.full((len(sig),), alpha, dtype=torch.float64),
+        labels=labels,
     )
 
 
@@ -237,16 +319,18 @@ def predict(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """The smoothed classifier's prediction per input, or ``ABSTAIN`` (-1).
 
     Counts votes over ``n`` noisy copies and abstains unless a two-sided binomial
     test rejects, at level ``alpha``, that the top two classes are equally likely;
-    the returned class is then wrong with probability at most ``alpha``.
+    the returned class is then wrong with probability at most ``alpha``. ``noise`` as for
+    :func:`certify` (the smoothed classifier of Gaussian or of uniform noise).
     """
     n = check_count(n, "n")
     alpha = check_alpha(alpha)
-    sampler, _ = _prepare(model, x, sigma, batch_size, num_classes, seed, index)
+    sampler, _ = _prepare(model, x, sigma, batch_size, num_classes, seed, index, noise)
     (counts,) = sampler.counts([_Phase(rng.PHASE_PREDICT, n)])
     return predict_from_counts(counts, alpha)
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ddrs_ext import rng
-from ddrs_ext._validate import check_alpha, check_count, check_inputs, check_model
-from ddrs_ext.certification import ABSTAIN, CertifyResult, certify
+from ddrs_ext._validate import check_alpha, check_count, check_inputs, check_model, check_num_classes
+from ddrs_ext.certification import ABSTAIN, CertifyResult, VoteSampler, _Phase, certify, check_sampling_args
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -136,6 +136,9 @@ def certify_dual(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    sequential: bool = False,
+    radius: float | Sequence[float] | torch.Tensor | None = None,
+    tolerance: float | None = None,
 ) -> DualCertifyResult:
     """Certifies every input of ``x`` with a sigma chosen by a certified, smoothed selector.
 
@@ -151,6 +154,17 @@ def certify_dual(
     ``seed`` and ``index`` determine all noise, as for :func:`ddrs_ext.certify`: the classifier's
     counts for an input equal ``certify(model_k, x, sigma_k, seed=seed, index=...)``'s, and nothing
     depends on ``batch_size``, on the other inputs or on their order.
+
+    ``sequential=True``: both stages stop early, as :func:`ddrs_ext.certify_sequential` does, with
+    ``selector_n`` and ``n`` as their most estimation samples and ``radius`` / ``tolerance`` the radii
+    of interest as there (absolute radii; in the open-ended mode, multiples of ``tolerance`` times the
+    sigma of the level the selector's selection samples pick). The rounds of the two stages run side
+    by side, and a stage stops once more of its samples cannot change the combined answer
+    ``min(R_sigma, R_c)`` at any radius of interest: no radius of interest lies between what the stage
+    has certified and the smaller of the most it and the other stage can still reach. The classifier
+    starts once the selector has certified its level (so a selector that abstains costs no classifier
+    samples, as without ``sequential``) and only if a radius of interest is within the selector's
+    reach. Each stage spends its own share of ``alpha`` over its rounds, so the guarantee is the same.
     """
     levels = check_sigma_levels(sigma_levels)
     K = levels.numel()
@@ -171,9 +185,39 @@ def certify_dual(
     n0, n = check_count(n0, "n0"), check_count(n, "n")
     selector_n0 = n0 if selector_n0 is None else check_count(selector_n0, "selector_n0")
     selector_n = n if selector_n is None else check_count(selector_n, "selector_n")
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be True or False, got {sequential!r}")
+    if not sequential and (radius is not None or tolerance is not None):
+        raise ValueError(
+            "radius and tolerance set the radii of interest of sequential=True; pass sequential=True"
+        )
     seed = rng.resolve_seed(seed)
     B = x.shape[0]
     stream = rng.resolve_streams(index, B, torch.device("cpu"))
+    if sequential:
+        from ddrs_ext import sequential as seq
+
+        radii = seq._check_radius(radius)
+        tolerance = seq._check_tolerance(tolerance, radii)
+        return _certify_dual_sequential(
+            experts,
+            selector,
+            x,
+            levels,
+            selector_sigma=selector_sigma,
+            n0=n0,
+            n=n,
+            selector_n0=selector_n0,
+            selector_n=selector_n,
+            alpha_selector=alpha_selector,
+            alpha_classifier=alpha_classifier,
+            batch_size=batch_size,
+            num_classes=check_num_classes(num_classes),
+            seed=seed,
+            stream=stream,
+            radii=radii,
+            tolerance=tolerance,
+        )
 
     try:
         chosen = certify(
@@ -259,6 +303,137 @@ def certify_dual(
         classifier=classifier,
         seed=seed,
         samples=chosen.samples + samples_c,
+    )
+
+
+def _certify_dual_sequential(
+    experts: list[Model],
+    selector: Model,
+    x: torch.Tensor,
+    levels: torch.Tensor,
+    *,
+    selector_sigma: float,
+    n0: int,
+    n: int,
+    selector_n0: int,
+    selector_n: int,
+    alpha_selector: float,
+    alpha_classifier: float,
+    batch_size: int,
+    num_classes: int | None,
+    seed: int,
+    stream: torch.Tensor,
+    radii: np.ndarray | None,
+    tolerance: float,
+) -> DualCertifyResult:
+    """certify_dual(sequential=True): the two stages' rounds side by side (see certify_dual)."""
+    from scipy.stats import norm
+
+    from ddrs_ext.sequential import Interest, SequentialStage, unsettled
+
+    K, B = levels.numel(), x.shape[0]
+    x, sel_sigma, batch_size, sel_seed, sel_stream = check_sampling_args(
+        selector, x, selector_sigma, batch_size, selector_seed(seed), stream, sigma_name="selector_sigma"
+    )
+    all_rows = np.arange(B)
+    sel_sampler = VoteSampler(selector, x, sel_sigma, sel_stream, sel_seed, batch_size, K)
+    try:
+        if B:
+            (chosen,) = sel_sampler.counts([_Phase(rng.PHASE_SELECTION, selector_n0)])
+        guess = chosen.argmax(dim=1).numpy() if B else np.zeros(0, dtype=np.int64)
+    except ValueError as exc:
+        if "num_classes is" in str(exc):
+            raise ValueError(
+                f"the selector must return one logit per sigma level ({K} levels); {exc}"
+            ) from None
+        raise
+    sigma_k = levels.numpy()[guess]
+    z_max = float(norm.ppf(alpha_classifier ** (1 / n)))
+    interest = Interest.make(radii, tolerance, sigma_k, z_max)
+    sel = SequentialStage(
+        [(sel_sampler, all_rows)],
+        np.full(B, float(selector_sigma)),
+        selector_n,
+        alpha_selector,
+        interest,
+        n0=selector_n0,
+        classes=guess.astype(np.int64),
+        num_classes=K,
+    )
+    single = len({id(e) for e in experts}) == 1
+    groups = []
+    for k in [0] if single else range(K):
+        rows = all_rows if single else np.flatnonzero(guess == k)
+        if rows.size:
+            where = torch.from_numpy(rows).to(x.device)
+            sampler = VoteSampler(
+                experts[k],
+                x[where],
+                torch.from_numpy(sigma_k[rows]).to(x.device),
+                sel_stream[where],
+                seed,
+                batch_size,
+                num_classes,
+            )
+            groups.append((sampler, rows))
+    cls = SequentialStage(groups, sigma_k, n, alpha_classifier, interest, n0=n0, num_classes=num_classes)
+
+    sel.start(all_rows)
+    while True:
+        # the classifier starts once the selector has certified its level (radius >= 0) and some radius of
+        # interest is within the selector's reach: a selector that abstains costs no classifier samples
+        waiting = (cls.round < 0) & (sel.have() >= 0)
+        if interest.every:
+            waiting &= sel.reach >= 0
+        else:
+            waiting &= (interest.radii <= sel.reach[:, None]).any(axis=1)
+        cls.start(np.flatnonzero(waiting))
+        # the combined radius is min(R_sigma, R_c): a stage needs only the radii the other can still reach
+        started = cls.round >= 0
+        s_rows, c_rows = np.flatnonzero(sel.active), np.flatnonzero(cls.active & started)
+        if s_rows.size == 0 and c_rows.size == 0:
+            break
+        other = np.where(started, cls.reach, np.inf)[s_rows]
+        s_go = unsettled(
+            sel.have(s_rows), np.minimum(sel.reach[s_rows], other), interest.radii[s_rows], interest.every
+        )
+        c_go = unsettled(
+            cls.have(c_rows),
+            np.minimum(cls.reach[c_rows], sel.reach[c_rows]),
+            interest.radii[c_rows],
+            interest.every,
+        )
+        sel.stop(s_rows[~s_go])
+        cls.stop(c_rows[~c_go])
+        sel.advance(s_rows[s_go])
+        cls.advance(c_rows[c_go])
+
+    chosen_result = sel.result(sel_seed)
+    classifier = cls.result(seed)
+    started = cls.round >= 0
+    classifier.sigma = torch.from_numpy(np.where(started, sigma_k, math.nan))
+    level = chosen_result.prediction.clone()
+    picked = level != ABSTAIN
+    certified = picked & (classifier.prediction != ABSTAIN)
+    prediction = torch.where(certified, classifier.prediction, torch.full_like(level, ABSTAIN))
+    sigma = torch.full((B,), math.nan, dtype=torch.float64)
+    sigma[picked] = levels[level[picked]]
+    radius = torch.where(
+        certified, torch.minimum(chosen_result.radius, classifier.radius), torch.zeros(B, dtype=torch.float64)
+    )
+    return DualCertifyResult(
+        prediction=prediction,
+        radius=radius,
+        level=level,
+        sigma=sigma,
+        radius_selector=chosen_result.radius,
+        radius_classifier=classifier.radius,
+        alpha_selector=alpha_selector,
+        alpha_classifier=alpha_classifier,
+        selector=chosen_result,
+        classifier=classifier,
+        seed=seed,
+        samples=chosen_result.samples + classifier.samples,
     )
 
 

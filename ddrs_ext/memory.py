@@ -2,14 +2,26 @@
 
 With a sigma chosen per input, each certificate is valid for the smoothed classifier *at that
 sigma*, and two inputs certified at different sigmas can claim overlapping balls for different
-classes. Alfarra et al. (UAI 2022) restore soundness by remembering the certified inputs and
-adjusting every new answer so that no two remembered balls of different classes overlap
-(DESIGN.md section 2).
+classes. Alfarra et al. (UAI 2022) restore soundness by remembering the answers given and
+adjusting every new answer so that it agrees with them.
 
-All decisions go through ``gap_j = d_j - R_j`` over the earlier entries ``j`` whose class differs
-from the query's, ``d_j = ||x - x_j||_2`` in float64: with ``m = min_j gap_j`` (first ``j`` on
-ties), ``m < 0`` means ``x`` lies inside ``j``'s ball (the most negative gap is the deepest
-ball) and the answer becomes ``(c_j, -m)``; otherwise the radius becomes ``min(R, m)``.
+The rule. Every answer is a label ``c`` (a class, or ``ABSTAIN`` treated as a label of its own)
+with a radius ``R`` (0 for ``ABSTAIN``) in the memory's norm: L2 for the certificates of Gaussian
+noise, L1 for those of uniform noise. A query ``(x, c, R)`` is compared with the stored entries
+``j`` whose label differs from ``c``, through ``gap_j = d_j - R_j`` with ``d_j = ||x - x_j||`` in
+float64. With ``m = min_j gap_j`` (the first ``j`` on ties):
+
+- ``m < 0``: ``x`` lies inside ``j``'s ball (the most negative gap is the deepest ball) and the
+  answer becomes ``(c_j, -m) = (c_j, R_j - d_j)``, whether the query certified another class or
+  abstained;
+- otherwise the answer is ``(c, min(R, m))``; an abstention stays ``(ABSTAIN, 0)``.
+
+Every answer is stored, abstentions too (as balls of radius 0). By induction no two stored
+entries of different labels overlap, ``d_ij >= R_i + R_j`` (the triangle inequality holds in
+either norm): an answer taken from a ball lies inside that ball, and a shrunk radius stops at
+every other ball. So the open balls of the answers never contradict each other, no answered point
+lies inside the ball of another label, and all answers are those of one classifier: the stored
+ball's label inside each ball.
 """
 
 from __future__ import annotations
@@ -29,7 +41,11 @@ from ddrs_ext.certification import ABSTAIN, CertifyResult
 __all__ = ["CertificationMemory"]
 
 _FORMAT = "ddrs_ext.CertificationMemory"
-_VERSION = 1
+# Version 2: abstentions are stored (label ABSTAIN, radius 0) and an abstaining query inside a
+# stored ball takes that ball's class; the state names its norm. Version 1 (abstentions passed
+# through, never stored; L2 only) is refused.
+_VERSION = 2
+_NORMS = {"l2": 2.0, "l1": 1.0}  # the norms a memory can hold, and their cdist p
 _MIN_CAPACITY = 16
 # Queries handled together: their (Q, Q) distances are computed on the memory's device.
 _QUERY_BLOCK = 1024
@@ -52,9 +68,13 @@ def _flat64(x: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1) if x.dim() > 1 else x[:, None]).to(torch.float64)
 
 
-def _pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """L2 distances (len(a), len(b)) between rows of two float64 matrices."""
-    return torch.cdist(a, b, compute_mode=_DIRECT)
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """L2 (or, with ``p=1``, L1) distances (len(a), len(b)) between rows of two float64 matrices.
+
+    cdist computes an L1 distance from the coordinate differences too, so it is as batch-independent."""
+    if p == 2.0:
+        return torch.cdist(a, b, compute_mode=_DIRECT)
+    return torch.cdist(a, b, p=p)
 
 
 def _slice_rows(flat: torch.Tensor) -> int:
@@ -72,7 +92,7 @@ def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
 
 
 def _earlier_pairs_within(
-    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor
+    flat: torch.Tensor, threshold: torch.Tensor, reach: torch.Tensor, p: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs (i, k), k < i, of rows of ``flat`` (Q, D) with ``d_ik - reach < threshold[i]``.
 
@@ -85,39 +105,60 @@ def _earlier_pairs_within(
     for start in range(0, q, step):
         stop = min(start + step, q)
         # Only the lower triangle is read below; the rest of the columns [start, stop) is skipped.
-        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop])
+        distance[start:, start:stop] = _pairwise_distances(flat[start:], flat[start:stop], p)
     near = ((distance - reach) < threshold[:, None]).tril_(-1)
     pairs = near.nonzero()
     return pairs, distance[pairs[:, 0], pairs[:, 1]]
 
 
 class CertificationMemory:
-    """Remembers certified inputs and makes later certificates consistent with them.
+    """Remembers the answers given and makes every later answer consistent with them.
 
-    Each stored entry is an input ``x_j`` with its certified class ``c_j`` and L2 radius
-    ``R_j``, in query order. ``adjust`` compares every new certified answer ``(x, c, R)`` with
-    the stored entries of other classes, at distances ``d_j = ||x - x_j||_2``:
+    Each stored entry is an input ``x_j`` with its label ``c_j`` (a class, or ``ABSTAIN``) and
+    radius ``R_j`` (0 for ``ABSTAIN``) in the memory's ``norm`` (L2 by default; L1 for the
+    certificates of uniform noise), in query order. ``adjust`` compares every new answer
+    ``(x, c, R)`` with the stored entries of *other* labels, at distances ``d_j = ||x - x_j||`` in
+    that norm:
 
     - if ``x`` lies inside such a ball (``d_j < R_j``), the answer becomes ``(c_j, R_j - d_j)``
-      for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry);
-    - otherwise the radius shrinks to ``min(R, min_j (d_j - R_j))``.
+      for the deepest such ball (largest ``R_j - d_j``; ties: the earliest entry). This holds for
+      an abstaining query too: inside a stored ball it takes that ball's class;
+    - otherwise the radius shrinks to ``min(R, min_j (d_j - R_j))``; an abstaining query there
+      (near a ball but not inside it, or on its boundary) stays ``(ABSTAIN, 0)``.
 
-    The adjusted answer is stored; abstentions (``ABSTAIN``) pass through unchanged and are
-    not stored. Hence no two stored balls of different classes overlap:
-    ``||x_i - x_j|| >= R_i + R_j`` whenever ``c_i != c_j``, up to the float64 rounding of
-    distances and differences: a relative shortfall of a few ulps (the tests allow ``1e-12``).
+    Every adjusted answer is stored, abstentions included, as entries of radius 0 whose label
+    ``ABSTAIN`` differs from every class: a later ball of a class then stops short of an
+    abstained input, as it stops short of every other answered input of another label. Hence no
+    two stored entries of different labels overlap: ``||x_i - x_j|| >= R_i + R_j`` whenever
+    ``c_i != c_j``, up to the float64 rounding of distances and differences (a relative
+    shortfall of a few ulps; the tests allow ``1e-12``). So every answer is a certificate of
+    one classifier, the one that gives each stored ball's label inside it: its ball never meets
+    the ball of another label, and no input that received an answer lies inside the ball of
+    another label.
 
     Distances are computed in float64 on the memory's device (a GPU too); per block of queries
     only their gaps to the stored entries, and the few pairs of queries near enough to change
     each other's answers, come to the CPU, where the block is walked in query order. The stored
     inputs keep their dtype (promoted, exactly, when inputs of a wider float dtype arrive).
 
+    The argument holds for any norm (it uses only the triangle inequality), so one memory serves L2
+    certificates (Gaussian noise) or L1 certificates (uniform noise, ``norm="l1"``), but never both:
+    :meth:`adjust_result` refuses a result of the other norm.
+
     Args:
         device: where stored inputs live and distances are computed; ``None`` takes the
             device of the first inputs. Later inputs are moved to it.
+        norm: ``"l2"`` (default) or ``"l1"``, the norm of the radii this memory holds.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, *, norm: str = "l2") -> None:
+        if norm not in _NORMS:
+            raise ValueError(
+                f"norm must be one of {tuple(_NORMS)} (l2: Gaussian noise's certificates, l1: uniform "
+                f"noise's), got {norm!r}"
+            )
+        self.norm = norm
+        self._p = _NORMS[norm]
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(
                 "device must be a torch.device, a string such as 'cpu' or 'cuda:0', or None, "
@@ -131,13 +172,13 @@ class CertificationMemory:
         self._size = 0
 
     def __len__(self) -> int:
-        """The number of stored (certified) entries."""
+        """The number of stored entries (every answer given, abstentions included)."""
         return self._size
 
     def __repr__(self) -> str:
         dtype = None if self._x is None else self._x.dtype
         return (
-            f"CertificationMemory({self._size} entries, input shape {self._shape}, "
+            f"CertificationMemory({self._size} entries, {self.norm} radii, input shape {self._shape}, "
             f"dtype {dtype}, device {self._device})"
         )
 
@@ -147,7 +188,8 @@ class CertificationMemory:
     def adjust(
         self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjusts a batch of certified answers against the memory and stores them.
+        """Adjusts a batch of answers against the memory (the rule in the class docstring) and
+        stores them, abstentions included.
 
         The ``B`` queries are processed in order: query ``i`` sees every entry stored before
         it, including those stored by queries ``< i`` of this call. Results equal those of
@@ -158,19 +200,18 @@ class CertificationMemory:
             x: ``(B, ...)`` floating-point inputs, all finite, with the per-input shape of the
                 inputs this memory has seen.
             prediction: ``(B,)`` integer certified classes, ``ABSTAIN`` (-1) for abstentions.
-            radius: ``(B,)`` certified L2 radii, finite and ``>= 0`` (0 where abstaining).
+            radius: ``(B,)`` certified radii in the memory's norm, finite and ``>= 0`` (0 where
+                abstaining).
 
         Returns:
             ``(prediction, radius)``: the adjusted ``(B,)`` int64 classes and ``(B,)`` float64
-            radii, on the CPU.
+            radii, on the CPU. An abstention comes back as ``(ABSTAIN, 0)`` unless its input lies
+            inside a stored ball of a class, whose class and remaining depth it then takes.
         """
         x, prediction, radius = self._check_queries(x, prediction, radius)
-        certified = (prediction != ABSTAIN).nonzero().flatten()
-        for start in range(0, certified.numel(), _QUERY_BLOCK):
-            rows = certified[start : start + _QUERY_BLOCK]
-            new_class, new_radius = self._adjust_block(x[rows.to(x.device)], prediction[rows], radius[rows])
-            prediction[rows] = new_class
-            radius[rows] = new_radius
+        for start in range(0, prediction.shape[0], _QUERY_BLOCK):
+            rows = slice(start, start + _QUERY_BLOCK)
+            prediction[rows], radius[rows] = self._adjust_block(x[rows], prediction[rows], radius[rows])
         return prediction, radius
 
     @torch.no_grad()
@@ -178,18 +219,17 @@ class CertificationMemory:
         """Stores answers that a memory already adjusted, as they are, without adjusting them.
 
         For rebuilding a memory from saved results (e.g. a result file being resumed): feeding
-        the answers that :meth:`adjust` returned, in the order it returned them, restores the
-        memory it had then exactly, so later queries get the same answers as in one
-        uninterrupted run. Answers that were never adjusted may break the guarantee that stored
-        balls of different classes do not overlap; use :meth:`adjust` for those.
+        every answer that :meth:`adjust` returned, abstentions included, in the order it returned
+        them, restores the memory it had then exactly (``adjust`` stores each answer as it returns
+        it), so later queries get the same answers as in one uninterrupted run. Answers that were
+        never adjusted, or answers of an earlier ddrs_ext whose rule let an abstaining input inside
+        a ball abstain, may break the guarantee that stored entries of different labels do not
+        overlap; use :meth:`adjust` for those.
 
-        Arguments as for :meth:`adjust` and checked the same way; abstentions are skipped
-        (``adjust`` does not store them either).
+        Arguments as for :meth:`adjust` and checked the same way; every row is stored.
         """
         x, prediction, radius = self._check_queries(x, prediction, radius)
-        certified = (prediction != ABSTAIN).nonzero().flatten()
-        if certified.numel():
-            self._append(x[certified.to(x.device)], prediction[certified], radius[certified])
+        self._append(x, prediction, radius)
 
     def adjust_result(self, x: torch.Tensor, result: CertifyResult) -> CertifyResult:
         """``adjust`` applied to a ``CertifyResult`` for the inputs ``x``.
@@ -202,13 +242,19 @@ class CertificationMemory:
                 "result must be the CertifyResult returned by ddrs_ext.certify, got "
                 f"{type(result).__name__}; for plain tensors use adjust(x, prediction, radius)"
             )
+        norm = getattr(result, "norm", "l2")
+        if norm != self.norm:
+            raise ValueError(
+                f"this memory holds {self.norm} certificates but the result's radii are {norm} radii; "
+                f"a memory holds one norm: use CertificationMemory(norm={norm!r}) for these"
+            )
         prediction, radius = self.adjust(x, result.prediction, result.radius)
         return dataclasses.replace(result, prediction=prediction, radius=radius)
 
     def _adjust_block(
         self, x: torch.Tensor, prediction: torch.Tensor, radius: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjusts certified queries in order, then stores them; returns their new answers.
+        """Adjusts queries (abstentions included) in order, then stores them; returns their new answers.
 
         ``x`` is on the memory's device, ``prediction`` and ``radius`` on the CPU. Distances are
         computed on the device; only per-query gaps and the few pairs of queries that can change
@@ -227,7 +273,7 @@ class CertificationMemory:
         # monotone), so leaving them out changes no bit.
         if flat.shape[0] > 1:
             reach = torch.maximum(own_radius.max(), (-gap).max())
-            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach)
+            pairs, pair_distance = _earlier_pairs_within(flat, torch.minimum(gap, own_radius), reach, self._p)
             gap, gap_class, pair_i, pair_k, pair_distance = _to_host(
                 gap, gap_class, pairs[:, 0], pairs[:, 1], pair_distance
             )
@@ -241,9 +287,9 @@ class CertificationMemory:
         # Queries with no such pair: their answers follow from the gap to the stored entries alone.
         alone = np.ones(classes.shape[0], dtype=bool)
         alone[pair_i] = False
-        inside = alone & (gap < 0)  # inside the ball of an entry of another class
+        inside = alone & (gap < 0)  # inside the ball of an entry of another label (an abstention too)
         classes[inside], radii[inside] = gap_class[inside], -gap[inside]  # -(d - R) == R - d exactly
-        shrink = alone & ~inside & (gap < radii)
+        shrink = alone & ~inside & (gap < radii)  # never an abstention: its radius is 0 <= gap
         radii[shrink] = gap[shrink]
         # The others in query order: a few numpy operations on the pairs of one query each.
         rows, first = np.unique(pair_i, return_index=True)
@@ -266,7 +312,7 @@ class CertificationMemory:
     def _smallest_gap_to_stored(
         self, flat: torch.Tensor, own_class: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query: min over stored entries of other classes of d - R (inf if none), and its class.
+        """Per query: min over stored entries of other labels of d - R (inf if none), and its label.
 
         ``own_class`` is on ``flat``'s device, as are the results."""
         q = flat.shape[0]
@@ -278,7 +324,7 @@ class CertificationMemory:
                 stop = min(start + step, self._size)
                 points = _flat64(self._x[start:stop])
                 classes = self._prediction[start:stop]
-                gap = _pairwise_distances(flat, points) - self._radius[start:stop]
+                gap = _pairwise_distances(flat, points, self._p) - self._radius[start:stop]
                 gap.masked_fill_(classes[None, :] == own_class[:, None], math.inf)
                 index = gap.argmin(dim=1)  # first minimum: the earliest entry on ties
                 value = gap.gather(1, index[:, None])[:, 0]
@@ -369,9 +415,10 @@ class CertificationMemory:
     def state_dict(self) -> dict[str, Any]:
         """The stored entries as a dict of plain values and tensors (copies, on the memory's device).
 
-        Keys: ``format``, ``version``, ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the
-        stored dtype, or None when nothing is stored), ``prediction`` ((N,) int64), ``radius``
-        ((N,) float64).
+        Keys: ``format``, ``version`` (2: abstentions are stored), ``norm`` (``"l2"`` or ``"l1"``),
+        ``input_shape`` (list or None), ``x`` (``(N, ...)`` in the stored dtype, or None when
+        nothing is stored), ``prediction`` ((N,) int64, ``ABSTAIN`` for a stored abstention),
+        ``radius`` ((N,) float64, 0 for an abstention).
         """
         n = self._size
         if self._x is None:
@@ -381,22 +428,34 @@ class CertificationMemory:
         else:
             x = self._x[:n].clone()
             prediction, radius = self._prediction[:n].clone(), self._radius[:n].clone()
-        return {
+        state = {
             "format": _FORMAT,
             "version": _VERSION,
+            "norm": self.norm,
             "input_shape": None if self._shape is None else list(self._shape),
             "x": x,
             "prediction": prediction,
             "radius": radius,
         }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replaces the memory's entries with those of ``state`` (from ``state_dict``).
 
+        A state of version 1 (an earlier ddrs_ext, whose rule did not store abstentions and let an
+        abstaining input inside a stored ball abstain) is refused with a ValueError: its answers do
+        not carry the guarantee of this version's rule.
+
         The tensors go to this memory's device; a memory created with ``device=None`` takes
-        the device of ``state``'s tensors.
+        the device of ``state``'s tensors. The state's norm must be this memory's
+        (:meth:`load` makes a memory of the saved norm).
         """
-        shape, x, prediction, radius = _check_state(state)
+        norm, shape, x, prediction, radius = _check_state(state)
+        if norm != self.norm:
+            raise ValueError(
+                f"the state holds {norm} certificates but this memory holds {self.norm} ones; a memory holds "
+                f"one norm: load it into CertificationMemory(norm={norm!r}) (CertificationMemory.load does)"
+            )
         n = prediction.shape[0]
         if self._device is None and x is not None:
             self._device = x.device
@@ -429,8 +488,8 @@ class CertificationMemory:
                 f"{os.fspath(path)!r} is not a saved CertificationMemory: torch.load failed "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from err
-        memory = cls()
         try:
+            memory = cls(norm=_check_state(state)[0])
             memory.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)!r}: {err}") from None
@@ -457,8 +516,8 @@ def _as_vector(value: Any, name: str, batch: int) -> torch.Tensor:
 
 def _check_state(
     state: Any,
-) -> tuple[tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
+) -> tuple[str, tuple[int, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(norm, input_shape, x, prediction, radius) of a state_dict, or a ValueError saying what is wrong."""
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         got = (
             f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
@@ -468,6 +527,13 @@ def _check_state(
             f"returns (with format {_FORMAT!r}), got {got}"
         )
     version = state.get("version")
+    if version == 1:
+        raise ValueError(
+            "this CertificationMemory state is version 1, written by an earlier ddrs_ext whose rule let "
+            "an abstaining input abstain even inside a stored ball and did not store abstentions; its "
+            "answers do not all agree with its balls, so it is not loaded. Rebuild the memory with this "
+            "version: pass the unadjusted certify results, in their original order, to adjust()"
+        )
     if version != _VERSION:
         raise ValueError(
             f"unknown CertificationMemory state version {version!r}; this ddrs_ext reads version "
@@ -476,6 +542,10 @@ def _check_state(
 
     def damaged(problem: str) -> ValueError:
         return ValueError(f"CertificationMemory state is damaged: {problem}")
+
+    norm = state.get("norm", "l2")
+    if norm not in _NORMS:
+        raise damaged(f"norm is {norm!r}, not one of {sorted(_NORMS)}")
 
     missing = {"input_shape", "x", "prediction", "radius"} - state.keys()
     if missing:
@@ -504,8 +574,10 @@ def _check_state(
         or tuple(x.shape[1:]) != shape
     ):
         raise damaged(f"x is not a float tensor of shape ({n}, *input_shape) with input_shape {shape}")
-    if n and not bool((prediction >= 0).all()):
-        raise damaged("a stored class is negative")
+    if n and not bool((prediction >= ABSTAIN).all()):
+        raise damaged(f"a stored class is below ABSTAIN ({ABSTAIN})")
     if n and not bool((torch.isfinite(radius) & (radius >= 0)).all()):
         raise damaged("a stored radius is negative or not finite")
-    return shape, x, prediction, radius
+    if n and bool(((prediction == ABSTAIN) & (radius != 0)).any()):
+        raise damaged("a stored abstention has a radius other than 0")
+    return norm, shape, x, prediction, radius

@@ -72,6 +72,47 @@ def perturb_gaussian_out(
     )
 
 
+def perturb_uniform(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    stream: torch.Tensor,
+    seed: int,
+    sample_offset: int,
+    samples_per_input: int,
+    row_start: int = 0,
+    num_rows: int | None = None,
+) -> torch.Tensor:
+    """Noisy copies ``x[b] + theta[b] * u``, ``u`` uniform on ``[-1, 1]^D``, for rows
+    ``[row_start, row_start + num_rows)`` of the virtual batch (shape ``(num_rows, *x.shape[1:])``,
+    x's dtype): the noise of the l1 certificate.
+
+    ``u`` depends only on ``(seed, stream[b], sample index, element)`` and comes from the same
+    counters as :func:`perturb_gaussian`'s noise under another Philox key derived from ``seed``,
+    so the two families are independent even under one seed.
+    """
+    if num_rows is None:
+        num_rows = x.shape[0] * samples_per_input - row_start
+    return _ops.perturb_uniform(
+        x, theta, stream, as_signed64(seed), sample_offset, samples_per_input, row_start, num_rows
+    )
+
+
+def perturb_uniform_out(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    stream: torch.Tensor,
+    seed: int,
+    sample_offset: int,
+    samples_per_input: int,
+    row_start: int,
+    out: torch.Tensor,
+) -> None:
+    """Like :func:`perturb_uniform`, writing ``out.shape[0]`` rows into a reused buffer."""
+    _ops.perturb_uniform_out(
+        x, theta, stream, as_signed64(seed), sample_offset, samples_per_input, row_start, out
+    )
+
+
 def count_votes(
     logits: torch.Tensor, row_start: int, samples_per_input: int, num_inputs: int
 ) -> torch.Tensor:
@@ -98,6 +139,17 @@ def _perturb_gaussian_fake(
 def _perturb_gaussian_out_fake(
     x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out, sq_norm
 ):
+    return None
+
+
+@torch.library.register_fake("ddrs_ext::perturb_uniform")
+def _perturb_uniform_fake(x, theta, stream, seed, sample_offset, samples_per_input, row_start, num_rows):
+    torch._check(num_rows >= 0)
+    return x.new_empty((num_rows, *x.shape[1:]))
+
+
+@torch.library.register_fake("ddrs_ext::perturb_uniform_out")
+def _perturb_uniform_out_fake(x, theta, stream, seed, sample_offset, samples_per_input, row_start, out):
     return None
 
 
@@ -167,11 +219,14 @@ def sigma_step(
     sigma_range: tuple[float, float],
     rule: int,
     growth: float,
+    gap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sigma update for every input: returns (new sigma, surrogate radius, d radius / d sigma).
 
     ``beyond`` (bool, (B,)) marks inputs whose sigma the bisection rule must treat as past the
-    optimum whatever the gradient says."""
+    optimum whatever the gradient says. ``gap`` 0: the Gaussian surrogate
+    ``sigma / 2 * (Phi^-1(E_A) - Phi^-1(E_B))``; 1: uniform noise's ``theta * (E_A - E_B)`` (``clip``
+    may then reach 0 and 1, i.e. no clip)."""
     return _ops.sigma_step(
         sigma,
         top2,
@@ -185,6 +240,7 @@ def sigma_step(
         sigma_range[1],
         rule,
         growth,
+        gap,
     )
 
 
@@ -206,7 +262,7 @@ def _soft_votes_fake(
 
 @torch.library.register_fake("ddrs_ext::sigma_step")
 def _sigma_step_fake(
-    sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth
+    sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth, gap=0
 ):
     return torch.empty_like(sigma), torch.empty_like(sigma), torch.empty_like(sigma)
 
@@ -250,4 +306,43 @@ def _perturb_backward(ctx, grad_out, grad_sq):
 
 torch.library.register_autograd(
     "ddrs_ext::perturb_gaussian", _perturb_backward, setup_context=_perturb_setup_context
+)
+
+
+# out = x[b] + theta[b] * u: the same, with u regenerated from its key by the uniform op.
+
+
+def _perturb_uniform_setup_context(ctx, inputs, output):
+    x, theta, stream, seed, sample_offset, samples_per_input, row_start, num_rows = inputs
+    ctx.save_for_backward(stream)
+    ctx.key = (seed, sample_offset, samples_per_input, row_start, num_rows)
+    ctx.x_meta = (x.shape, x.dtype, x.device)
+    ctx.sigma_dtype = theta.dtype
+
+
+def _perturb_uniform_backward(ctx, grad_out):
+    (stream,) = ctx.saved_tensors
+    seed, sample_offset, m, row_start, num_rows = ctx.key
+    shape, dtype, device = ctx.x_meta
+    B = shape[0]
+    owner = torch.arange(row_start, row_start + num_rows, device=device) // m
+    grad_x = grad_theta = None
+    if ctx.needs_input_grad[0]:
+        flat = grad_out.reshape(num_rows, -1)
+        grad_x = torch.zeros((B, flat.shape[1]), dtype=flat.dtype, device=device).index_add_(0, owner, flat)
+        grad_x = grad_x.reshape(shape).to(dtype)
+    if ctx.needs_input_grad[1]:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        ones = torch.ones(B, dtype=torch.float64, device=device)
+        u = torch.ops.ddrs_ext.perturb_uniform(
+            zeros, ones, stream, seed, sample_offset, m, row_start, num_rows
+        )
+        per_row = (grad_out.reshape(num_rows, -1).double() * u.reshape(num_rows, -1).double()).sum(1)
+        grad_theta = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, owner, per_row)
+        grad_theta = grad_theta.to(ctx.sigma_dtype)
+    return grad_x, grad_theta, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ddrs_ext::perturb_uniform", _perturb_uniform_backward, setup_context=_perturb_uniform_setup_context
 )

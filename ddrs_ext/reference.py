@@ -109,6 +109,55 @@ def perturb_gaussian(x, sigma, stream, seed, sample_offset, samples_per_input, r
     return out, sq
 
 
+UNIFORM_KEY_TWEAK = 0xB7E151628AED2A6A
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def uniform_key(seed: int) -> tuple[int, int]:
+    """The Philox key of the uniform noise for ``seed``: a splitmix64 step of ``seed ^ UNIFORM_KEY_TWEAK``
+    (csrc/uniform.h), as (low word, high word)."""
+    z = ((seed ^ UNIFORM_KEY_TWEAK) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z & _MASK, z >> 32
+
+
+def uniform_from_words(w: torch.Tensor) -> torch.Tensor:
+    """Philox words (int64 tensors of uint32 values) to uniforms on [-1, 1] (float32):
+    ``(2 * (w >> 8) - (2**24 - 1)) * 2**-24``, the midpoints of 2**24 equal cells."""
+    odd = ((w >> 8) << 1) - 0xFFFFFF
+    return odd.to(torch.float32) * _f32(2.0**-24)
+
+
+def uniform(seed: int, stream: torch.Tensor, sample: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """Uniforms on [-1, 1] (float32) for broadcastable int64 tensors of stream, sample and element ids."""
+    stream, sample, element = torch.broadcast_tensors(stream, sample, element)
+    words = philox4x32_10((element >> 2, sample & _MASK, (sample >> 32) & _MASK, stream), uniform_key(seed))
+    lane = element & 3
+    w = torch.where(
+        lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3]))
+    )
+    return uniform_from_words(w)
+
+
+def perturb_uniform(x, theta, stream, seed, sample_offset, samples_per_input, row_start=0, num_rows=None):
+    """Reference for ops.perturb_uniform: ``x[b] + theta[b] * u`` for the rows of the virtual batch."""
+    B = x.shape[0]
+    if num_rows is None:
+        num_rows = B * samples_per_input - row_start
+    D = x[0].numel() if B else 0
+    g = torch.arange(row_start, row_start + num_rows, dtype=torch.int64)
+    b = g // samples_per_input
+    sample = sample_offset + g % samples_per_input
+    j = torch.arange(D, dtype=torch.int64)
+    u = uniform(seed, stream.cpu()[b][:, None], sample[:, None], j[None, :])
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.reshape(B, D).cpu().to(opmath)[b]
+    th = theta.cpu().to(torch.float64).to(opmath)[b][:, None]
+    return (xf + th * u.to(opmath)).to(x.dtype).reshape(num_rows, *x.shape[1:])
+
+
 def count_votes(logits, row_start, samples_per_input, num_inputs):
     """Reference for ops.count_votes (raises ValueError on a NaN logit; +-Inf are ordered values)."""
     logits = logits.cpu()

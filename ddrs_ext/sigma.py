@@ -8,6 +8,9 @@ its two largest entries (re-chosen every iteration) and the surrogate certified 
 
 Each iteration draws fresh noise, estimates E_A, E_B and their derivatives in sigma, and one
 kernel (csrc/sigma.h) turns them into dR/dsigma in closed form and moves sigma.
+
+:func:`optimize_theta` does the same for uniform noise on the cube of half-width theta (the l1
+certificate), whose surrogate is linear in the probabilities: ``R(theta) = theta * (E_A - E_B)``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from ddrs_ext import ops, rng
 from ddrs_ext._validate import check_count, check_logits, evaluating
 from ddrs_ext.certification import check_sampling_args, plan_chunks
+from ddrs_ext.noise import GAUSSIAN, UNIFORM, Noise, resolve_noise, scale_name
 
 ESTIMATORS = ("reparam", "score")
 RULES = {"ascent": 0, "bisect": 1}
@@ -40,6 +44,16 @@ PAPER_SETTINGS = dict(
 #: The same procedure as the authors' ``run_optimization_dataset.py`` runs it (through their
 #: ``ddsmoothing`` package, whose ``L2Certificate`` clamps ``E_A, E_B`` to [0.001, 0.999]).
 PAPER_DATASET_SETTINGS = dict(PAPER_SETTINGS, clip=(0.001, 0.999))
+
+#: The authors' l1 procedure (their ``ddsmoothing`` package: ``run_optimization_dataset.py --norm l1``
+#: through ``optimize_isotropic_dds`` and ``L1Certificate``), for :func:`optimize_theta`: 900 plain ascent
+#: steps of lr 0.04 with 100 samples, autograd through the model, on ``theta * (E_A - E_B)`` with
+#: ``E_A, E_B`` the two largest mean probabilities and no clamp (their ``L1Certificate`` clamps
+#: nothing; its L2 twin clamps to [0.001, 0.999]). As for :data:`PAPER_SETTINGS`, it follows the
+#: published loop while theta stays inside ``sigma_range`` (theirs has no range).
+PAPER_L1_SETTINGS = dict(
+    iterations=900, lr=0.04, num_samples=100, estimator="reparam", rule="ascent", surrogate="paper"
+)
 
 
 @dataclass
@@ -79,8 +93,8 @@ class _SoftSampler:
     """Passes noisy copies of many inputs through the model, packed into forward batches of at most
     ``batch_size`` rows, and accumulates per-input soft votes and their sigma-derivatives."""
 
-    def __init__(self, model, x, stream, seed, batch_size, estimator, probabilities):
-        self.model, self.x, self.stream = model, x, stream
+    def __init__(self, model, x, stream, seed, batch_size, estimator, probabilities, noise: Noise = GAUSSIAN):
+        self.model, self.x, self.stream, self.noise = model, x, stream, noise
         self.seed = ops.as_signed64(seed)
         self.batch_size, self.estimator, self.probabilities = batch_size, estimator, probabilities
         self.dim = x[0].numel() if x.shape[0] else 0
@@ -120,10 +134,11 @@ class _SoftSampler:
             ((_, row0, _, _),) = segments  # one phase: one segment per chunk
             if reparam:
                 # x + sigma * eps with sigma carrying a forward-mode tangent of 1: the model's
-                # outputs then carry d logits / d sigma (the reparameterisation gradient).
+                # outputs then carry d logits / d sigma (the reparameterisation gradient; for uniform
+                # noise too: d/dtheta f(x + theta u) = grad f . u).
                 eps = self._buffer("eps", shape, self.x.dtype)[:rows]
-                perturb(
-                    zeros, torch.ones_like(sigma), self.stream, self.seed, sample_offset, m, row0, eps, None
+                self.noise.perturb_out(
+                    zeros, torch.ones_like(sigma), self.stream, self.seed, sample_offset, m, row0, eps
                 )
                 owner = torch.arange(row0, row0 + rows, device=self.x.device) // m
                 base = torch.index_select(
@@ -151,7 +166,12 @@ class _SoftSampler:
             else:
                 batch = self._buffer("batch", shape, self.x.dtype)[:rows]
                 sq = self._buffer("sq", (rows_max,), torch.float64)[:rows] if score else None
-                perturb(self.x, sigma, self.stream, self.seed, sample_offset, m, row0, batch, sq)
+                if score:
+                    perturb(self.x, sigma, self.stream, self.seed, sample_offset, m, row0, batch, sq)
+                else:
+                    self.noise.perturb_out(
+                        self.x, sigma, self.stream, self.seed, sample_offset, m, row0, batch
+                    )
                 logits, dlogits = self._logits(self.model(batch), rows), None
             if not sums:
                 C = self.num_classes
@@ -210,13 +230,13 @@ def check_output_kind(out: torch.Tensor, probabilities: bool) -> None:
         )
 
 
-def _prepare(model, x, sigma, batch_size, seed, index, estimator, probabilities, sigma_name):
+def _prepare(model, x, sigma, batch_size, seed, index, estimator, probabilities, sigma_name, noise=GAUSSIAN):
     x, sigma, batch_size, seed, stream = check_sampling_args(
-        model, x, sigma, batch_size, seed, index, sigma_name
+        model, x, sigma, batch_size, seed, index, scale_name(noise, sigma_name)
     )
     if not isinstance(probabilities, bool):
         raise TypeError(f"probabilities must be a bool, got {probabilities!r}")
-    return _SoftSampler(model, x, stream, seed, batch_size, estimator, probabilities), sigma, seed
+    return _SoftSampler(model, x, stream, seed, batch_size, estimator, probabilities, noise), sigma, seed
 
 
 def optimize_sigma(
@@ -282,8 +302,130 @@ def optimize_sigma(
 
     Returns the optimised sigma (B,) float64 on the CPU.
     """
+    return _optimize(
+        GAUSSIAN,
+        model,
+        x,
+        sigma0,
+        iterations=iterations,
+        lr=lr,
+        num_samples=num_samples,
+        estimator=estimator,
+        rule=rule,
+        growth=growth,
+        clip=clip,
+        sigma_range=sigma_range,
+        surrogate=surrogate,
+        keep_prediction=keep_prediction,
+        probabilities=probabilities,
+        batch_size=batch_size,
+        seed=seed,
+        index=index,
+        progress=progress,
+        callback=callback,
+    )
+
+
+def optimize_theta(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    theta0: float | torch.Tensor,
+    *,
+    iterations: int = 16,
+    lr: float = 0.04,
+    num_samples: int = 512,
+    estimator: str = "reparam",
+    rule: str = "bisect",
+    growth: float = 2.0,
+    clip: tuple[float, float] | None = None,
+    sigma_range: tuple[float, float] = (1e-3, 10.0),
+    surrogate: str = "certify",
+    keep_prediction: bool = True,
+    probabilities: bool = False,
+    batch_size: int = 1000,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+    progress: bool = False,
+    callback: Callable[[SigmaStep], None] | None = None,
+) -> torch.Tensor:
+    """A uniform-noise half-width theta per input of ``x`` that maximises its surrogate certified L1
+    radius: :func:`optimize_sigma`'s procedure and options for ``certify(..., noise="uniform")``.
+
+    The noise is ``x + theta * u``, ``u`` uniform on ``[-1, 1]^D``, and the surrogate is linear in the
+    mean class probabilities: ``"paper"`` maximises ``theta * (E_A - E_B)`` (the authors'
+    ``ddsmoothing`` ``L1Certificate``), ``"certify"`` (default) ``theta * (2 E_A - 1)``, the radius
+    CERTIFY gives (it bounds the runner-up by ``1 - E_A``), which certified more on the digits (see the
+    documentation's l1 section). :data:`PAPER_L1_SETTINGS` is the published procedure.
+
+    The derivatives of ``E_A, E_B`` come from the reparameterisation ``d/dtheta f(x + theta u) =
+    grad f(x + theta u) . u`` (forward-mode autograd along ``u``), the only estimator offered:
+    Gaussian noise's score-function estimator (Stein's lemma, ``estimator="score"``) does not carry
+    over, since the cube's support moves with theta (its derivative is a surface term,
+    ``D / theta * (E_surface - E_cube)``). ``clip`` is Gaussian-only too (it keeps ``Phi^-1`` finite; the
+    linear surrogate needs none) and must stay None. ``sigma_range`` bounds theta. The other options,
+    ``keep_prediction`` (top class changed, or ``E_A < 1/2``: past the optimum), ``seed``, ``index`` and
+    the reproducibility they give, are :func:`optimize_sigma`'s.
+
+    Returns the optimised theta (B,) float64 on the CPU.
+    """
+    return _optimize(
+        UNIFORM,
+        model,
+        x,
+        theta0,
+        iterations=iterations,
+        lr=lr,
+        num_samples=num_samples,
+        estimator=estimator,
+        rule=rule,
+        growth=growth,
+        clip=clip,
+        sigma_range=sigma_range,
+        surrogate=surrogate,
+        keep_prediction=keep_prediction,
+        probabilities=probabilities,
+        batch_size=batch_size,
+        seed=seed,
+        index=index,
+        progress=progress,
+        callback=callback,
+    )
+
+
+def _optimize(
+    noise: Noise,
+    model,
+    x,
+    sigma0,
+    *,
+    iterations,
+    lr,
+    num_samples,
+    estimator,
+    rule,
+    growth,
+    clip,
+    sigma_range,
+    surrogate,
+    keep_prediction,
+    probabilities,
+    batch_size,
+    seed,
+    index,
+    progress,
+    callback,
+) -> torch.Tensor:
+    """optimize_sigma (Gaussian noise) or optimize_theta (uniform noise)."""
+    uniform = noise is UNIFORM
+    start_name = "theta0" if uniform else "sigma0"
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if uniform and estimator == "score":
+        raise ValueError(
+            "estimator='score' is Gaussian-only: its score function (Stein's lemma) needs a density whose "
+            "support does not move with the noise level, and uniform noise's cube grows with theta; use "
+            "estimator='reparam' (autograd through the model along the noise) with uniform noise"
+        )
     if rule not in RULES:
         raise ValueError(f"rule must be one of {tuple(RULES)}, got {rule!r}")
     if surrogate not in SURROGATES:
@@ -296,14 +438,22 @@ def optimize_sigma(
     growth = _check_float(growth, "growth")
     if not (math.isfinite(growth) and growth > 1):
         raise ValueError(f"growth must be a finite number > 1, got {growth}")
-    clip = _check_range(clip, "clip", 0.0, 1.0)
+    if uniform:
+        if clip is not None:
+            raise ValueError(
+                "clip is Gaussian-only (it keeps Phi^-1(E_A), Phi^-1(E_B) finite); uniform noise's surrogate "
+                f"theta * (E_A - E_B) is linear in them and needs no clip: leave clip=None, got {clip!r}"
+            )
+        clip = (0.0, 1.0)  # no clip
+    else:
+        clip = _check_range(clip, "clip", 0.0, 1.0)
     sigma_range = _check_range(sigma_range, "sigma_range", 0.0, math.inf, allow_equal=True)
     sampler, sigma, seed = _prepare(
-        model, x, sigma0, batch_size, seed, index, estimator, probabilities, "sigma0"
+        model, x, sigma0, batch_size, seed, index, estimator, probabilities, start_name, noise
     )
     if bool(((sigma < sigma_range[0]) | (sigma > sigma_range[1])).any()):
         raise ValueError(
-            f"sigma0 must lie inside sigma_range {sigma_range}; widen the range or change sigma0"
+            f"{start_name} must lie inside sigma_range {sigma_range}; widen the range or change {start_name}"
         )
     if not isinstance(keep_prediction, bool):
         raise TypeError(f"keep_prediction must be a bool, got {keep_prediction!r}")
@@ -314,7 +464,7 @@ def optimize_sigma(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="optimize_sigma", unit="it")
+        steps = tqdm(steps, desc="optimize_theta" if uniform else "optimize_sigma", unit="it")
     for t in steps:
         if B == 0:
             break
@@ -323,7 +473,8 @@ def optimize_sigma(
             mean, deriv = sampler.run(sigma, rng.PHASE_SIGMA + t * num_samples, num_samples, derivatives=True)
         top2, which = mean.topk(2, dim=1)
         dtop2 = deriv.gather(1, which)
-        if surrogate == "certify":  # E_B := 1 - E_A makes the kernel's surrogate sigma * Phi^-1(E_A)
+        # E_B := 1 - E_A makes the kernel's surrogate sigma * Phi^-1(E_A) (theta * (2 E_A - 1) for uniform)
+        if surrogate == "certify":
             top2 = torch.stack([top2[:, 0], 1 - top2[:, 0]], dim=1)
             dtop2 = torch.stack([dtop2[:, 0], -dtop2[:, 0]], dim=1)
         beyond = None
@@ -344,10 +495,12 @@ def optimize_sigma(
             sigma_range=sigma_range,
             rule=RULES[rule],
             growth=growth,
+            gap=1 if uniform else 0,
         )
         if not bool(torch.isfinite(new_sigma).all()):
             bad = int((~torch.isfinite(new_sigma)).nonzero()[0, 0])
-            raise ValueError(f"sigma became non-finite for input {bad}; check the model's outputs")
+            name = "theta" if uniform else "sigma"
+            raise ValueError(f"{name} became non-finite for input {bad}; check the model's outputs")
         if callback is not None:
             callback(SigmaStep(t, sigma.cpu(), radius.cpu(), grad.cpu(), new_sigma.cpu(), B * num_samples))
         sigma = new_sigma
@@ -364,21 +517,38 @@ def surrogate_radius(
     sigma: float | torch.Tensor,
     *,
     num_samples: int = 1000,
-    clip: tuple[float, float] = (0.02, 0.98),
+    clip: tuple[float, float] | None = None,
     probabilities: bool = False,
     batch_size: int = 1000,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """Estimates the surrogate certified radius ``R(sigma)`` of every input from ``num_samples`` fresh
-    noise samples (independent of :func:`optimize_sigma`'s). Returns (B,) float64 on the CPU."""
+    noise samples (independent of :func:`optimize_sigma`'s). Returns (B,) float64 on the CPU.
+
+    Gaussian noise: ``sigma / 2 * (Phi^-1(clip E_A) - Phi^-1(clip E_B))``, ``clip`` default (0.02, 0.98).
+    ``noise="uniform"``: ``sigma * (E_A - E_B)`` with ``sigma`` the cube's half-width theta (no clip:
+    leave ``clip=None``)."""
+    family = resolve_noise(noise)
     num_samples = check_count(num_samples, "num_samples")
-    clip = _check_range(clip, "clip", 0.0, 1.0)
-    sampler, sigma, _ = _prepare(model, x, sigma, batch_size, seed, index, "score", probabilities, "sigma")
+    if family is UNIFORM and clip is not None:
+        raise ValueError(
+            f"clip is Gaussian-only; uniform noise's surrogate needs none: leave clip=None, got {clip!r}"
+        )
+    clip = (
+        _check_range((0.02, 0.98) if clip is None else clip, "clip", 0.0, 1.0) if family is GAUSSIAN else None
+    )
+    sampler, sigma, _ = _prepare(
+        model, x, sigma, batch_size, seed, index, "score", probabilities, "sigma", family
+    )
     if sampler.x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64)
     with torch.no_grad(), evaluating(sampler.model):
         mean, _ = sampler.run(sigma, rng.PHASE_SURROGATE, num_samples, derivatives=False)
+    if family is UNIFORM:
+        top2 = mean.topk(2, dim=1).values.cpu()
+        return sigma.cpu() * (top2[:, 0] - top2[:, 1])
     top2 = mean.topk(2, dim=1).values.clamp(*clip)
     normal = torch.distributions.Normal(
         torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)

@@ -14,6 +14,13 @@ The pieces drop into an ordinary training loop::
 Noise comes from the fused kernel with autograd (gradients flow to the inputs; the noise is
 regenerated from its key in backward rather than stored), keyed by dataset index and a seed
 drawn from torch's generator per call, so ``torch.manual_seed`` reproduces a run.
+
+For the l1 certificate (uniform noise on the cube of half-width theta) the same loop trains with
+``update_sigma(..., noise="uniform")`` (a theta bank: :class:`SigmaBank` holds any noise scale) and
+:func:`uniform_augmentation_loss`. MACER and SmoothAdv stay Gaussian: MACER's hinge is on the
+Gaussian certificate's ``Phi^-1`` margin (its l1 counterpart, a hinge on ``theta * (p_y - p_2nd)``,
+is another loss nobody has published or tested), and SmoothAdv's attack is an L2 PGD, matched to
+the L2 ball; an l1 certificate would call for an l1 attack, a different algorithm.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import torch.nn.functional as F
 
 from ddrs_ext import ops, rng
 from ddrs_ext._validate import check_count, check_inputs, check_sigma
-from ddrs_ext.sigma import optimize_sigma
+from ddrs_ext.noise import UNIFORM, resolve_noise, scale_name
+from ddrs_ext.sigma import optimize_sigma, optimize_theta
 
 PHASE_TRAIN = 5 * rng.SAMPLE_SPACE  # training noise: a fresh seed per call, so one range suffices
 
@@ -240,27 +248,36 @@ def update_sigma(
     estimator: str = "reparam",
     rule: str = "ascent",
     surrogate: str = "paper",
-    clip: tuple[float, float] = (0.02, 0.98),
+    clip: tuple[float, float] | None = None,
     batch_size: int = 4096,
     seed: int | None = None,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """A few surrogate-ascent steps for each example of the minibatch, from the bank's values,
     with the model frozen and its BatchNorm statistics untouched; written back to the bank.
 
     Returns the new sigma (float32 on x's device, ready for the losses). The step rule, estimator
     and surrogate are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
-    steps on its surrogate here (the defaults). A ``DistributedDataParallel`` model is stepped through
-    its inner module (:func:`unwrap_ddp`); the bank is this rank's, to be merged with the other ranks'
-    by :meth:`SigmaBank.synchronize`.
+    steps on its surrogate here (the defaults); ``clip`` None is its (0.02, 0.98). A
+    ``DistributedDataParallel`` model is stepped through its inner module (:func:`unwrap_ddp`); the
+    bank is this rank's, to be merged with the other ranks' by :meth:`SigmaBank.synchronize`.
+
+    ``noise="uniform"``: the bank holds half-widths theta and the steps are :func:`ddrs_ext.optimize_theta`'s
+    (``estimator="reparam"`` only, ``clip`` must stay None), for training with
+    :func:`uniform_augmentation_loss`.
     """
+    family = resolve_noise(noise)
     model = unwrap_ddp(model)
     index = bank._index(index)
     if index.numel() != x.shape[0]:
         raise ValueError(f"index must have one entry per example ({x.shape[0]}), got {index.numel()}")
     lo, hi = bank.sigma_range
     start = bank.sigma[index]
+    if family is not UNIFORM and clip is None:
+        clip = (0.02, 0.98)
+    optimize = optimize_theta if family is UNIFORM else optimize_sigma
     with frozen(model):
-        sigma = optimize_sigma(
+        sigma = optimize(
             model,
             x,
             start,
@@ -281,12 +298,12 @@ def update_sigma(
     return sigma.to(device=x.device, dtype=x.dtype)
 
 
-def _as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+def _as_sigma(sigma, x: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     if isinstance(sigma, torch.Tensor) and sigma.requires_grad:
         raise ValueError(
-            "sigma must not require grad here; detach it (the losses train the model, not sigma)"
+            f"{name} must not require grad here; detach it (the losses train the model, not {name})"
         )
-    return check_sigma(sigma, x.shape[0], x.device).to(x.dtype)
+    return check_sigma(sigma, x.shape[0], x.device, name=name).to(x.dtype)
 
 
 def noisy_copies(
@@ -296,19 +313,25 @@ def noisy_copies(
     copies: int = 1,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """``copies`` noisy copies of every input, ``x[b] + sigma[b] * eps``, shape ``(B * copies, ...)``
     (the copies of input b are rows ``b * copies ... b * copies + copies - 1``).
 
     Differentiable with respect to x. ``seed=None`` draws a fresh seed from torch's generator;
-    ``index`` (e.g. dataset indices) picks each input's noise stream.
+    ``index`` (e.g. dataset indices) picks each input's noise stream. ``noise="uniform"``: ``eps`` is
+    uniform on ``[-1, 1]^D`` and ``sigma`` the cube's half-width theta.
     """
+    family = resolve_noise(noise)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
     copies = check_count(copies, "copies")
-    sigma = _as_sigma(sigma, x)
+    sigma = _as_sigma(sigma, x, scale_name(family))
     stream = rng.resolve_streams(index, x.shape[0], x.device)
-    out, _ = ops.perturb_gaussian(x, sigma, stream, rng.resolve_seed(seed), PHASE_TRAIN, copies)
+    seed = rng.resolve_seed(seed)
+    if family is UNIFORM:
+        return ops.perturb_uniform(x, sigma, stream, seed, PHASE_TRAIN, copies)
+    out, _ = ops.perturb_gaussian(x, sigma, stream, seed, PHASE_TRAIN, copies)
     return out
 
 
@@ -334,6 +357,25 @@ def gaussian_augmentation_loss(
     copies of every input, each input with its own sigma."""
     y = _check_labels(y, x)
     noisy = noisy_copies(x, sigma, copies=copies, seed=seed, index=index)
+    return F.cross_entropy(model(noisy), y.repeat_interleave(copies))
+
+
+def uniform_augmentation_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta,
+    *,
+    copies: int = 1,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Gaussian augmentation's twin for the l1 certificate: mean cross-entropy over ``copies`` copies
+    ``x + theta * u``, ``u`` uniform on ``[-1, 1]^D``, each input with its own half-width ``theta``
+    (the training of Yang et al. 2020 for uniform smoothing, with a theta per input for the
+    data-dependent scheme)."""
+    y = _check_labels(y, x)
+    noisy = noisy_copies(x, theta, copies=copies, seed=seed, index=index, noise="uniform")
     return F.cross_entropy(model(noisy), y.repeat_interleave(copies))
 
 

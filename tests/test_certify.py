@@ -54,22 +54,139 @@ def test_counts_are_binomial(linear_binary):
     assert abs(c.mean() - n * p_a) < 4 * np.sqrt(n * p_a * (1 - p_a) / c.size)
 
 
-def test_certificates_are_sound_and_tight(linear_binary):
-    """Certified radii exceed the true radius (distance to the hyperplane) no more often than alpha allows."""
+# ---------------------------------------------------------------- soundness, with power (issue 17)
+
+# CERTIFY at alpha = 0.05 with n = 100 estimation samples fails (certifies a wrong class or a radius
+# beyond the true one) with probability at most alpha. The Monte Carlo tests below use inputs where
+# that bound is nearly attained, so a procedure that fails more often is caught:
+# - "tight": class 1 with probability just below the alpha-level Clopper-Pearson bound of 93 votes
+#   of 100: the radius overshoots exactly when 93 or more of the 100 copies vote for class 1,
+#   probability 0.0497;
+# - "boundary": on the decision boundary (true radius 0), where certifying anything is a failure:
+#   probability 0.0443 (59 or more of 100 votes for the selected class).
+ALPHA, N0, N, TRIALS = 0.05, 20, 100, 3000
+TIGHT_VOTES = 93
+# A sound procedure fails at most ALPHA per input: more failures than this has probability <= 1e-6.
+LIMIT = stats.binom.ppf(1 - 1e-6, TRIALS, ALPHA)
+
+
+def _tight_probability():
+    return float(ddrs_ext.stats.clopper_pearson_lower(np.array([TIGHT_VOTES]), N, ALPHA)[0]) - 1e-4
+
+
+def _exact_failure_rate(alpha, p, boundary, reuse=False):
+    """P(CERTIFY fails) on an input whose class 1 has probability p, computed over the binomial
+    distributions of the selection and estimation counts, with the bound at level ``alpha``;
+    ``reuse``: the class is selected from the estimation counts themselves."""
+    k = np.arange(N + 1)
+    certifies = ddrs_ext.stats.clopper_pearson_lower(k, N, alpha) >= 0.5
+    overshoots = ddrs_ext.stats.clopper_pearson_lower(k, N, alpha) > p
+    ones = stats.binom.pmf(k, N, p)  # estimation votes for class 1 (class 0 gets N - k)
+    select_one = stats.binom.sf(N0 // 2, N0, p)  # more than half the selection votes (ties: class 0)
+    if boundary:  # any certificate fails
+        if reuse:
+            return float(ones @ (certifies | certifies[::-1]))
+        return float(select_one * (ones @ certifies) + (1 - select_one) * (ones @ certifies[::-1]))
+    # class 1 is the true class: a class-1 certificate fails when it overshoots, a class-0 one always
+    return float(select_one * (ones @ overshoots) + (1 - select_one) * (ones @ certifies[::-1]))
+
+
+def certify_failures(model):
+    """(failures among TRIALS "tight" inputs, failures among TRIALS "boundary" inputs) of certify."""
+    p = _tight_probability()
+    sigma = 0.5
+    margins = [sigma * stats.norm.ppf(p)] * TRIALS + [0.0] * TRIALS
+    x = _points(model, margins)
+    res = certify(model, x, sigma, n0=N0, n=N, alpha=ALPHA, seed=21, batch_size=20_000)
+    prediction, radius = res.prediction.numpy(), res.radius.numpy()
+    tight, boundary = slice(0, TRIALS), slice(TRIALS, None)
+    wrong = (prediction[tight] == 0) | ((prediction[tight] == 1) & (radius[tight] > margins[0]))
+    return int(wrong.sum()), int((prediction[boundary] != ABSTAIN).sum())
+
+
+def assert_sound(failures):
+    tight, boundary = failures
+    assert tight <= LIMIT, f"{tight} of {TRIALS} tight inputs failed; a sound certify fails at most {LIMIT}"
+    assert boundary <= LIMIT, (
+        f"{boundary} of {TRIALS} boundary inputs certified; a sound certify certifies at most {LIMIT}"
+    )
+
+
+def test_the_soundness_test_has_power():
+    """Computed exactly: certify fails nearly alpha of the time on the test's inputs (so the test is
+    tight), and the wrong variants fail about twice as often, which the limit rejects almost surely."""
+    p = _tight_probability()
+    assert 0.048 < _exact_failure_rate(ALPHA, p, boundary=False) <= ALPHA
+    assert 0.044 < _exact_failure_rate(ALPHA, 0.5, boundary=True) <= ALPHA
+    for rate in (
+        _exact_failure_rate(2 * ALPHA, p, boundary=False),  # the bound at 2 alpha
+        _exact_failure_rate(ALPHA, 0.5, boundary=True, reuse=True),  # selection from the same votes
+    ):
+        assert rate > 0.088
+        assert stats.binom.cdf(LIMIT, TRIALS, rate) < 1e-3  # the chance of missing it
+
+
+def test_certificates_are_sound(linear_binary):
+    assert_sound(certify_failures(linear_binary))
+
+
+def test_negative_control_a_bound_at_twice_alpha_is_caught(linear_binary, monkeypatch):
+    exact = ddrs_ext.stats.clopper_pearson_lower
+    monkeypatch.setattr(ddrs_ext.stats, "clopper_pearson_lower", lambda k, n, alpha: exact(k, n, 2 * alpha))
+    with pytest.raises(AssertionError, match="tight inputs failed"):
+        assert_sound(certify_failures(linear_binary))
+
+
+def test_negative_control_a_class_selected_from_the_estimation_votes_is_caught(linear_binary, monkeypatch):
+    counts = ddrs_ext.certification.VoteSampler.counts
+
+    def reused(self, phases, inputs=None):
+        out = counts(self, phases, inputs)
+        return [out[1], out[1]] if len(phases) == 2 else out  # selection := estimation
+
+    monkeypatch.setattr(ddrs_ext.certification.VoteSampler, "counts", reused)
+    with pytest.raises(AssertionError, match="boundary inputs certified"):
+        assert_sound(certify_failures(linear_binary))
+
+
+def assert_lower_bound_covers(bound, n, alpha):
+    """Exactly, over Binomial(n, p): P(bound(N) > p) <= alpha for every p, checked just below each
+    value the bound takes (where the failure probability peaks) and on a grid."""
+    k = np.arange(n + 1)
+    values = bound(k, n, alpha)
+    assert np.all(np.diff(values) >= 0), "the bound must not decrease with the count"
+    p = np.concatenate([values[values > 0] * (1 - 1e-12), np.linspace(1e-6, 1 - 1e-6, 2001)])
+    first = np.searchsorted(values, p, side="right")  # first count whose bound exceeds p
+    failure = stats.binom.sf(first - 1, n, p)
+    worst = float(failure.max())
+    assert worst <= alpha * (1 + 1e-9), f"n = {n}: the bound exceeds p with probability {worst} > {alpha}"
+    return worst
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 100, 1000, 10_000])
+@pytest.mark.parametrize("alpha", [0.001, 0.05, 0.3])
+def test_clopper_pearson_coverage_is_exact(n, alpha):
+    worst = assert_lower_bound_covers(ddrs_ext.stats.clopper_pearson_lower, n, alpha)
+    assert worst > alpha * 0.999  # and it is not needlessly conservative: the level is attained
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_negative_control_coverage_of_a_bound_at_twice_alpha_fails(n):
+    def doubled(k, n, alpha):
+        return ddrs_ext.stats.clopper_pearson_lower(k, n, 2 * alpha)
+
+    with pytest.raises(AssertionError, match="exceeds p with probability"):
+        assert_lower_bound_covers(doubled, n, 0.05)
+
+
+def test_certificates_are_tight(linear_binary):
+    """On inputs far from the boundary the certified radius is close to the true one."""
     rng = np.random.default_rng(2)
     margins = rng.uniform(-1.5, 1.5, 400)
     x = _points(linear_binary, margins)
     sigma = torch.from_numpy(rng.uniform(0.25, 1.0, 400))
-    alpha = 0.05
-    res = certify(linear_binary, x, sigma, n0=64, n=2000, alpha=alpha, seed=7, batch_size=4096)
-    true_class = (margins > 0).astype(int)
+    res = certify(linear_binary, x, sigma, n0=64, n=2000, alpha=0.05, seed=7, batch_size=4096)
     certified = res.prediction.numpy() != ABSTAIN
-    wrong = certified & (res.prediction.numpy() != true_class)
-    too_big = certified & (res.radius.numpy() > np.abs(margins))
-    # Each input fails with probability <= alpha; allow the binomial 1e-6 upper quantile.
-    limit = stats.binom.ppf(1 - 1e-6, 400, alpha)
-    assert (wrong | too_big).sum() <= limit
-    # Tight: on inputs far from the boundary the radius is close to the true one.
     far = certified & (np.abs(margins) / sigma.numpy() > 0.5) & (np.abs(margins) / sigma.numpy() < 2.5)
     ratio = res.radius.numpy()[far] / np.abs(margins[far])
     assert far.sum() > 100 and np.median(ratio) > 0.85

@@ -292,7 +292,7 @@ def test_memory_extend_restores_the_memory():
     p1, r1 = first.adjust(x[:25], prediction[:25], radius[:25])
     rebuilt = CertificationMemory()
     rebuilt.extend(x[:25], p1, r1)
-    assert len(rebuilt) == len(first) == int((p1 != -1).sum())
+    assert len(rebuilt) == len(first) == 25  # every answer, abstentions included
     for key, value in first.state_dict().items():
         other = rebuilt.state_dict()[key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
@@ -309,7 +309,7 @@ def test_memory_extend_checks_like_adjust():
     with pytest.raises(ValueError, match="shape"):
         memory.extend(torch.zeros(2, 2), torch.tensor([1]), torch.tensor([0.5]))
     memory.extend(torch.zeros(2, 2), torch.tensor([1, -1]), torch.tensor([0.5, 0.0]))
-    assert len(memory) == 1
+    assert len(memory) == 2
     with pytest.raises(ValueError, match="per-input shape"):
         memory.extend(torch.zeros(1, 3), torch.tensor([1]), torch.tensor([0.5]))
 
@@ -1125,6 +1125,29 @@ def test_files_of_earlier_versions_resume_with_their_meaning(capsys, models, tmp
     assert code == 0 and "note" not in err
     assert rows(tmp_path / "fixed2.tsv") == rows(tmp_path / "fixed.tsv")
     assert not analyze.load(tmp_path / "fixed.tsv").notes
+
+
+def test_memory_files_of_the_earlier_rule_are_not_continued(capsys, models, tmp_path):
+    """A --memory file records the memory's rule; one adjusted under the earlier rule (abstentions
+    passed through and not stored; its settings lack "memory_rule") is refused on resume with a
+    message that says why, since rebuilding the memory from its rows would mix two rules. Negative
+    control: the same file with the current rule's marker resumes."""
+    data, sigma = write_abs_data(tmp_path)
+    common = ["certify", "--model", f"{models}:build_abs", "--data", data, "--sigma-file", sigma, *TINY]
+    ok(capsys, *common, "--out", tmp_path / "whole.tsv")
+    settings = json.loads((tmp_path / "whole.tsv.settings.json").read_text())
+    assert settings["memory"] is True and settings["memory_rule"] == 2
+    lines = (tmp_path / "whole.tsv").read_text().splitlines(keepends=True)
+    old = dict(settings)
+    del old["memory_rule"]
+    for name, kept in (("old.tsv", old), ("current.tsv", settings)):
+        (tmp_path / name).write_text("".join(lines[:9]))
+        (tmp_path / f"{name}.settings.json").write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    msg = fails(capsys, *common, "--out", tmp_path / "old.tsv")
+    assert "certified with the memory of an earlier ddrs version (rule 1" in msg and "another --out" in msg
+    code, _, err = run(capsys, *common, "--no-progress", "--out", tmp_path / "current.tsv")
+    assert code == 0, err
+    assert rows(tmp_path / "current.tsv") == rows(tmp_path / "whole.tsv")
 
 
 # ----------------------------------------------------------------------------- help examples, paths

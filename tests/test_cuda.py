@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import ddrs_ext
 from ddrs_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -168,6 +169,60 @@ def test_perturb_second_device():
     )
     _assert_same_bits(out, out0)
     _assert_same_bits(sq, sq0)
+
+
+# ---------------------------------------------------------------- perturb_uniform (the l1 noise)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_uniform_matches_reference_and_cpu(dtype, shape):
+    x, theta, stream = sample_inputs(DEVICE, dtype, shape, seed=2)
+    m = 3
+    out = ops.perturb_uniform(x, theta, stream, SEED, 17, m)
+    assert out.device.type == "cuda" and out.shape == (shape[0] * m, *shape[1:])
+    _assert_same_bits(out, reference.perturb_uniform(x, theta, stream, SEED, 17, m))
+    args = (SEED, 2**32 + 9, 5, 2, shape[0] * 5 - 3)  # a sample offset past 32 bits, a row window
+    _assert_same_bits(
+        ops.perturb_uniform(x, theta, stream, *args),
+        ops.perturb_uniform(x.cpu(), theta.cpu(), stream.cpu(), *args),
+    )
+
+
+def test_perturb_uniform_extreme_keys_and_float32_theta():
+    x, theta, _ = sample_inputs(DEVICE, torch.float32, (3, 9))
+    stream = torch.tensor([0, 2**32 - 1, 2**31], device=DEVICE)
+    for seed, offset in [(0, 0), (2**64 - 1, 2**40 + 1), (2**32, 2**32 - 2)]:
+        out = ops.perturb_uniform(x, theta.float(), stream, seed, offset, 4)
+        _assert_same_bits(out, reference.perturb_uniform(x, theta.float(), stream, seed, offset, 4))
+
+
+@pytest.mark.parametrize("splits", [[1] * 12, [5, 7], [2, 9, 1], [12]])
+def test_perturb_uniform_chunks_and_batch(splits):
+    x, theta, stream = sample_inputs(DEVICE, torch.float32, (3, 2, 1500))
+    m = 4
+    whole = ops.perturb_uniform(x, theta, stream, 9, 0, m)
+    buf = torch.empty(max(splits), 2, 1500, device=DEVICE)
+    start = 0
+    for rows in splits:
+        ops.perturb_uniform_out(x, theta, stream, 9, 0, m, start, buf[:rows])
+        _assert_same_bits(buf[:rows], whole[start : start + rows])
+        start += rows
+    _assert_same_bits(ops.perturb_uniform(x[1:2], theta[1:2], stream[1:2], 9, 0, m), whole[4:8])
+
+
+def test_perturb_uniform_errors_like_cpu():
+    x, theta, _ = sample_inputs(DEVICE, torch.float32, (3, 5))
+    stream = torch.tensor([0, 7, 2**32], device=DEVICE)
+    with pytest.raises(
+        ValueError, match=r"perturb_uniform: stream ids must lie in \[0, 2\^32\), got 4294967296 for input 2"
+    ):
+        ops.perturb_uniform(x, theta, stream, 0, 0, 2)
+    with pytest.raises(ValueError, match="same device"):
+        ops.perturb_uniform(x, theta.cpu(), stream, 0, 0, 2)
+    z = torch.zeros(0, 3, device=DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
+    assert ops.perturb_uniform(z, empty, empty.long(), 1, 0, 4).shape == (0, 3)
 
 
 # ---------------------------------------------------------------- count_votes
@@ -530,6 +585,21 @@ def test_sigma_step_matches_cpu(B, rule):
     _assert_same_bits(cuda_bracket, cpu_bracket)  # only ever set to an input sigma
 
 
+@pytest.mark.parametrize("clip", [(0.0, 1.0), (0.02, 0.98)])
+@pytest.mark.parametrize("rule", [0, 1])
+def test_sigma_step_linear_gap_matches_cpu(rule, clip):
+    """Uniform noise's surrogate theta * (E_A - E_B) (gap 1): the same bits as the CPU (no libm involved)."""
+    sigma, top2, dtop2, bracket = _sigma_inputs(777, seed=3)
+    kwargs = {"lr": 0.1, "clip": clip, "sigma_range": (0.01, 3.0), "rule": rule, "growth": 1.7, "gap": 1}
+    cuda_bracket = bracket.to(DEVICE)
+    got = ops.sigma_step(sigma.to(DEVICE), top2.to(DEVICE), dtop2.to(DEVICE), cuda_bracket, **kwargs)
+    cpu_bracket = bracket.clone()
+    expected = ops.sigma_step(sigma, top2, dtop2, cpu_bracket, **kwargs)
+    for a, b in zip(got, expected):
+        _assert_same_bits(a, b)
+    _assert_same_bits(cuda_bracket, cpu_bracket)
+
+
 def test_sigma_step_non_contiguous_and_empty():
     sigma, top2, dtop2, bracket = _sigma_inputs(10)
     kwargs = {"lr": 0.1, "clip": (0.02, 0.98), "sigma_range": (0.01, 3.0), "rule": 1, "growth": 1.7}
@@ -570,6 +640,11 @@ def test_opcheck_cuda():
     torch.library.opcheck(
         torch.ops.ddrs_ext.perturb_gaussian_out.default,
         (x, sigma, stream, 1, 0, 4, 0, torch.empty(5, 5, device=DEVICE), None),
+    )
+    torch.library.opcheck(torch.ops.ddrs_ext.perturb_uniform.default, (x, sigma, stream, 1, 0, 4, 2, 7))
+    torch.library.opcheck(
+        torch.ops.ddrs_ext.perturb_uniform_out.default,
+        (x, sigma, stream, 1, 0, 4, 2, torch.empty(7, 5, device=DEVICE)),
     )
     logits = _logits(12, 4, torch.float32)
     torch.library.opcheck(torch.ops.ddrs_ext.count_votes.default, (logits, 0, 4, 3))
@@ -616,8 +691,12 @@ def test_cuda_kernels_registered():
     such as perturb_gaussian and count_votes, which call an in-place op through the dispatcher)."""
     cpu, cuda = _ops_with_kernel("CPU"), _ops_with_kernel("CUDA")
     composite = _ops_with_kernel("CompositeExplicitAutograd")
-    assert cuda == cpu and {"perturb_gaussian_out", "count_votes_", "soft_votes_", "sigma_step"} <= cuda
-    assert {"perturb_gaussian", "count_votes"} <= composite
+    assert (
+        cuda == cpu
+        and {"perturb_gaussian_out", "perturb_uniform_out", "count_votes_", "soft_votes_", "sigma_step"}
+        <= cuda
+    )
+    assert {"perturb_gaussian", "perturb_uniform", "count_votes"} <= composite
     assert cuda | composite == _ops_with_kernel(None)
 
 
@@ -630,3 +709,30 @@ def test_compile_fullgraph_cuda():
 
     compiled = torch.compile(noisy_votes, fullgraph=True, backend="aot_eager")
     _assert_same_bits(compiled(x, sigma, stream), noisy_votes(x, sigma, stream))
+
+
+# ---------------------------------------------------------------- the l1 certificate end to end
+
+
+class _AxisLinear(torch.nn.Module):
+    """logits (0, x_2 + 0.1): the same bits on any device (no reduction), so votes match exactly."""
+
+    def forward(self, x):
+        score = x.flatten(1)[:, 2] + 0.1
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_uniform_certify_and_l1_memory_match_cpu():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(9, 6, generator=g, dtype=torch.float64) - 0.5
+    theta = torch.rand(9, generator=g, dtype=torch.float64) * 0.5 + 0.2
+    kw = dict(n0=50, n=3000, alpha=0.001, seed=11, noise="uniform", batch_size=1000)
+    cpu = ddrs_ext.certify(_AxisLinear(), x, theta, **kw)
+    gpu = ddrs_ext.certify(_AxisLinear(), x.to(DEVICE), theta.to(DEVICE), **kw)
+    assert gpu.norm == cpu.norm == "l1"
+    for name in ("prediction", "radius", "p_lower", "counts"):
+        _assert_same_bits(getattr(gpu, name), getattr(cpu, name))
+    on_cpu = ddrs_ext.CertificationMemory(norm="l1").adjust_result(x, cpu)
+    on_gpu = ddrs_ext.CertificationMemory(DEVICE, norm="l1").adjust_result(x.to(DEVICE), gpu)
+    _assert_same_bits(on_gpu.prediction, on_cpu.prediction)
+    torch.testing.assert_close(on_gpu.radius, on_cpu.radius, rtol=1e-12, atol=0)

@@ -280,3 +280,90 @@ def test_best_level_takes_the_largest_correct_certificate():
     assert labels[2] == 0  # wrong everywhere: all -1, the lowest level
     with pytest.raises(ValueError, match="one label per input"):
         best_level(classifier, x, y[:2], [0.1, 0.5])
+
+
+# ---------------------------------------------------------------- noise independence (issue 17)
+
+
+class Spy(torch.nn.Module):
+    """A half-space model on 64-d inputs that records every batch it is given."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.halfspace = Halfspace(w, b)
+        self.batches = []
+
+    def forward(self, z):
+        self.batches.append(z.clone())
+        return self.halfspace(z)
+
+
+def dual_noise(seed=5):
+    """The Gaussian draws of the selector (smoothed at 0.3) and of the classifier (certified at level
+    0.5) on four inputs at 0, where the selector certifies level 1: two (4 * (64 + 64), 64) matrices,
+    row r of each being the same phase, input and sample."""
+    dim = 64
+    w = torch.zeros(dim, dtype=torch.float64)
+    w[0] = 1.0
+    selector = Spy(w, 1.0)  # margin 1 = 3.3 selector sigmas: level 1 is certified
+    classifier = Spy(torch.randn(dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 0.1)
+    x = torch.zeros(4, dim, dtype=torch.float64)
+    r = certify_dual(
+        classifier,
+        selector,
+        x,
+        LEVELS,
+        selector_sigma=0.3,
+        n0=64,
+        n=64,
+        alpha=0.01,
+        seed=seed,
+        batch_size=512,
+    )
+    assert r.level.tolist() == [1] * 4 and len(selector.batches) == len(classifier.batches) == 1
+    return selector.batches[0] / 0.3, classifier.batches[0] / LEVELS[1]
+
+
+def assert_independent(selector_noise, classifier_noise):
+    """The selector's draws are uncorrelated with the classifier's at the same positions, and no
+    selector draw (a 64-d row) is, up to scale, any classifier draw."""
+    a, b = selector_noise.flatten(), classifier_noise.flatten()
+    matched = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    # 32768 pairs: under independence r has sd 0.0055; the limit is 6 sd.
+    assert abs(matched) < 6 / math.sqrt(a.numel()), f"selector and classifier noise correlate: r = {matched}"
+    rows_a = selector_noise / selector_noise.norm(dim=1, keepdim=True)
+    rows_b = classifier_noise / classifier_noise.norm(dim=1, keepdim=True)
+    # independent 64-d Gaussian rows: |cos| has sd 1/8, and 0.9 is 7 sd beyond it
+    cosine = float((rows_a @ rows_b.T).abs().max())
+    assert cosine < 0.9, f"a selector draw repeats a classifier draw: |cos| = {cosine}"
+
+
+def test_selector_and_classifier_noise_are_independent():
+    assert_independent(*dual_noise())
+
+
+def test_negative_control_shared_noise_is_caught(monkeypatch):
+    """The selector keyed with the classifier's seed draws the classifier's noise: caught."""
+    import ddrs_ext.dual as dual
+
+    monkeypatch.setattr(dual, "selector_seed", lambda seed: seed)
+    with pytest.raises(AssertionError, match="noise correlate"):
+        assert_independent(*dual_noise())
+
+
+def test_negative_control_shared_noise_at_other_positions_is_caught(monkeypatch):
+    """The classifier's seed with the streams shifted by one input: no position matches, but the
+    selector's draws for input b are the classifier's for input b - 1, which the row check catches."""
+    import ddrs_ext.dual as dual
+
+    plain = dual.certify
+
+    def shifted(model, x, sigma, **kw):
+        if kw["num_classes"] == len(LEVELS) and kw["seed"] == selector_seed(5):  # the selector's call
+            kw.update(seed=5, index=kw["index"].roll(1))
+        return plain(model, x, sigma, **kw)
+
+    monkeypatch.setattr(dual, "certify", shifted)
+    selector_noise, classifier_noise = dual_noise(seed=5)
+    with pytest.raises(AssertionError, match="repeats a classifier draw"):
+        assert_independent(selector_noise, classifier_noise)

@@ -16,24 +16,24 @@ INVARIANT_RTOL = 1e-12
 
 
 def reference_adjust(stored, x, prediction, radius):
-    """DESIGN.md section 2, transcribed with Python floats; ``stored`` is a list of (x, class, radius)."""
+    """CertificationMemory's rule, transcribed with Python floats; ``stored`` is a list of (x, label,
+    radius). Labels are classes or ABSTAIN (a label of its own, radius 0); every answer is stored."""
     out_class, out_radius = [], []
     for xi, c, r in zip(x.double().numpy(), prediction.tolist(), radius.double().tolist()):
-        if c != ABSTAIN:
-            inside, gaps = [], []
-            for j, (xj, cj, rj) in enumerate(stored):
-                if cj == c:
-                    continue
-                d = math.sqrt(float(np.sum((xi - xj) ** 2)))
-                if d < rj:
-                    inside.append((rj - d, -j, cj))  # deepest first, then earliest
-                else:
-                    gaps.append(d - rj)
-            if inside:
-                r, _, c = max(inside)
-            elif gaps:
-                r = min(r, min(gaps))
-            stored.append((xi, c, r))
+        inside, gaps = [], []
+        for j, (xj, cj, rj) in enumerate(stored):
+            if cj == c:
+                continue
+            d = math.sqrt(float(np.sum((xi - xj) ** 2)))
+            if d < rj:
+                inside.append((rj - d, -j, cj))  # deepest first, then earliest
+            else:
+                gaps.append(d - rj)
+        if inside:
+            r, _, c = max(inside)
+        elif gaps:
+            r = min(r, min(gaps))
+        stored.append((xi, c, r))
         out_class.append(c)
         out_radius.append(r)
     return torch.tensor(out_class, dtype=torch.int64), torch.tensor(out_radius, dtype=torch.float64)
@@ -57,16 +57,37 @@ def random_stream(seed, n=150, dim=2, num_classes=3, scale=3.0, offset=0.0, dtyp
     return torch.from_numpy(x).to(dtype), torch.from_numpy(prediction), torch.from_numpy(radius)
 
 
-def assert_no_overlap(memory):
+def _overlaps(x, c, r, y, e, q):
+    """(len(x), len(y)) mask of pairs of entries of different labels whose balls overlap (d < r + q),
+    up to INVARIANT_RTOL."""
+    d = np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))
+    need = r[:, None] + q[None, :]
+    return (c[:, None] != e[None, :]) & (d < need - INVARIANT_RTOL * np.maximum(need, d))
+
+
+def _stored(memory):
     state = memory.state_dict()
     if state["x"] is None:
-        return
+        return np.zeros((0, 1)), np.zeros(0, dtype=np.int64), np.zeros(0)
     x = state["x"].double().flatten(1).cpu().numpy()
-    c, r = state["prediction"].cpu().numpy(), state["radius"].cpu().numpy()
-    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
-    need = r[:, None] + r[None, :]
-    bad = (c[:, None] != c[None, :]) & (d < need - INVARIANT_RTOL * np.maximum(need, d))
-    assert not bad.any(), f"overlapping balls of different classes: {np.argwhere(bad)[:5].tolist()}"
+    return x, state["prediction"].cpu().numpy(), state["radius"].cpu().numpy()
+
+
+def assert_no_overlap(memory):
+    """The invariant: no two stored entries of different labels overlap, ||x_i - x_j|| >= R_i + R_j
+    (abstentions are entries of radius 0, so no stored ball of a class contains an abstained input)."""
+    x, c, r = _stored(memory)
+    bad = _overlaps(x, c, r, x, c, r)
+    assert not bad.any(), f"overlapping balls of different labels: {np.argwhere(bad)[:5].tolist()}"
+
+
+def assert_answers_inside_balls_take_their_class(memory, x, prediction):
+    """Every answer given (abstentions included) whose input lies inside a stored ball has that
+    ball's class: no answered input lies in the open ball of an entry of another label."""
+    sx, sc, sr = _stored(memory)
+    q = x.double().flatten(1).numpy()
+    bad = _overlaps(q, prediction.numpy(), np.zeros(len(q)), sx, sc, sr)
+    assert not bad.any(), f"answers inside a ball of another label: {np.argwhere(bad)[:5].tolist()}"
 
 
 def assert_states_equal(a, b):
@@ -135,7 +156,7 @@ def test_depth_ties_go_to_the_earliest_entry():
         memory.load_state_dict(
             {
                 "format": "ddrs_ext.CertificationMemory",
-                "version": 1,
+                "version": memory_module._VERSION,
                 "input_shape": [2],
                 "x": pts([0.0, 0.0], [2.0, 0.0]),
                 "prediction": torch.tensor([first, second]),
@@ -155,15 +176,39 @@ def test_same_class_balls_may_overlap():
     assert answers(memory, pts([10.0, 0.0]), [1], [9.0]) == ([1], [2.5])  # min(10 - 2, 9 - 3, 9.5 - 7)
 
 
-def test_abstentions_pass_through_and_are_not_stored():
+def test_an_abstention_inside_a_ball_takes_its_class_and_is_stored():
     memory = CertificationMemory()
-    c, r = answers(memory, pts([0.0, 0.0], [5.0, 0.0], [0.5, 0.0]), [ABSTAIN, 1, ABSTAIN], [0.0, 1.0, 0.0])
-    assert (c, r) == ([ABSTAIN, 1, ABSTAIN], [0.0, 1.0, 0.0])
-    assert len(memory) == 1
-    # Nothing was stored at the abstained points, so a query there keeps its answer.
-    assert answers(memory, pts([0.0, 0.0]), [2], [3.0]) == ([2], [3.0])
-    assert answers(memory, pts([5.0, 0.0]), [ABSTAIN], [0.0]) == ([ABSTAIN], [0.0])
-    assert len(memory) == 2
+    answers(memory, pts([0.0, 0.0]), [1], [1.0])
+    # At the centre of a class-1 ball of radius 1 an abstaining query gets the whole radius ...
+    assert answers(memory, pts([0.0, 0.0]), [ABSTAIN], [0.0]) == ([1], [1.0])
+    # ... and 0.25 from the centre the remaining depth; the deepest ball wins (ties: the earliest).
+    answers(memory, pts([3.0, 0.0]), [2], [1.5])
+    assert answers(memory, pts([0.25, 0.0], [2.0, 0.0]), [ABSTAIN, ABSTAIN], [0.0, 0.0]) == (
+        [1, 2],
+        [0.75, 0.5],
+    )
+    assert len(memory) == 5  # the adopted answers are stored
+    assert_no_overlap(memory)
+
+
+def test_an_abstention_near_a_ball_stays_an_abstention_and_is_stored():
+    memory = CertificationMemory()
+    answers(memory, pts([0.0, 0.0]), [1], [1.0])
+    # Outside the ball, and exactly on its boundary (the ball is open): (ABSTAIN, 0).
+    assert answers(memory, pts([1.5, 0.0], [0.0, 1.0]), [ABSTAIN, ABSTAIN], [0.0, 0.0]) == (
+        [ABSTAIN, ABSTAIN],
+        [0.0, 0.0],
+    )
+    assert len(memory) == 3
+    # A later ball of a class stops at the abstained inputs, as at any answer of another label ...
+    assert answers(memory, pts([1.5, 0.5]), [2], [3.0]) == ([2], [0.5])
+    # ... whatever its own class; an abstention sees no other abstention (same label).
+    assert answers(memory, pts([0.0, 1.75]), [1], [3.0]) == ([1], [0.75])
+    assert answers(memory, pts([1.5, 0.0]), [ABSTAIN], [0.0]) == ([ABSTAIN], [0.0])
+    # A certified query exactly at an abstained input gets radius 0.
+    assert answers(memory, pts([0.0, 1.0]), [0], [2.0]) == ([0], [0.0])
+    assert len(memory) == 7
+    assert_no_overlap(memory)
 
 
 def test_empty_batch_and_radius_zero():
@@ -198,10 +243,82 @@ def test_matches_reference_and_keeps_invariant(seed):
     ref_c, ref_r = reference_adjust([], x, p, r)
     assert torch.equal(c, ref_c)
     torch.testing.assert_close(radius, ref_r, rtol=1e-12, atol=1e-12)
-    assert len(memory) == int((p != ABSTAIN).sum())
+    assert len(memory) == len(x)  # every answer is stored
     assert_no_overlap(memory)
-    changed = int((c != p).sum())
-    assert changed > 0  # the streams do exercise the inside-the-ball case
+    assert_answers_inside_balls_take_their_class(memory, x, c)
+    assert int((c != p).sum()) > 0  # the streams do exercise the inside-the-ball case
+
+
+def test_abstentions_in_the_streams_take_the_class_of_the_ball_they_lie_in():
+    """Over the random streams, abstaining queries land inside balls and take their class; those that
+    do not stay (ABSTAIN, 0). Every one of them is stored."""
+    adopted = kept = 0
+    for seed in range(10):
+        x, p, r = random_stream(seed, dim=2)
+        memory = CertificationMemory()
+        c, radius = memory.adjust(x, p, r)
+        abstained = p == ABSTAIN
+        adopted += int((abstained & (c != ABSTAIN)).sum())
+        kept += int((abstained & (c == ABSTAIN)).sum())
+        assert bool((radius[abstained & (c == ABSTAIN)] == 0).all())
+        assert bool((radius[abstained & (c != ABSTAIN)] > 0).all())
+        assert_answers_inside_balls_take_their_class(memory, x, c)
+    assert adopted > 10 and kept > 10
+
+
+# ----------------------------------------------------------------------------- negative controls
+
+
+def _passes_abstentions_through(memory_class):
+    """adjust as ddrs_ext's earlier rule had it: abstentions returned unchanged and not stored."""
+    adjust = memory_class.adjust
+
+    def patched(self, x, prediction, radius):
+        prediction, radius = torch.as_tensor(prediction).clone(), torch.as_tensor(radius).double().clone()
+        rows = (prediction != ABSTAIN).nonzero().flatten()
+        if rows.numel():
+            prediction[rows], radius[rows] = adjust(self, x[rows], prediction[rows], radius[rows])
+        else:
+            self._check_queries(x, prediction, radius)
+        return prediction, radius
+
+    return patched
+
+
+def _skips_the_shrink(adjust_block):
+    """_adjust_block that stores and returns the radius a query came with unless it changed class."""
+
+    def patched(self, x, prediction, radius):
+        classes, radii = adjust_block(self, x, prediction, radius)
+        radii = torch.where(classes == prediction, radius, radii)
+        self._radius[self._size - radii.shape[0] : self._size] = radii.to(self._radius.device)
+        return classes, radii
+
+    return patched
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_negative_control_abstentions_passed_through_break_the_inside_a_ball_check(seed, monkeypatch):
+    x, p, r = random_stream(seed, dim=2)
+    monkeypatch.setattr(CertificationMemory, "adjust", _passes_abstentions_through(CertificationMemory))
+    memory = CertificationMemory()
+    c, _ = memory.adjust(x, p, r)
+    assert len(memory) == int((p != ABSTAIN).sum())  # the patch is the old rule
+    assert_no_overlap(memory)  # which kept this invariant ...
+    with pytest.raises(AssertionError, match="answers inside a ball of another label"):
+        assert_answers_inside_balls_take_their_class(memory, x, c)  # ... but not this one
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_negative_control_skipping_the_shrink_breaks_the_no_overlap_check(seed, monkeypatch):
+    x, p, r = random_stream(seed, dim=2)
+    monkeypatch.setattr(
+        CertificationMemory, "_adjust_block", _skips_the_shrink(CertificationMemory._adjust_block)
+    )
+    memory = CertificationMemory()
+    memory.adjust(x, p, r)
+    with pytest.raises(AssertionError, match="overlapping balls of different labels"):
+        assert_no_overlap(memory)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -286,7 +403,7 @@ def test_large_stream_in_calls_of_100_equals_one_call():
     assert torch.equal(torch.cat([g[0] for g in got]), expected[0])
     assert torch.equal(torch.cat([g[1] for g in got]), expected[1])
     assert_states_equal(memory.state_dict(), whole.state_dict())
-    assert len(memory) == int((p != ABSTAIN).sum())
+    assert len(memory) == len(x)
     assert int((expected[0] != p).sum()) > 0  # some queries land inside another class's ball
     state = memory.state_dict()
     d = torch.cdist(state["x"], state["x"], compute_mode="donot_use_mm_for_euclid_dist")
@@ -316,7 +433,8 @@ def test_adjust_result_replaces_only_prediction_and_radius():
     result = _result([0, 1, ABSTAIN], [2.0, 4.0, 0.0])
     out = memory.adjust_result(pts([0.0, 0.0], [1.0, 0.0], [0.5, 0.5]), result)
     assert out is not result
-    assert out.prediction.tolist() == [0, 0, ABSTAIN] and out.radius.tolist() == [2.0, 1.0, 0.0]
+    # (0.5, 0.5) abstains but lies inside the class-0 ball at the origin: it takes its class.
+    assert out.prediction.tolist() == [0, 0, 0] and out.radius.tolist() == [2.0, 1.0, 2.0 - math.sqrt(0.5)]
     assert out.p_lower is result.p_lower and out.counts is result.counts and out.sigma is result.sigma
     assert out.seed == 1234
     assert result.prediction.tolist() == [0, 1, ABSTAIN] and result.radius.tolist() == [2.0, 4.0, 0.0]
@@ -331,7 +449,7 @@ def test_adjust_result_of_certify(linear_binary):
     ref_c, ref_r = reference_adjust([], x, result.prediction, result.radius)
     assert torch.equal(out.prediction, ref_c)
     torch.testing.assert_close(out.radius, ref_r, rtol=1e-12, atol=0)
-    assert len(memory) == int((result.prediction != ABSTAIN).sum())
+    assert len(memory) == len(x)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -362,12 +480,13 @@ def test_save_load_empty(tmp_path):
     fresh.save(tmp_path / "fresh.pt")
     assert len(CertificationMemory.load(tmp_path / "fresh.pt")) == 0
 
-    # Only abstentions so far: nothing stored, but the input shape is fixed and survives.
+    # Only abstentions so far: they are stored (radius 0), and the input shape survives.
     shaped = CertificationMemory()
     shaped.adjust(torch.zeros(2, 3), torch.tensor([ABSTAIN, ABSTAIN]), torch.zeros(2))
     shaped.save(tmp_path / "shaped.pt")
     loaded = CertificationMemory.load(tmp_path / "shaped.pt", map_location="cpu")
     assert_states_equal(loaded.state_dict(), shaped.state_dict())
+    assert len(loaded) == 2 and loaded.state_dict()["prediction"].tolist() == [ABSTAIN, ABSTAIN]
     with pytest.raises(ValueError, match=r"per-input shape \(3,\)"):
         loaded.adjust(torch.zeros(1, 4), torch.tensor([0]), torch.ones(1))
 
@@ -388,6 +507,10 @@ def test_load_rejects_other_files(tmp_path):
     torch.save({**state, "version": 99}, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="unknown CertificationMemory state version 99"):
         CertificationMemory.load(tmp_path / "future.pt")
+    # Version 1 (abstentions neither stored nor adopting a ball's class) is refused, saying why.
+    torch.save({**state, "version": 1}, tmp_path / "version1.pt")
+    with pytest.raises(ValueError, match="version 1.*abstain.*not loaded.*unadjusted certify results"):
+        CertificationMemory.load(tmp_path / "version1.pt")
 
 
 @pytest.mark.parametrize(
@@ -398,7 +521,8 @@ def test_load_rejects_other_files(tmp_path):
         {"x": torch.zeros(1, 2, dtype=torch.int64)},
         {"x": None},
         {"prediction": torch.tensor([0.0])},
-        {"prediction": torch.tensor([-1])},
+        {"prediction": torch.tensor([-2])},
+        {"prediction": torch.tensor([ABSTAIN])},  # a stored abstention with radius 1
         {"radius": torch.tensor([-1.0], dtype=torch.float64)},
         {"radius": torch.tensor([1.0, 2.0], dtype=torch.float64)},
         {"input_shape": [3]},
@@ -528,8 +652,8 @@ def test_pairs_left_out_never_matter(seed, monkeypatch):
 
     within = memory_module._earlier_pairs_within
 
-    def every_pair(flat, threshold, reach):
-        return within(flat, torch.full_like(threshold, math.inf), reach)
+    def every_pair(flat, threshold, reach, *norm):
+        return within(flat, torch.full_like(threshold, math.inf), reach, *norm)
 
     monkeypatch.setattr(memory_module, "_earlier_pairs_within", every_pair)
     walked = CertificationMemory()

@@ -1,81 +1,62 @@
-"""Every `ddrs ...` command shown in the README parses with the real command line (options and
-their values are accepted; no files are opened)."""
+"""The README's code runs: its Python blocks execute, every `ddrs ...` and `torchrun ...` command it
+shows parses with the real parsers (options and values accepted, the checks that need no files
+passed; nothing is opened), its links to docs/ lead to pages, and its test command is the block CI
+runs."""
 
 from __future__ import annotations
 
-import itertools
 import re
-import shlex
-from pathlib import Path
+import subprocess
 
 import pytest
+from docs_blocks import CHECKOUT, check_command, page_blocks, run_python, shell_commands
 
-from ddrs.cli import build_parser
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def readme_commands() -> list[str]:
-    """The ``ddrs ...`` and ``torchrun ...`` commands of the README's bash blocks: continuation lines
-    joined, ``VAR=value`` assignments substituted (and dropped in front of a command), and one command
-    per value combination of the ``for x in a b; do`` loops around them."""
-    text = README.read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        variables, loops = {}, {}
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.split("  #")[0].strip()
-            assignment = re.match(r"^([A-Z_]+)=(\"[^\"]*\"|\S+)$", line)
-            if assignment:
-                variables[assignment.group(1)] = assignment.group(2).strip('"')
-                continue
-            line = re.sub(r"^(?:[A-Z_]+=\S+ )+", "", line)  # VAR=value in front of a command
-            for name, values in re.findall(r"for (\w+) in ([^;]+); do", line):
-                loops[name] = values.split()
-            for part in line.split("&&"):
-                part = part.strip()
-                if not part.startswith(("ddrs ", "torchrun ")):
-                    continue
-                for name, value in variables.items():
-                    part = part.replace(f"${name}", value)
-                used = [n for n in loops if re.search(rf"\$\{{?{n}\b", part)]
-                for values in itertools.product(*(loops[n] for n in used)):
-                    command = part
-                    for name, value in zip(used, values):
-                        command = command.replace(f"${{{name}}}", value)
-                        command = re.sub(rf"\${name}(?!\w)", value, command)
-                    commands.append(command)
-    return commands
-
-
-COMMANDS = readme_commands()
+README = CHECKOUT / "README.md"
+BLOCKS = page_blocks(README)
+COMMANDS = shell_commands(BLOCKS)
 
 
 def test_the_readme_shows_commands():
-    assert {c.split()[1] for c in COMMANDS} >= {"demo", "certify", "optimize-sigma", "analyze"}
+    assert {c.split()[1] for c in COMMANDS if c.startswith("ddrs ")} >= {"demo", "certify"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_parses(command):
-    argv = shlex.split(command)[1:]
-    if command.startswith("torchrun "):
-        # torchrun's own parser must take the line as it stands (no option of ours swallowed), and
-        # what follows `-m ddrs --` (or a script) must parse as a ddrs command
-        from torch.distributed.run import get_args_parser
-
-        launch = get_args_parser().parse_args(argv)
-        if not (launch.module and launch.training_script in ("ddrs", "ddrs_ext")):
-            return
-        after = argv[argv.index(launch.training_script) + 1 :]
-        assert after[:1] == ["--"], f"put `--` between `-m ddrs` and the command: {command}"
-        argv = launch.training_script_args
-        argv = argv[1:] if argv[:1] == ["--"] else argv  # argparse may or may not keep the `--`
-    if "--help" in argv or "-h" in argv:
-        return
-    args = build_parser().parse_args(argv)
-    assert args is not None
+    check_command(command, README.read_text())
 
 
-def test_the_readme_shows_torchrun_commands():
-    assert any(c.startswith("torchrun ") and " -m ddrs -- certify " in c for c in COMMANDS)
+def test_a_readme_command_with_a_wrong_option_is_refused():
+    """Negative control: each checked README command, with an option it does not have, is refused
+    by the same check (so the check above does look at the options)."""
+    checked = [c for c in COMMANDS if c.startswith("ddrs ")]
+    assert checked
+    for command in checked:
+        with pytest.raises((AssertionError, SystemExit)):
+            check_command(command + " --no-such-option")
+
+
+def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_python(BLOCKS)
+    assert "result" in namespace  # the example certified something
+
+
+def test_the_readme_python_blocks_all_run():
+    assert all(b.not_run is None for b in BLOCKS if b.language == "python")
+
+
+def test_the_readme_links_to_docs_pages_that_exist():
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", README.read_text())
+    assert links
+    missing = [link for link in links if not (CHECKOUT / link).is_file()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_test_command_is_what_ci_extracts():
+    """.ci/run takes the block after <!-- test-command --> with awk; the same awk gives the README's
+    test block (pip install with the test extra, then pytest tests)."""
+    program = re.search(r"test_command=\$\(awk '([^']+)' README.md\)", (CHECKOUT / ".ci/run").read_text())
+    assert program, ".ci/run no longer extracts the test command with awk"
+    out = subprocess.run(["awk", program.group(1), "README.md"], cwd=CHECKOUT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '".[test]"' in out.stdout and "pytest tests" in out.stdout.splitlines()[-1]

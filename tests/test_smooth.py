@@ -10,6 +10,7 @@ from scipy import stats
 
 import ddrs_ext
 from ddrs_ext import ABSTAIN, Smooth, certify, optimize_sigma, predict, surrogate_radius
+from ddrs_ext.rng import PHASE_PREDICT
 
 
 class BatchNormNet(torch.nn.Module):
@@ -333,3 +334,142 @@ def test_a_nan_logit_is_still_an_error_naming_the_input():
     with pytest.raises(ValueError, match="NaN for input 2"):
         certify(nan_model, x, 0.01, n0=3, n=5)
     assert ddrs_ext.certify(nan_model, x[:2], 0.01, n0=3, n=5).counts[:, 1].tolist() == [5, 5]
+
+
+# ---------------------------------------------------------------- fresh noise for every call (issue 17)
+
+
+class NoiseSpy(torch.nn.Module):
+    """Logits (0, w.x) on 16-d inputs (at x = 0 each class gets half the votes), recording every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.randn(16, generator=torch.Generator().manual_seed(0))
+        self.batches = []
+
+    def forward(self, z):
+        self.batches.append(z.clone())
+        s = z @ self.w
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def _two_inputs():
+    return torch.zeros(16), torch.linspace(-0.05, 0.05, 16)
+
+
+def assert_noise_uncorrelated_across_calls(smooth: Smooth, spy: NoiseSpy, sigma: float) -> None:
+    """Certify two inputs, alternately, ten times each: each call's noise (and within a call, its
+    selection's and its estimation's) must be uncorrelated with every other's."""
+    a, b = _two_inputs()
+    spy.batches.clear()
+    for _ in range(10):
+        smooth.certify(a, 64, 64, 0.01, 64)
+        smooth.certify(b, 64, 64, 0.01, 64)
+    inputs = [a, a, b, b] * 10  # two batches (selection, estimation) per call
+    assert len(spy.batches) == 40
+    noise = torch.stack([((z - x) / sigma).flatten() for z, x in zip(spy.batches, inputs)]).double()
+    off = torch.corrcoef(noise)[~torch.eye(40, dtype=torch.bool)]
+    # 1024 values per batch: under independence r has sd 1/32; 6 sd over 780 pairs: ~1e-6 by chance.
+    assert float(off.abs().max()) < 6 / 32, (
+        f"correlated noise between calls: max |r| = {float(off.abs().max())}"
+    )
+
+
+def assert_votes_vary_binomially(smooth: Smooth, spy: NoiseSpy) -> None:
+    """40 predict calls on an input whose classes each get half the votes: the class-1 votes of the
+    calls must spread as independent Binomial(n, 1/2) counts do (a chi-square band on their variance)."""
+    a, _ = _two_inputs()
+    spy.batches.clear()
+    n = 200
+    for _ in range(40):
+        smooth.predict(a, n, 0.01, n)
+    ones = torch.stack([(z @ spy.w > 0).sum() for z in spy.batches]).double()
+    variance = float(ones.var())
+    low, high = stats.chi2.ppf([1e-5, 1 - 1e-5], 39) / 39 * n / 4
+    assert low < variance < high, f"votes of 40 calls vary by {variance}, Binomial({n}, 1/2) by {n / 4}"
+
+
+@pytest.mark.parametrize("seed", [3, None])  # None: torch's generator
+def test_every_call_draws_fresh_independent_noise(seed):
+    spy = NoiseSpy()
+    assert_noise_uncorrelated_across_calls(Smooth(spy, 2, 0.5, seed=seed), spy, 0.5)
+    assert_votes_vary_binomially(Smooth(spy, 2, 0.5, seed=seed), spy)
+
+
+def test_negative_control_the_old_fixed_stream_fails_the_independence_checks(monkeypatch):
+    """Before issue 17 every call of a Smooth with a seed drew stream 0's noise: both checks reject it."""
+    monkeypatch.setattr(Smooth, "_take_stream", lambda self, index: 0)
+    spy = NoiseSpy()
+    with pytest.raises(AssertionError, match="correlated noise between calls"):
+        assert_noise_uncorrelated_across_calls(Smooth(spy, 2, 0.5, seed=3), spy, 0.5)
+    with pytest.raises(AssertionError, match="votes of 40 calls vary by 0.0"):
+        assert_votes_vary_binomially(Smooth(spy, 2, 0.5, seed=3), spy)
+
+
+def test_a_sequence_of_calls_is_reproducible_and_equals_batched_certify():
+    _, b = _two_inputs()
+    model = NoiseSpy()
+    a = model.w * (0.45 / model.w.norm())  # class 1 with probability Phi(0.9) = 0.82 at sigma 0.5
+
+    def run(batch_size):
+        smooth = Smooth(model, 2, 0.5, seed=11)
+        return [
+            smooth.certify(a, 30, 300, 0.01, batch_size),
+            smooth.predict(b, 300, 0.01, batch_size),
+            smooth.certify(a, 30, 300, 0.01, batch_size),  # the same input again: new noise
+            smooth._sample_noise(b, 300, batch_size).tolist(),
+        ]
+
+    first = run(64)
+    assert first == run(7) == run(1000)
+    assert first[0][0] == first[2][0] == 1 and first[0][1] != first[2][1]  # two independent estimates
+    # k-th certify call = ddrs_ext.certify with index [k]: a data set certified in order, call by call,
+    # is one batched certify call.
+    x = torch.stack([a, b, a + 0.03, b - 0.02])
+    smooth = Smooth(model, 2, 0.5, seed=11)
+    calls = [smooth.certify(x[i], 30, 300, 0.01, 50) for i in range(4)]
+    batched = certify(model, x, 0.5, n0=30, n=300, alpha=0.01, seed=11)
+    assert calls == list(zip(batched.prediction.tolist(), batched.radius.tolist()))
+
+
+def test_index_pins_a_call_to_a_stream_whatever_came_before():
+    model = NoiseSpy()
+    x = torch.stack([*_two_inputs(), torch.full((16,), 0.01)])
+    index = [7, 3, 12]
+    batched = certify(model, x, 0.5, n0=30, n=300, alpha=0.01, seed=2, index=index)
+    smooth = Smooth(model, 2, 0.5, seed=2)
+    smooth.certify(x[0], 30, 300, 0.01, 64)  # a counted call first: takes stream 0
+    got = {i: smooth.certify(x[i], 30, 300, 0.01, 64, index=index[i]) for i in (2, 0, 1)}
+    assert [got[i] for i in range(3)] == list(zip(batched.prediction.tolist(), batched.radius.tolist()))
+    assert smooth._calls == 1  # pinned calls do not advance the count
+    votes = predict(model, x[:1], 0.5, n=300, alpha=0.01, seed=2, index=[9])
+    assert Smooth(model, 2, 0.5, seed=2).predict(x[0], 300, 0.01, 64, index=9) == int(votes[0])
+    for bad, error in [(-1, ValueError), (2**32, ValueError), (1.0, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="index must"):
+            smooth.certify(x[0], 30, 300, 0.01, 64, index=bad)
+
+
+def test_hooks_draw_disjoint_samples_of_one_stream_per_call():
+    """core.Smooth's CERTIFY through the hooks: the selection and the estimation of one call are
+    disjoint ranges of its stream; the next call takes the next stream; the sequence reproduces."""
+
+    class OwnBound(Smooth):
+        def _lower_confidence_bound(self, NA, N, alpha):  # noqa: N803
+            return float(stats.beta.ppf(alpha, NA, N - NA + 1)) if NA else 0.0
+
+    spy = NoiseSpy()
+    a, _ = _two_inputs()
+    smooth = OwnBound(spy, 2, 0.5, seed=4)
+    answers = [smooth.certify(a, 64, 64, 0.01, 64) for _ in range(3)]
+    noise = torch.stack([z.flatten() for z in spy.batches])  # x = 0: the batches are the noise
+    assert noise.shape[0] == 6
+    r = torch.corrcoef(noise.double())
+    assert float(r[~torch.eye(6, dtype=torch.bool)].abs().max()) < 6 / 32
+    # call k's selection is samples [0, 64) of stream k in predict's phase, its estimation [64, 128)
+    for batch, (stream, offset) in enumerate([(0, 0), (0, 64), (1, 0), (1, 64), (2, 0), (2, 64)]):
+        want, _ = ddrs_ext.ops.perturb_gaussian(
+            torch.zeros(1, 16), torch.tensor([0.5]), torch.tensor([stream]), 4, PHASE_PREDICT + offset, 64
+        )
+        assert torch.equal(spy.batches[batch], want), batch
+    again = OwnBound(spy, 2, 0.5, seed=4)
+    assert [again.certify(a, 64, 64, 0.01, 64) for _ in range(3)] == answers

@@ -12,6 +12,7 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "../uniform.h"
 #include "cpu_features.h"
 
 namespace ddrs {
@@ -32,19 +33,43 @@ struct Counters {
   alignas(32) uint32_t c3[kItemBlocks];
 };
 
-// The Gaussians of up to kItemBlocks blocks, word by word: z[w][i] is word w of block i.
+// The noise values of up to kItemBlocks blocks, word by word: z[w][i] is word w of block i.
 struct Gauss {
   alignas(32) float z[4][kItemBlocks];
 };
 
-// Gaussians of blocks [0, n) of `ctr` into g.z[word][i]. Two implementations
+// The two noise families: how a seed becomes a Philox key and four words become four values.
+// Everything else (counters, rows, tiles, threads) is the same for both.
+struct GaussianNoise {
+  static constexpr const char* kName = "perturb_gaussian";
+  static PhiloxKey key(uint64_t seed) { return philox_key(seed); }
+  static DDRS_INLINE void values(uint32_t a, uint32_t b, uint32_t c, uint32_t d, float* z0, float* z1, float* z2,
+                                 float* z3) {
+    box_muller(a, b, z0, z1);
+    box_muller(c, d, z2, z3);
+  }
+};
+
+struct UniformNoise {
+  static constexpr const char* kName = "perturb_uniform";
+  static PhiloxKey key(uint64_t seed) { return uniform_key(seed); }
+  static DDRS_INLINE void values(uint32_t a, uint32_t b, uint32_t c, uint32_t d, float* z0, float* z1, float* z2,
+                                 float* z3) {
+    *z0 = uniform_from_word(a);
+    *z1 = uniform_from_word(b);
+    *z2 = uniform_from_word(c);
+    *z3 = uniform_from_word(d);
+  }
+};
+
+// Noise values of blocks [0, n) of `ctr` into g.z[word][i]. Two implementations
 // with bit-identical results (integer Philox is exact; the float maths has no
 // FMA contraction, see philox.h).
-void gaussians_generic(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+template <typename Family>
+void values_generic(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
   for (int64_t i = 0; i < n; ++i) {
     const Words4 w = philox4x32_10(ctr.c0[i], ctr.c1[i], ctr.c2[i], ctr.c3[i], key);
-    box_muller(w.w0, w.w1, &g.z[0][i], &g.z[1][i]);
-    box_muller(w.w2, w.w3, &g.z[2][i], &g.z[3][i]);
+    Family::values(w.w0, w.w1, w.w2, w.w3, &g.z[0][i], &g.z[1][i], &g.z[2][i], &g.z[3][i]);
   }
 }
 
@@ -60,9 +85,11 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m25
 
 // GCC's own vectorisation of philox4x32_10 spends most of its time shuffling
 // 64-bit products; this keeps four 8-lane Philox streams in flight instead
-// (enough independent work to hide the multiply latency). Box-Muller is left to
-// the compiler, which vectorises it in this AVX2 function.
-__attribute__((target("avx2"))) void gaussians_avx2(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+// (enough independent work to hide the multiply latency). The words-to-values
+// transform (Box-Muller, or the uniform scaling) is left to the compiler, which
+// vectorises it in this AVX2 function.
+template <typename Family>
+__attribute__((target("avx2"))) void values_avx2(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
   constexpr int kLanes = 8, kUnroll = 4, kStep = kLanes * kUnroll;
   alignas(32) uint32_t w[4][kItemBlocks];
   const __m256i M0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
@@ -101,8 +128,7 @@ __attribute__((target("avx2"))) void gaussians_avx2(PhiloxKey key, const Counter
     }
   }
   for (int64_t i = 0; i < n; ++i) {  // vectorised by the compiler
-    box_muller(w[0][i], w[1][i], &g.z[0][i], &g.z[1][i]);
-    box_muller(w[2][i], w[3][i], &g.z[2][i], &g.z[3][i]);
+    Family::values(w[0][i], w[1][i], w[2][i], w[3][i], &g.z[0][i], &g.z[1][i], &g.z[2][i], &g.z[3][i]);
   }
 }
 
@@ -189,16 +215,16 @@ struct Job {
   double* sq_norm;  // per row (short rows) or per (row, tile) (long rows); may be null
 };
 
-template <bool kAvx2>
-DDRS_INLINE void gaussians(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
+template <typename Family, bool kAvx2>
+DDRS_INLINE void noise_values(PhiloxKey key, const Counters& ctr, int64_t n, Gauss& g) {
 #if DDRS_X86
-  if constexpr (kAvx2) return gaussians_avx2(key, ctr, n, g);
+  if constexpr (kAvx2) return values_avx2<Family>(key, ctr, n, g);
 #endif
-  gaussians_generic(key, ctr, n, g);
+  values_generic<Family>(key, ctr, n, g);
 }
 
 // Short rows: each work item takes whole rows, as many as fill its blocks.
-template <typename scalar_t, bool kAvx2>
+template <typename scalar_t, typename Family, bool kAvx2>
 DDRS_INLINE void short_row_items(const Job<scalar_t>& job, int64_t rows_per_item, int64_t begin, int64_t end) {
   const int64_t D = job.D, blocks_per_row = (D + 3) / 4;
   Counters ctr;
@@ -220,7 +246,7 @@ DDRS_INLINE void short_row_items(const Job<scalar_t>& job, int64_t rows_per_item
       }
     }
     const int64_t n = (r1 - r0) * blocks_per_row;
-    gaussians<kAvx2>(job.key, ctr, n, g);
+    noise_values<Family, kAvx2>(job.key, ctr, n, g);
     // Short rows: one interleaving pass over the item beats one per row.
     for (int64_t i = 0; i < n; ++i) {
       z[4 * i + 0] = g.z[0][i];
@@ -238,7 +264,7 @@ DDRS_INLINE void short_row_items(const Job<scalar_t>& job, int64_t rows_per_item
 }
 
 // Long rows: one work item per (row, tile).
-template <typename scalar_t, bool kAvx2>
+template <typename scalar_t, typename Family, bool kAvx2>
 DDRS_INLINE void long_row_items(const Job<scalar_t>& job, int64_t tiles, int64_t begin, int64_t end) {
   Counters ctr;
   Gauss g;
@@ -254,41 +280,41 @@ DDRS_INLINE void long_row_items(const Job<scalar_t>& job, int64_t tiles, int64_t
       ctr.c2[q] = static_cast<uint32_t>(sample >> 32);
       ctr.c3[q] = row.stream();
     }
-    gaussians<kAvx2>(job.key, ctr, n, g);
+    noise_values<Family, kAvx2>(job.key, ctr, n, g);
     const int64_t b = row.input();
     write_row(job.x + b * job.D + j0, job.sigma[b], g, 0, len, job.out + r * job.D + j0,
               job.sq_norm != nullptr ? job.sq_norm + item : nullptr);
   }
 }
 
-// The item loops compiled twice, so that the counter set-up, Box-Muller and the
-// final x + sigma * z also use AVX2 where the CPU has it.
-template <typename scalar_t>
+// The item loops compiled twice, so that the counter set-up, the words-to-values
+// transform and the final x + sigma * z also use AVX2 where the CPU has it.
+template <typename scalar_t, typename Family>
 void run_items(const Job<scalar_t>& job, bool short_rows, int64_t per, int64_t begin, int64_t end) {
   if (short_rows) {
-    short_row_items<scalar_t, false>(job, per, begin, end);
+    short_row_items<scalar_t, Family, false>(job, per, begin, end);
   } else {
-    long_row_items<scalar_t, false>(job, per, begin, end);
+    long_row_items<scalar_t, Family, false>(job, per, begin, end);
   }
 }
 
 #if DDRS_X86
-template <typename scalar_t>
+template <typename scalar_t, typename Family>
 __attribute__((target("avx2"))) void run_items_avx2(const Job<scalar_t>& job, bool short_rows, int64_t per,
                                                     int64_t begin, int64_t end) {
   if (short_rows) {
-    short_row_items<scalar_t, true>(job, per, begin, end);
+    short_row_items<scalar_t, Family, true>(job, per, begin, end);
   } else {
-    long_row_items<scalar_t, true>(job, per, begin, end);
+    long_row_items<scalar_t, Family, true>(job, per, begin, end);
   }
 }
 #endif
 
-template <typename scalar_t>
+template <typename scalar_t, typename Family>
 void perturb_rows(const scalar_t* x, const double* sigma, const int64_t* stream, uint64_t seed,
                   int64_t sample_offset, int64_t m, int64_t row_start, int64_t num_rows, int64_t D,
                   scalar_t* out, double* sq_norm) {
-  Job<scalar_t> job{x, sigma, stream, philox_key(seed), sample_offset, m, row_start, num_rows, D, out, sq_norm};
+  Job<scalar_t> job{x, sigma, stream, Family::key(seed), sample_offset, m, row_start, num_rows, D, out, sq_norm};
   const int64_t blocks_per_row = (D + 3) / 4;
   const bool short_rows = blocks_per_row <= kItemBlocks;
   // Short rows: rows per item; long rows: tiles per row.
@@ -299,9 +325,9 @@ void perturb_rows(const scalar_t* x, const double* sigma, const int64_t* stream,
   const int64_t grain = short_rows ? std::max<int64_t>(1, 16 / per) : 8;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
 #if DDRS_X86
-    if (use_avx2()) return run_items_avx2(job, short_rows, per, begin, end);
+    if (use_avx2()) return run_items_avx2<scalar_t, Family>(job, short_rows, per, begin, end);
 #endif
-    run_items(job, short_rows, per, begin, end);
+    run_items<scalar_t, Family>(job, short_rows, per, begin, end);
   });
   if (!partial.empty()) {
     // Fixed summation order over tiles: the result does not depend on threads.
@@ -313,14 +339,15 @@ void perturb_rows(const scalar_t* x, const double* sigma, const int64_t* stream,
   }
 }
 
-void perturb_gaussian_out_cpu(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& stream,
-                              int64_t seed, int64_t sample_offset, int64_t samples_per_input,
-                              int64_t row_start, const at::Tensor& out,
-                              const std::optional<at::Tensor>& sq_norm) {
+// Rows [row_start, row_start + out.size(0)) of the virtual batch for noise `Family`.
+template <typename Family>
+void perturb_out_cpu(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& stream, int64_t seed,
+                     int64_t sample_offset, int64_t samples_per_input, int64_t row_start, const at::Tensor& out,
+                     const std::optional<at::Tensor>& sq_norm, const NoiseOpNames& names) {
   const int64_t num_rows = out.dim() >= 1 ? out.size(0) : 0;
   const RowPlan plan = check_perturb_args(x, sigma, stream, sample_offset, samples_per_input, row_start,
-                                          num_rows);
-  check_perturb_out(x, out, sq_norm, num_rows);
+                                          num_rows, names);
+  check_perturb_out(x, out, sq_norm, num_rows, names);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
   if (num_rows == 0 || plan.sample_dim == 0) {
     if (sq_norm.has_value()) sq_norm->zero_();
@@ -331,15 +358,30 @@ void perturb_gaussian_out_cpu(const at::Tensor& x, const at::Tensor& sigma, cons
   const at::Tensor stc = stream.contiguous();
   const int64_t* st = stc.data_ptr<int64_t>();
   for (int64_t b = 0; b < plan.num_inputs; ++b) {
-    TORCH_CHECK_VALUE(st[b] >= 0 && st[b] <= int64_t{0xFFFFFFFF},
-                      "perturb_gaussian: stream ids must lie in [0, 2^32), got ", st[b], " for input ", b);
+    TORCH_CHECK_VALUE(st[b] >= 0 && st[b] <= int64_t{0xFFFFFFFF}, names.op,
+                      ": stream ids must lie in [0, 2^32), got ", st[b], " for input ", b);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "perturb_gaussian_cpu", [&] {
-    perturb_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), sc.const_data_ptr<double>(), st,
-                           static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start,
-                           num_rows, plan.sample_dim, out.mutable_data_ptr<scalar_t>(),
-                           sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), Family::kName, [&] {
+    perturb_rows<scalar_t, Family>(xc.const_data_ptr<scalar_t>(), sc.const_data_ptr<double>(), st,
+                                   static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start,
+                                   num_rows, plan.sample_dim, out.mutable_data_ptr<scalar_t>(),
+                                   sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr);
   });
+}
+
+void perturb_gaussian_out_cpu(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& stream,
+                              int64_t seed, int64_t sample_offset, int64_t samples_per_input,
+                              int64_t row_start, const at::Tensor& out,
+                              const std::optional<at::Tensor>& sq_norm) {
+  perturb_out_cpu<GaussianNoise>(x, sigma, stream, seed, sample_offset, samples_per_input, row_start, out,
+                                 sq_norm, kGaussianNames);
+}
+
+void perturb_uniform_out_cpu(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& stream,
+                             int64_t seed, int64_t sample_offset, int64_t samples_per_input, int64_t row_start,
+                             const at::Tensor& out) {
+  perturb_out_cpu<UniformNoise>(x, theta, stream, seed, sample_offset, samples_per_input, row_start, out,
+                                std::nullopt, kUniformNames);
 }
 
 // Any device: the counters are copied to the host, the words back to their device.
@@ -376,6 +418,7 @@ TORCH_LIBRARY_IMPL(ddrs_ext, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CPU, m) {
   m.impl("perturb_gaussian_out", &perturb_gaussian_out_cpu);
+  m.impl("perturb_uniform_out", &perturb_uniform_out_cpu);
 }
 
 }  // namespace ddrs

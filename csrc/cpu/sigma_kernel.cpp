@@ -114,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cpu(const at::Tensor& 
                                                               const at::Tensor& dtop2, const at::Tensor& bracket,
                                                               const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                                               double sigma_min, double sigma_max, int64_t rule,
-                                                              double growth) {
-  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+                                                              double growth, int64_t gap) {
+  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth,
+                        gap);
   TORCH_INTERNAL_ASSERT(sigma.device().is_cpu());
   const int64_t B = sigma.size(0);
   const at::Tensor s = sigma.contiguous(), e = top2.contiguous(), de = dtop2.contiguous();
@@ -123,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cpu(const at::Tensor& 
   const bool* pp = past.defined() ? past.const_data_ptr<bool>() : nullptr;
   at::Tensor next = at::empty({B}, sigma.options()), radius = at::empty({B}, sigma.options()),
              grad = at::empty({B}, sigma.options());
-  const SigmaStepParams params{lr, clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule)};
+  const SigmaStepParams params{lr,     clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule),
+                               static_cast<StepGap>(gap)};
   const double* sp = s.const_data_ptr<double>();
   const double* ep = e.const_data_ptr<double>();
   const double* dp = de.const_data_ptr<double>();

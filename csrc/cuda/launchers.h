@@ -34,6 +34,12 @@ cudaError_t launch_perturb_gaussian(DType dtype, const void* x, const double* si
                                     int64_t m, int64_t row_start, int64_t num_rows, int64_t D,
                                     void* out, double* sq_norm, double* scratch, cudaStream_t cu_stream);
 
+// out[r, j] = x[b, j] + theta[b] * u, u uniform on [-1, 1] (uniform.h), rows as for
+// launch_perturb_gaussian; theta float64.
+cudaError_t launch_perturb_uniform(DType dtype, const void* x, const double* theta, const int64_t* stream,
+                                   uint64_t seed, int64_t sample_offset, int64_t m, int64_t row_start,
+                                   int64_t num_rows, int64_t D, void* out, cudaStream_t cu_stream);
+
 // result[0] = the lowest b with stream[b] outside [0, 2^32) (B if none),
 // result[1] = that stream id (0 if none). One block; result is device memory.
 cudaError_t launch_find_bad_stream(const int64_t* stream, int64_t B, int64_t* result,
@@ -61,11 +67,11 @@ cudaError_t launch_soft_votes(DType dtype, const void* logits, const void* dlogi
 
 // ddrs::sigma_step (sigma.h) for each of the B inputs: sigma (B,), top2, dtop2 and
 // bracket (B, 2), all contiguous float64; beyond (B,) bool or null; bracket is updated
-// in place, next, radius and grad (B,) are written. rule is a StepRule.
+// in place, next, radius and grad (B,) are written. rule is a StepRule, gap a StepGap.
 cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, const bool* beyond,
                               int64_t B, double lr,
                               double clip_lo, double clip_hi, double sigma_min, double sigma_max, int64_t rule,
-                              double growth, double* bracket, double* next, double* radius, double* grad,
+                              double growth, int64_t gap, double* bracket, double* next, double* radius, double* grad,
                               cudaStream_t cu_stream);
 
 #if defined(__CUDACC__)

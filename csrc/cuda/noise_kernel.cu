@@ -1,9 +1,11 @@
-// CUDA noise kernel: the same Gaussians as csrc/cpu/noise_kernel.cpp, bit for bit
-// (philox.h; built with --fmad=false), and the same float ops per element.
+// CUDA noise kernels: the same Gaussian (philox.h) and uniform (uniform.h) values as
+// csrc/cpu/noise_kernel.cpp, bit for bit (built with --fmad=false), and the same float
+// ops per element.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "../philox.h"
+#include "../uniform.h"
 #include "launchers.h"
 
 namespace ddrs {
@@ -30,11 +32,25 @@ __device__ double block_sum(double v, double* warp_sums) {
   return v;
 }
 
-// Grid-stride loop over the (row, tile) items of the output. The Gaussians of a
+// The two noise families: four values of one counter block, under the family's key.
+struct GaussianNoise {
+  static __device__ __forceinline__ float4 block(PhiloxKey key, uint32_t stream, uint64_t sample, uint32_t b) {
+    const Gauss4 w = gaussian_block(key, stream, sample, b);
+    return make_float4(w.z0, w.z1, w.z2, w.z3);
+  }
+};
+struct UniformNoise {
+  static __device__ __forceinline__ float4 block(PhiloxKey key, uint32_t stream, uint64_t sample, uint32_t b) {
+    const Uniform4 w = uniform_block(key, stream, sample, b);
+    return make_float4(w.z0, w.z1, w.z2, w.z3);
+  }
+};
+
+// Grid-stride loop over the (row, tile) items of the output. The noise values of a
 // tile go through shared memory so that the x loads and out stores are
 // coalesced element by element whatever D's alignment. partial[item] gets the
 // tile's sum of eps^2 (with one tile per row, partial is sq_norm itself).
-template <typename scalar_t, bool kSqNorm>
+template <typename scalar_t, typename Family, bool kSqNorm>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(const scalar_t* __restrict__ x, const double* __restrict__ sigma,
                    const int64_t* __restrict__ stream, PhiloxKey key, uint64_t sample_offset, int64_t m,
@@ -54,11 +70,11 @@ __global__ void __launch_bounds__(kThreads)
     const int len = static_cast<int>(D - j0 < kTile ? D - j0 : kTile);
     double sq = 0.0;
     if (4 * tid < len) {
-      const Gauss4 w = gaussian_block(key, static_cast<uint32_t>(stream[b]), sample,
-                                      static_cast<uint32_t>(j0 / 4 + tid));
-      z4[tid] = make_float4(w.z0, w.z1, w.z2, w.z3);
+      const float4 w = Family::block(key, static_cast<uint32_t>(stream[b]), sample,
+                                     static_cast<uint32_t>(j0 / 4 + tid));
+      z4[tid] = w;
       if (kSqNorm) {
-        const float v[4] = {w.z0, w.z1, w.z2, w.z3};
+        const float v[4] = {w.x, w.y, w.z, w.w};
         for (int k = 0; k < 4 && 4 * tid + k < len; ++k) sq += static_cast<double>(v[k]) * v[k];
       }
     }
@@ -134,11 +150,11 @@ cudaError_t launch_perturb_gaussian(DType dtype, const void* x, const double* si
     const scalar_t* xs = static_cast<const scalar_t*>(x);
     scalar_t* os = static_cast<scalar_t*>(out);
     if (sq_norm != nullptr) {
-      perturb_kernel<scalar_t, true><<<grid, kThreads, 0, cu_stream>>>(
+      perturb_kernel<scalar_t, GaussianNoise, true><<<grid, kThreads, 0, cu_stream>>>(
           xs, sigma, stream, key, static_cast<uint64_t>(sample_offset), m, row_start, num_rows, D,
           tiles_per_row, os, partial);
     } else {
-      perturb_kernel<scalar_t, false><<<grid, kThreads, 0, cu_stream>>>(
+      perturb_kernel<scalar_t, GaussianNoise, false><<<grid, kThreads, 0, cu_stream>>>(
           xs, sigma, stream, key, static_cast<uint64_t>(sample_offset), m, row_start, num_rows, D,
           tiles_per_row, os, nullptr);
     }
@@ -149,6 +165,22 @@ cudaError_t launch_perturb_gaussian(DType dtype, const void* x, const double* si
   sum_tiles_kernel<<<grid_size((num_rows + kSumThreads - 1) / kSumThreads, 4), kSumThreads, 0, cu_stream>>>(
       scratch, num_rows, tiles_per_row, sq_norm);
   return cudaGetLastError();
+}
+
+cudaError_t launch_perturb_uniform(DType dtype, const void* x, const double* theta, const int64_t* stream,
+                                   uint64_t seed, int64_t sample_offset, int64_t m, int64_t row_start,
+                                   int64_t num_rows, int64_t D, void* out, cudaStream_t cu_stream) {
+  if (num_rows <= 0 || D <= 0) return cudaSuccess;
+  const int64_t tiles_per_row = (D + kTile - 1) / kTile;
+  const int grid = grid_size(num_rows * tiles_per_row, 8);
+  const PhiloxKey key = uniform_key(seed);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    perturb_kernel<scalar_t, UniformNoise, false><<<grid, kThreads, 0, cu_stream>>>(
+        static_cast<const scalar_t*>(x), theta, stream, key, static_cast<uint64_t>(sample_offset), m, row_start,
+        num_rows, D, tiles_per_row, static_cast<scalar_t*>(out), nullptr);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_find_bad_stream(const int64_t* stream, int64_t B, int64_t* result,

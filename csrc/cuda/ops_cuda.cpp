@@ -34,14 +34,14 @@ cuda::DType kernel_dtype(at::ScalarType t, const char* name) {
   return cuda::DType::kFloat32;  // unreachable
 }
 
-void check_stream_ids(const at::Tensor& stream, cudaStream_t cu_stream) {
+void check_stream_ids(const at::Tensor& stream, cudaStream_t cu_stream, const char* op) {
   const int64_t B = stream.size(0);
   at::Tensor found = at::empty({2}, stream.options());
   C10_CUDA_CHECK(cuda::launch_find_bad_stream(stream.const_data_ptr<int64_t>(), B,
                                               found.mutable_data_ptr<int64_t>(), cu_stream));
   const at::Tensor host = found.cpu();  // waits for the kernel
   const int64_t b = host.const_data_ptr<int64_t>()[0];
-  TORCH_CHECK_VALUE(b >= B, "perturb_gaussian: stream ids must lie in [0, 2^32), got ",
+  TORCH_CHECK_VALUE(b >= B, op, ": stream ids must lie in [0, 2^32), got ",
                     host.const_data_ptr<int64_t>()[1], " for input ", b);
 }
 
@@ -63,7 +63,7 @@ void perturb_gaussian_out_cuda(const at::Tensor& x, const at::Tensor& sigma, con
   const at::Tensor xc = x.contiguous();
   const at::Tensor sc = sigma.to(at::kDouble).contiguous();
   const at::Tensor stc = stream.contiguous();
-  check_stream_ids(stc, cu_stream);
+  check_stream_ids(stc, cu_stream, kGaussianNames.op);
   const int64_t scratch_size =
       sq_norm.has_value() ? cuda::perturb_gaussian_scratch_size(num_rows, plan.sample_dim) : 0;
   at::Tensor scratch;
@@ -74,6 +74,28 @@ void perturb_gaussian_out_cuda(const at::Tensor& x, const at::Tensor& sigma, con
       static_cast<uint64_t>(seed), sample_offset, samples_per_input, row_start, num_rows, plan.sample_dim,
       out.mutable_data_ptr(), sq_norm.has_value() ? sq_norm->mutable_data_ptr<double>() : nullptr,
       scratch_size > 0 ? scratch.mutable_data_ptr<double>() : nullptr, cu_stream));
+}
+
+void perturb_uniform_out_cuda(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& stream, int64_t seed,
+                              int64_t sample_offset, int64_t samples_per_input, int64_t row_start,
+                              const at::Tensor& out) {
+  const int64_t num_rows = out.dim() >= 1 ? out.size(0) : 0;
+  const RowPlan plan = check_perturb_args(x, theta, stream, sample_offset, samples_per_input, row_start,
+                                          num_rows, kUniformNames);
+  check_perturb_out(x, out, std::nullopt, num_rows, kUniformNames);
+  TORCH_INTERNAL_ASSERT(x.is_cuda());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (num_rows == 0 || plan.sample_dim == 0) return;
+  const cudaStream_t cu_stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor tc = theta.to(at::kDouble).contiguous();
+  const at::Tensor stc = stream.contiguous();
+  check_stream_ids(stc, cu_stream, kUniformNames.op);
+  const cuda::DType dtype = kernel_dtype(x.scalar_type(), "perturb_uniform_cuda");
+  C10_CUDA_CHECK(cuda::launch_perturb_uniform(dtype, xc.const_data_ptr(), tc.const_data_ptr<double>(),
+                                              stc.const_data_ptr<int64_t>(), static_cast<uint64_t>(seed),
+                                              sample_offset, samples_per_input, row_start, num_rows,
+                                              plan.sample_dim, out.mutable_data_ptr(), cu_stream));
 }
 
 void count_votes_cuda_(const at::Tensor& logits, int64_t row_start, int64_t samples_per_input,
@@ -131,8 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
                                                                const at::Tensor& dtop2, const at::Tensor& bracket,
                                                                const std::optional<at::Tensor>& beyond, double lr, double clip_lo, double clip_hi,
                                                                double sigma_min, double sigma_max, int64_t rule,
-                                                               double growth) {
-  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth);
+                                                               double growth, int64_t gap) {
+  check_sigma_step_args(sigma, top2, dtop2, bracket, beyond, lr, clip_lo, clip_hi, sigma_min, sigma_max, rule, growth,
+                        gap);
   TORCH_INTERNAL_ASSERT(sigma.is_cuda());
   const c10::cuda::CUDAGuard guard(sigma.device());
   const int64_t B = sigma.size(0);
@@ -145,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
   C10_CUDA_CHECK(cuda::launch_sigma_step(s.const_data_ptr<double>(), e.const_data_ptr<double>(),
                                          de.const_data_ptr<double>(),
                                          past.defined() ? past.const_data_ptr<bool>() : nullptr, B, lr, clip_lo, clip_hi, sigma_min, sigma_max,
-                                         rule, growth, bracket.mutable_data_ptr<double>(),
+                                         rule, growth, gap, bracket.mutable_data_ptr<double>(),
                                          next.mutable_data_ptr<double>(), radius.mutable_data_ptr<double>(),
                                          grad.mutable_data_ptr<double>(), cu_stream));
   return {next, radius, grad};
@@ -155,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigma_step_cuda(const at::Tensor&
 
 TORCH_LIBRARY_IMPL(ddrs_ext, CUDA, m) {
   m.impl("perturb_gaussian_out", &perturb_gaussian_out_cuda);
+  m.impl("perturb_uniform_out", &perturb_uniform_out_cuda);
   m.impl("count_votes_", &count_votes_cuda_);
   m.impl("soft_votes_", &soft_votes_cuda_);
   m.impl("sigma_step", &sigma_step_cuda);

@@ -191,10 +191,11 @@ cudaError_t launch_soft_votes(DType dtype, const void* logits, const void* dlogi
 cudaError_t launch_sigma_step(const double* sigma, const double* top2, const double* dtop2, const bool* beyond,
                               int64_t B, double lr,
                               double clip_lo, double clip_hi, double sigma_min, double sigma_max, int64_t rule,
-                              double growth, double* bracket, double* next, double* radius, double* grad,
+                              double growth, int64_t gap, double* bracket, double* next, double* radius, double* grad,
                               cudaStream_t cu_stream) {
   if (B <= 0) return cudaSuccess;
-  const SigmaStepParams params{lr, clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule)};
+  const SigmaStepParams params{lr,     clip_lo, clip_hi, sigma_min, sigma_max, growth, static_cast<StepRule>(rule),
+                               static_cast<StepGap>(gap)};
   sigma_step_kernel<<<grid_size((B + kThreads - 1) / kThreads, 4), kThreads, 0, cu_stream>>>(
       sigma, top2, dtop2, beyond, params, B, bracket, next, radius, grad);
   return cudaGetLastError();

@@ -224,6 +224,27 @@ def _expert_specs(args: argparse.Namespace, levels: int) -> list[tuple[str | Non
     return [(pick(models, k), pick(checkpoints, k)) for k in range(levels)]
 
 
+#: The memory's rule the rows of a --memory file were adjusted under (its settings' "memory_rule").
+#: 2: an abstention is an answer too (adopted inside a stored ball of a class, and stored); files
+#: without the key were adjusted under rule 1 (abstentions passed through, not stored), and their rows
+#: cannot be continued under rule 2: rebuilding the memory from them would mix the two rules.
+MEMORY_RULE = 2
+
+
+def _check_memory_rule(args: argparse.Namespace) -> None:
+    """Refuses to resume a --memory file whose rows were adjusted under an earlier memory rule."""
+    if not args.memory:
+        return
+    before = resumed_settings(args.out)
+    if before is not None and before.get("memory") is True and before.get("memory_rule") != MEMORY_RULE:
+        raise ValueError(
+            f"{args.out} was certified with the memory of an earlier ddrs version (rule "
+            f"{before.get('memory_rule', 1)}: abstentions were neither adopted inside stored balls nor "
+            f"stored; now rule {MEMORY_RULE}); its rows cannot be continued under the current rule: "
+            "certify into another --out (or delete the file to start it again)"
+        )
+
+
 def _earlier_memory_choice(args: argparse.Namespace) -> None:
     """A rerun that resumes a file certified at a sigma per input without the memory, started
     before the memory was the default, resumes it without the memory (what the file holds), with a
@@ -244,6 +265,7 @@ def _earlier_memory_choice(args: argparse.Namespace) -> None:
 @distributed_run.command
 def run(args: argparse.Namespace) -> int:
     _earlier_memory_choice(args)
+    _check_memory_rule(args)
     job = Job(args)
     method = _Certifier(args, job)
     settings = {
@@ -254,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         "n": args.n,
         "alpha": args.alpha,
         "memory": bool(args.memory),
+        **({"memory_rule": MEMORY_RULE} if args.memory else {}),
         **method.settings,
     }
     notes = certificate_notes(settings)
