@@ -165,7 +165,7 @@ def test_a_wrong_command_is_refused(command):
         f"torchrun --nproc-per-node 2 -m ddrs -- certify {DIGITS} --batch 9 --out a.tsv",
         "python -m ddrs.train_digits --scheme macer --out x.pt",
         "python examples/certify_digits.py",
-        "pytest benchmarks/bench_sequential.py::test_sequential_bounds",
+        "pytest benchmarks/bench_sequential.py::test_sequential_designs",
     ],
 )
 def test_the_same_commands_corrected_pass(command):
