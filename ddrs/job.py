@@ -1,14 +1,12 @@
 """What ``ddrs certify``, ``predict`` and ``optimize-sigma`` share when they run: the model, the data
-and the selected inputs (:class:`Job`), the sigma of each input (:class:`Sigma`), the result file
+and the selected inputs (:class:`Job`; each input's sigma: ddrs.input_sigma), the result file
 (:func:`open_results`, one process or sharded under torchrun) and the loop that computes the inputs
 not yet in it, a chunk at a time (:func:`run_chunks`)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -19,15 +17,20 @@ from tqdm.auto import tqdm
 
 from ddrs import distributed_run
 from ddrs.datasets import data_settings, image_settings, load_dataset
+from ddrs.evaluation import (
+    _convolutional,
+    _evaluated,
+    _evaluated_settings,
+    evaluation_choice,
+    forward_rows_per_input,
+)
 from ddrs.loading import load_model, model_settings, resolve_device
-from ddrs.results import ResultFile, ResultFileError, read_rows
+from ddrs.results import ResultFile
 from ddrs_ext._validate import evaluating
-from ddrs_ext.precision import Evaluated, compile_pays
-from ddrs_ext.sigma import optimize_sigma
+from ddrs_ext.precision import Evaluated
 
 __all__ = [
     "Job",
-    "Sigma",
     "evaluation_choice",
     "forward_rows_per_input",
     "chunk_sizes",
@@ -49,62 +52,6 @@ def message(exc: BaseException) -> str:
     """An exception's text on one line (its type's name when it has none)."""
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
     return text or type(exc).__name__
-
-
-def _evaluated_settings(args: argparse.Namespace) -> dict:
-    """--autocast, when given: it changes the function that is certified, so it belongs to the
-    settings that a resume must match (under "evaluated")."""
-    autocast = getattr(args, "autocast", None)
-    return {"autocast": autocast} if autocast else {}
-
-
-def forward_rows_per_input(args: argparse.Namespace) -> int:
-    """Forward rows (noisy copies through the model) that the command evaluates per input, at least,
-    in forward passes that torch.compile speeds up (optimize_sigma's reparam estimator runs
-    uncompiled: forward-mode autograd does not go through a compiled model)."""
-    options = getattr(args, "optimize_options", None)
-    sigma_rows = 0
-    if options is not None and options["estimator"] != "reparam":
-        sigma_rows = options["iterations"] * options["num_samples"]
-    if args.command == "predict":
-        return args.n
-    if args.command == "optimize-sigma":
-        return sigma_rows + args.surrogate_samples
-    n = args.n
-    if getattr(args, "sequential", False):
-        from ddrs_ext.sequential import round_schedule
-
-        n = round_schedule(args.n, args.alpha).ends[0]  # every input runs the first round
-    return sigma_rows + args.n0 + n
-
-
-def evaluation_choice(args: argparse.Namespace, rows: int, device: torch.device, convolutional: bool) -> dict:
-    """How the model is evaluated (the same function either way), for a run of ``rows`` forward rows:
-    ``{"compile": MODE or "off", "channels_last": bool, "auto": bool, "forward_rows": rows}``.
-    --compile auto compiles (mode "default") where :func:`ddrs_ext.precision.compile_pays` (on the
-    CPU, from COMPILE_MIN_ROWS rows) and then gives a ``convolutional`` model (4-d weights)
-    channels-last weights and inputs too (measured faster compiled on the CPU); --channels-last asks
-    for channels-last always."""
-    given = getattr(args, "compile", None) or "off"
-    auto = given == "auto"
-    mode = ("default" if compile_pays(rows, device) else "off") if auto else given
-    channels_last = bool(getattr(args, "channels_last", False)) or (auto and mode != "off" and convolutional)
-    return {"compile": mode, "channels_last": channels_last, "auto": auto, "forward_rows": rows}
-
-
-def _convolutional(model) -> bool:
-    return isinstance(model, torch.nn.Module) and any(p.dim() == 4 for p in model.parameters())
-
-
-def _evaluated(model, autocast: str | None, evaluation: dict, note: Callable[[str], None]):
-    """``model`` wrapped in ddrs_ext.Evaluated as chosen (channels-last weights converted in place),
-    its fallbacks said by ``note``."""
-    channels_last = evaluation["channels_last"]
-    if isinstance(model, torch.nn.Module):
-        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
-    compile = False if evaluation["compile"] == "off" else {"mode": evaluation["compile"]}
-    return Evaluated(model, autocast=dtype, channels_last=channels_last, compile=compile, notify=note)
 
 
 class Job:
@@ -370,80 +317,3 @@ def open_results(
             args.out, job, columns, settings, seed=args.seed, order_step=order_step, **file_options
         )
     return ResultFile(args.out, columns, settings, **file_options)
-
-
-# ----------------------------------------------------------------------------- sigma per input
-
-
-def _digest(values: dict[int, float]) -> str:
-    text = "\n".join(f"{i}\t{values[i]!r}" for i in sorted(values))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_sigma_file(path: Path, job: Job) -> dict[int, float]:
-    try:
-        header, rows = read_rows(path)
-    except ResultFileError as exc:
-        raise ValueError(f"--sigma-file {exc}") from None
-    if "idx" not in header or "sigma" not in header:
-        raise ValueError(f"--sigma-file {path}: no idx and sigma columns (header {' '.join(header)!r})")
-    found = {row["idx"]: row for row in rows}
-    missing = [i for i in job.selected if i not in found]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise ValueError(
-            f"--sigma-file {path} has no sigma for {len(missing)} selected input(s): idx {shown}; "
-            "finish 'ddrs optimize-sigma' with the same --data/--skip/--max first"
-        )
-    sigma = {}
-    for i in job.selected:
-        row = found[i]
-        if "label" in row and row["label"] != job.labels[i]:
-            raise ValueError(
-                f"--sigma-file {path}: idx {i} has label {row['label']}, --data has {job.labels[i]}; "
-                "was it made for other data?"
-            )
-        s = row["sigma"]
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"--sigma-file {path}: idx {i} has sigma {s}; sigmas must be finite and > 0")
-        sigma[i] = s
-    return sigma
-
-
-class Sigma:
-    """The sigma of each input: ``--sigma``, ``--sigma-file`` or (certify) ``--optimize``."""
-
-    def __init__(self, args: argparse.Namespace, job: Job) -> None:
-        self.args, self.job = args, job
-        self.fixed = args.sigma
-        self.of = None
-        self.optimize = getattr(args, "optimize_options", None) if getattr(args, "optimize", False) else None
-        if self.fixed is not None:
-            self.setting = {"fixed": args.sigma}
-        elif args.sigma_file is not None:
-            self.of = _read_sigma_file(args.sigma_file, job)
-            self.setting = {"file": os.path.abspath(args.sigma_file), "digest": _digest(self.of)}
-        else:
-            self.setting = {"optimize": {"sigma0": args.sigma0, **self.optimize}}
-
-    @property
-    def rows_per_input(self) -> int | None:
-        """Rows per input in one forward pass of the sigma optimisation, if any."""
-        return None if self.optimize is None else self.optimize["num_samples"]
-
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> float | torch.Tensor:
-        if self.fixed is not None:
-            return self.fixed
-        if self.of is not None:
-            return torch.tensor([self.of[i] for i in index.tolist()], dtype=torch.float64)
-        return optimize_sigma(
-            self.job.model,
-            x,
-            self.args.sigma0,
-            **self.optimize,
-            batch_size=self.args.batch_size,
-            seed=self.args.seed,
-            index=index,
-        )

@@ -13,7 +13,8 @@ import torch
 
 from ddrs import distributed_run
 from ddrs.checkpoints import is_selector_checkpoint
-from ddrs.job import Job, Sigma, is_sharded, message, open_results, run_chunks
+from ddrs.input_sigma import Sigma
+from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
 from ddrs.result_notes import certificate_notes, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
