@@ -108,6 +108,25 @@ def pytest_collection_modifyitems(config, items) -> None:
             )
 
 
+# Markdown lines a benchmark module adds (bench_evaluated.py's tables), printed at the end of the run.
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SUMMARY:
+        terminalreporter.write_sep("=", "ddrs_ext benchmark tables")
+        share = others_share()
+        if share:
+            terminalreporter.write_line(
+                f"(during the run other processes used {share['others']:.0%} of the CPU time, "
+                f"steal {share['steal']:.0%}; load average at the start {_LOAD_AT_START[0]:.1f}, "
+                f"now {os.getloadavg()[0]:.1f}, on {os.cpu_count()} cores; {cpu_model()}; torch "
+                f"{torch.__version__}, {torch.get_num_threads()} thread(s))"
+            )
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
+
+
 _LOAD_AT_START = os.getloadavg()
 _CPU_AT_START = cpu_snapshot()
 

@@ -18,6 +18,7 @@ from ddrs.checkpoints import BUILDER, FORMAT, build
 from ddrs_ext import training
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.distributed import exchange, share
+from ddrs_ext.precision import Evaluated
 
 __all__ = ["noisy_accuracy", "train"]
 
@@ -62,10 +63,10 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
         raise ValueError(f"{world} processes for {len(y_train)} training examples; start fewer")
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     model = build(BUILDER)().to(device)
-    net = model
+    net = _evaluated(model, getattr(args, "compile", "off"), log)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     bank = None
     if args.data_dependent:
@@ -138,7 +139,7 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
                 f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}, test accuracy under noise "
                 f"sigma={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
             )
-    model.eval()
+    model.eval().to(memory_format=torch.contiguous_format)  # --compile's channels-last weights, back
     if world > 1:  # DDP keeps the parameters equal, not BatchNorm's running statistics: rank 0's win
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
@@ -162,6 +163,17 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
         save()
     log(f"saved {args.out}")
     return checkpoint
+
+
+def _evaluated(model: torch.nn.Module, compile: str, log) -> torch.nn.Module:
+    """The model as training evaluates it: itself, or with --compile MODE compiled with channels-last
+    weights (ddrs_ext.Evaluated; a fallback is logged as a note)."""
+    if compile == "off":
+        return model
+    model.to(memory_format=torch.channels_last)
+    return Evaluated(
+        model, channels_last=True, compile={"mode": compile}, notify=lambda text: log(f"note: {text}")
+    )
 
 
 def _minibatches(total: int, batch_size: int, world: int) -> list[torch.Tensor]:

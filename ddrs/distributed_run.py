@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ddrs.loading import resolve_device
-from ddrs.results import ResultFile, rank_file, rank_files, remove_result_file
+from ddrs.results import DESCRIPTIVE_SETTINGS, ResultFile, rank_file, rank_files, remove_result_file
 from ddrs_ext.distributed import OtherRankError, agree, exchange, rank_and_world_size, share
 
 __all__ = ["Launch", "ShardedResults", "command", "join", "launched", "leave", "sharded"]
@@ -244,10 +244,13 @@ def _weights_digest(model: Any) -> str:
 
 
 def _agreement(job, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """What the ranks must agree on: the settings file's settings, the model's weights and the labels
-    of the selected inputs (by digest; ddrs_ext.distributed.agree compares them)."""
+    """What the ranks must agree on: the settings file's settings (less the descriptive ones, which a
+    resume does not compare either: e.g. a rank whose torch.compile fell back computes the same
+    function), the model's weights and the labels of the selected inputs (by digest;
+    ddrs_ext.distributed.agree compares them)."""
     labels = torch.tensor([job.labels[i] for i in job.selected], dtype=torch.int64)
-    return {**settings, "model weights": _weights_digest(job.model), "selected labels": labels}
+    compared = {k: v for k, v in settings.items() if k not in DESCRIPTIVE_SETTINGS}
+    return {**compared, "model weights": _weights_digest(job.model), "selected labels": labels}
 
 
 def _agree(job, settings: Mapping[str, Any], seed: int) -> None:

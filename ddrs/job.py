@@ -1,14 +1,12 @@
 """What ``ddrs certify``, ``predict`` and ``optimize-sigma`` share when they run: the model, the data
-and the selected inputs (:class:`Job`), the sigma of each input (:class:`Sigma`), the result file
+and the selected inputs (:class:`Job`; each input's sigma: ddrs.input_sigma), the result file
 (:func:`open_results`, one process or sharded under torchrun) and the loop that computes the inputs
 not yet in it, a chunk at a time (:func:`run_chunks`)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -19,14 +17,22 @@ from tqdm.auto import tqdm
 
 from ddrs import distributed_run
 from ddrs.datasets import data_settings, image_settings, load_dataset
+from ddrs.evaluation import (
+    _convolutional,
+    _evaluated,
+    _evaluated_settings,
+    evaluation_choice,
+    forward_rows_per_input,
+)
 from ddrs.loading import load_model, model_settings, resolve_device
-from ddrs.results import ResultFile, ResultFileError, read_rows
+from ddrs.results import ResultFile
+from ddrs_ext._validate import evaluating
 from ddrs_ext.precision import Evaluated
-from ddrs_ext.sigma import optimize_sigma
 
 __all__ = [
     "Job",
-    "Sigma",
+    "evaluation_choice",
+    "forward_rows_per_input",
     "chunk_sizes",
     "min_chunk",
     "message",
@@ -48,28 +54,16 @@ def message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _evaluated_settings(args: argparse.Namespace) -> dict:
-    """The --autocast / --channels-last / --compile choices that are set (they change the function
-    that is certified, so they belong to the settings)."""
-    chosen = {
-        "autocast": getattr(args, "autocast", None),
-        "channels_last": bool(getattr(args, "channels_last", False)),
-        "compile": getattr(args, "compile", None),
-    }
-    return {k: v for k, v in chosen.items() if v}
-
-
-def _evaluated(model, options: dict):
-    """``model`` wrapped in ddrs_ext.Evaluated as the options say (channels-last weights converted)."""
-    if options.get("channels_last") and isinstance(model, torch.nn.Module):
-        model = model.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.get("autocast"))
-    compile = {"mode": options["compile"]} if options.get("compile") else False
-    return Evaluated(model, autocast=dtype, channels_last=bool(options.get("channels_last")), compile=compile)
-
-
 class Job:
-    """What the commands share: the model, the data, the selected inputs, their labels, the classes."""
+    """What the commands share: the model, the data, the selected inputs, their labels, the classes.
+
+    ``model`` is the model as the commands evaluate it: wrapped in :class:`ddrs_ext.Evaluated` when
+    --autocast is given or --compile/--channels-last resolve to something (compiled, and torch's
+    refusals noted, by a warm-up forward pass before the settings are written). ``settings`` keeps
+    --autocast under "evaluated" (it changes the function: compared on a resume) and how the model
+    is evaluated otherwise (compile mode, channels-last, the rows that --compile auto counted, any
+    fallback) under "evaluation" (the same function: recorded, not compared,
+    ddrs.results.DESCRIPTIVE_SETTINGS)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         out = Path(args.out)
@@ -77,16 +71,9 @@ class Job:
             raise ValueError(f"--out {out} is a folder; give a file name")
         if not out.parent.exists():
             raise ValueError(f"--out {out}: its folder {out.parent} does not exist")
+        self.command = args.command
         self.device = resolve_device(args.device)
-        self.model = load_model(
-            args.model,
-            args.checkpoint,
-            self.device,
-            note=lambda text: print(f"ddrs {args.command}: note: {text}", file=sys.stderr),
-        )
-        self.evaluated = _evaluated_settings(args)
-        if self.evaluated:
-            self.model = _evaluated(self.model, self.evaluated)
+        self.model = load_model(args.model, args.checkpoint, self.device, note=self.note)
         self.data = load_dataset(args.data, args.split, args.image_size)
         n = len(self.data)
         if n > _INDEX_LIMIT:
@@ -107,6 +94,11 @@ class Job:
                 f"(the model has {self.num_classes} outputs); {int(bad.sum())} selected label(s) out of range"
             )
         self.labels = {i: int(v) for i, v in zip(self.selected, labels.tolist())}
+        self.evaluated = _evaluated_settings(args)
+        rows = len(self.selected) * forward_rows_per_input(args)
+        self.evaluation = evaluation_choice(args, rows, self.device, _convolutional(self.model))
+        if self.evaluated or self.evaluation["compile"] != "off" or self.evaluation["channels_last"]:
+            self._warm_up(args)
         self.settings = {
             **model_settings(args.model, args.checkpoint),
             **data_settings(args.data, self.data),
@@ -118,8 +110,66 @@ class Job:
         }
         if self.evaluated:  # only when set, so that earlier settings files still match
             self.settings["evaluated"] = self.evaluated
+        self.settings["evaluation"] = self.evaluation
+
+    def evaluate(self, model):
+        """Another model of the run (a selector, an expert) evaluated as ``self.model`` is (the
+        resolved --autocast, --compile and channels-last; compiled at its first call)."""
+        if not isinstance(self.model, Evaluated):
+            return model
+        return _evaluated(model, self.evaluated.get("autocast"), self.evaluation, self.note)
+
+    def note(self, text: str) -> None:
+        """``ddrs COMMAND: note: text`` on stderr (above a progress bar, if one is drawn)."""
+        tqdm.write(f"ddrs {self.command}: note: {text}", file=sys.stderr)
+
+    def _warm_up(self, args: argparse.Namespace) -> None:
+        """Wraps the model in ddrs_ext.Evaluated and runs one forward batch through it (noise-free
+        copies of the first input), so that torch.compile compiles, and torch's refusals (to compile,
+        to autocast) are noted and recorded, before the settings are written. A model that fails
+        with the channels-last format that --compile auto chose is evaluated without it (noted)."""
+        raw, evaluation = self.model, self.evaluation
+        x = self.inputs(self.selected[:1])
+        x = x.expand(max(2, args.batch_size), *x.shape[1:]).contiguous()
+        if evaluation["compile"] != "off":
+            why = f", {evaluation['forward_rows']:,} forward rows" if evaluation["auto"] else ""
+            cl = " and channels-last" if evaluation["channels_last"] and evaluation["auto"] else ""
+            self.note(f"compiling the model (torch.compile, mode {evaluation['compile']}{cl}{why})")
+        self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation, self.note)
+        try:
+            self._forward(x)
+        except Exception as exc:
+            if not (
+                evaluation["auto"]
+                and evaluation["channels_last"]
+                and not getattr(args, "channels_last", False)
+            ):
+                given = [f"--autocast {self.evaluated['autocast']}"] if self.evaluated else []
+                given += ["--channels-last"] if evaluation["channels_last"] else []
+                given += (
+                    [f"--compile {getattr(args, 'compile', None)}"] if evaluation["compile"] != "off" else []
+                )
+                raise ValueError(
+                    f"the model fails when evaluated with {' '.join(given)}: {message(exc)}"
+                ) from None
+            self.evaluation = evaluation = {**evaluation, "channels_last": False}
+            self.note(
+                f"the model fails with channels-last weights and inputs ({message(exc)[:200]}); it is "
+                "evaluated in the contiguous format"
+            )
+            self.model = _evaluated(raw, self.evaluated.get("autocast"), evaluation, self.note)
+            self._forward(x)
+        if self.model.autocast is None and "autocast" in self.evaluated:
+            del self.evaluated["autocast"]  # torch refused it: the model is certified in its own precision
+        if self.model.compile_options is None and evaluation["compile"] != "off":
+            self.evaluation = {**evaluation, "compile": "off", "fallback": self.model.notes[-1]}
+
+    def _forward(self, x: torch.Tensor) -> None:
+        with torch.inference_mode(), evaluating(self.model):
+            self.model(x)
 
     def _probe(self) -> int:
+        """The model's number of classes, from one forward pass of the model as loaded."""
         x = self.data.inputs(self.selected[:1]).to(self.device)
         try:
             with torch.no_grad():
@@ -267,80 +317,3 @@ def open_results(
             args.out, job, columns, settings, seed=args.seed, order_step=order_step, **file_options
         )
     return ResultFile(args.out, columns, settings, **file_options)
-
-
-# ----------------------------------------------------------------------------- sigma per input
-
-
-def _digest(values: dict[int, float]) -> str:
-    text = "\n".join(f"{i}\t{values[i]!r}" for i in sorted(values))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_sigma_file(path: Path, job: Job) -> dict[int, float]:
-    try:
-        header, rows = read_rows(path)
-    except ResultFileError as exc:
-        raise ValueError(f"--sigma-file {exc}") from None
-    if "idx" not in header or "sigma" not in header:
-        raise ValueError(f"--sigma-file {path}: no idx and sigma columns (header {' '.join(header)!r})")
-    found = {row["idx"]: row for row in rows}
-    missing = [i for i in job.selected if i not in found]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise ValueError(
-            f"--sigma-file {path} has no sigma for {len(missing)} selected input(s): idx {shown}; "
-            "finish 'ddrs optimize-sigma' with the same --data/--skip/--max first"
-        )
-    sigma = {}
-    for i in job.selected:
-        row = found[i]
-        if "label" in row and row["label"] != job.labels[i]:
-            raise ValueError(
-                f"--sigma-file {path}: idx {i} has label {row['label']}, --data has {job.labels[i]}; "
-                "was it made for other data?"
-            )
-        s = row["sigma"]
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"--sigma-file {path}: idx {i} has sigma {s}; sigmas must be finite and > 0")
-        sigma[i] = s
-    return sigma
-
-
-class Sigma:
-    """The sigma of each input: ``--sigma``, ``--sigma-file`` or (certify) ``--optimize``."""
-
-    def __init__(self, args: argparse.Namespace, job: Job) -> None:
-        self.args, self.job = args, job
-        self.fixed = args.sigma
-        self.of = None
-        self.optimize = getattr(args, "optimize_options", None) if getattr(args, "optimize", False) else None
-        if self.fixed is not None:
-            self.setting = {"fixed": args.sigma}
-        elif args.sigma_file is not None:
-            self.of = _read_sigma_file(args.sigma_file, job)
-            self.setting = {"file": os.path.abspath(args.sigma_file), "digest": _digest(self.of)}
-        else:
-            self.setting = {"optimize": {"sigma0": args.sigma0, **self.optimize}}
-
-    @property
-    def rows_per_input(self) -> int | None:
-        """Rows per input in one forward pass of the sigma optimisation, if any."""
-        return None if self.optimize is None else self.optimize["num_samples"]
-
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> float | torch.Tensor:
-        if self.fixed is not None:
-            return self.fixed
-        if self.of is not None:
-            return torch.tensor([self.of[i] for i in index.tolist()], dtype=torch.float64)
-        return optimize_sigma(
-            self.job.model,
-            x,
-            self.args.sigma0,
-            **self.optimize,
-            batch_size=self.args.batch_size,
-            seed=self.args.seed,
-            index=index,
-        )

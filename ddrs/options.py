@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 SEED_LIMIT = 2**64
+# ddrs_ext.precision.COMPILE_MIN_ROWS (not imported: this module imports no torch)
+COMPILE_MIN_ROWS = 2_000_000
+COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 _CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 DIST_TIMEOUT = 1800.0  # seconds, --dist-timeout (torch's own default for gloo)
 
@@ -302,28 +305,38 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_argument_group(
-        "cheaper forward passes",
-        "The model is then certified as evaluated that way: deploy it that way (ddrs_ext.Evaluated).",
+        "cheaper forward passes (ddrs_ext.Evaluated)",
+        "--compile and --channels-last evaluate the same function (logits equal up to rounding): on by\n"
+        'default where they pay, kept in the settings file under "evaluation", not compared on a resume.\n'
+        "--autocast evaluates another function (bfloat16 or float16 arithmetic): never on by default; the\n"
+        "certificates are then about the model evaluated that way (deploy it that way), and a resume must\n"
+        "match it. Where torch cannot compile or autocast, the model is evaluated without it and a\n"
+        "one-line note says so.",
+    )
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="auto",
+        metavar="MODE",
+        help="torch.compile the model. auto: on the CPU, when the run evaluates at least "
+        f"{COMPILE_MIN_ROWS:,} noisy copies (inputs x (n0 + n), ...), compile (mode default) and give "
+        "a convolutional model channels-last weights, which measured faster overall on the digits; "
+        "otherwise nothing. off: never. Or a torch.compile mode: default, reduce-overhead (CUDA "
+        "graphs), max-autotune",
     )
     g.add_argument(
         "--autocast",
         choices=("bf16", "fp16"),
         default=None,
-        help="evaluate the model under torch.autocast in bfloat16 or float16 (with --optimize: use "
-        "--estimator score, forward-mode autograd does not run under autocast)",
+        help="evaluate the model under torch.autocast in bfloat16 or float16: faster where the CPU or GPU "
+        "has those instructions (a note says when it has not) and another function (with --optimize: "
+        "use --estimator score, forward-mode autograd does not run under autocast)",
     )
     g.add_argument(
         "--channels-last",
         action="store_true",
-        help="give the model its weights and 4-d inputs in channels-last memory format",
-    )
-    g.add_argument(
-        "--compile",
-        choices=("default", "reduce-overhead", "max-autotune"),
-        default=None,
-        metavar="MODE",
-        help="torch.compile the model with this mode (reduce-overhead: CUDA graphs); "
-        "one of default, reduce-overhead, max-autotune",
+        help="give the model its weights and 4-d inputs in channels-last memory format (--compile auto "
+        "does so when it compiles a model with 4-d weights)",
     )
     g = p.add_argument_group(
         "several processes",

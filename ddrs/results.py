@@ -40,9 +40,11 @@ LATER_CERTIFY_COLUMNS = ("samples",)
 DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
-# Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes): not
-# compared on a resume, so that files written before they existed resume.
-DESCRIPTIVE_SETTINGS = frozenset({"notes"})
+# Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes) or how
+# they were computed without changing what they are ("evaluation": --compile, --channels-last, the
+# same function, logits equal up to rounding, like a change of --batch-size or threads): not
+# compared on a resume, so that files written before they existed resume, and a resume may change them.
+DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
 # Settings that qualify another one (key -> the setting it qualifies): a difference in them is not
 # listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
 # was off then and is on now), so the message names what the user changed.
@@ -201,6 +203,15 @@ def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[di
     return rows
 
 
+def _compared(key: str, value):
+    """A setting as a resume compares it: "evaluated" (the function: --autocast) without "compile"
+    and "channels_last", where versions before --compile auto recorded those (they are now in the
+    descriptive "evaluation")."""
+    if key == "evaluated" and isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in ("compile", "channels_last")} or None
+    return value
+
+
 class ResultFile:
     """A result file open for appending rows, resuming whatever complete rows it already holds.
 
@@ -277,7 +288,9 @@ class ResultFile:
                 except (OSError, ValueError):
                     raise ResultFileError(f"{self.settings_path}: unreadable; remove it to resume") from None
                 keys = (set(before) | set(settings)) - DESCRIPTIVE_SETTINGS
-                changed = sorted(k for k in keys if before.get(k) != settings.get(k))
+                changed = sorted(
+                    k for k in keys if _compared(k, before.get(k)) != _compared(k, settings.get(k))
+                )
                 changed = [k for k in changed if QUALIFYING_SETTINGS.get(k) not in changed]
                 if changed:
                     what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)

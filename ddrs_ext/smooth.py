@@ -14,6 +14,7 @@ from ddrs_ext import certification as _certify
 from ddrs_ext import ops, rng, stats
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, evaluating
 from ddrs_ext.noise import resolve_noise, scale_name
+from ddrs_ext.precision import Evaluated
 
 _HOOKS = ("_sample_noise", "_lower_confidence_bound")
 
@@ -65,6 +66,14 @@ class Smooth:
     and ``num_classes`` may exceed the model's number of outputs (the extra classes get no votes),
     both as in ``core.Smooth``.
 
+    ``compile`` and ``autocast`` (keyword-only, ddrs_ext's own): evaluate the base classifier as
+    :class:`ddrs_ext.Evaluated` does, compiled by ``torch.compile`` (``True`` or a dict of its
+    arguments; the same function, faster for long runs) and/or under ``torch.autocast`` to
+    ``torch.bfloat16`` or ``torch.float16`` (a different function: the certificate is then about the
+    classifier evaluated that way, so deploy it so). ``Smooth(model, C, sigma, compile=True)``
+    samples what ``Smooth(Evaluated(model, compile=True), C, sigma)`` samples; ``base_classifier``
+    stays the model given.
+
     ``noise="uniform"`` smooths with uniform noise on the cube of half-width ``sigma`` instead (the
     l1 certificate of the ``ddsmoothing`` package's ``L1Certificate``): ``certify`` then returns an
     L1 radius, ``sigma * (2 pA_lower - 1)``.
@@ -79,6 +88,8 @@ class Smooth:
         sigma: float,
         *,
         seed: int | None = None,
+        compile: bool | dict = False,
+        autocast: torch.dtype | None = None,
         noise: str = "gaussian",
     ) -> None:
         self.base_classifier = base_classifier
@@ -88,6 +99,20 @@ class Smooth:
         self.seed = seed
         self._calls = 0  # noise streams taken so far under a fixed seed: one per call
         self._active: list[int] | None = None  # [stream, samples drawn] of the call in progress
+        self._evaluation = None
+        self._evaluated = None
+        if compile is not False or autocast is not None:
+            self._evaluation = {"compile": compile, "autocast": autocast}
+            self._evaluated = Evaluated(base_classifier, **self._evaluation)  # checks the options
+
+    @property
+    def _classifier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The base classifier as it is evaluated (with ``compile``/``autocast``: through Evaluated)."""
+        if self._evaluation is None:
+            return self.base_classifier
+        if self._evaluated is None or self._evaluated.model is not self.base_classifier:
+            self._evaluated = Evaluated(self.base_classifier, **self._evaluation)
+        return self._evaluated
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -136,7 +161,7 @@ class Smooth:
 
     def _sampler(self, x: torch.Tensor, batch_size: int, stream: int):
         sampler, seed = _certify._prepare(
-            self.base_classifier,
+            self._classifier,
             self._batch(x),
             self.sigma,
             batch_size,
@@ -166,7 +191,7 @@ class Smooth:
         n0, n = check_count(n0, "n0"), check_count(n, "n")
         alpha = check_alpha(alpha)
         try:
-            with evaluating(self.base_classifier), self._call(index) as stream:
+            with evaluating(self._classifier), self._call(index) as stream:
                 if self._uses_hooks():
                     return self._certify_with_hooks(x, n0, n, alpha, batch_size)
                 sampler, seed = self._sampler(x, check_count(batch_size, "batch_size"), stream)
@@ -200,7 +225,7 @@ class Smooth:
         n = check_count(n, "n")
         alpha = check_alpha(alpha)
         try:
-            with evaluating(self.base_classifier), self._call(index) as stream:
+            with evaluating(self._classifier), self._call(index) as stream:
                 if self._uses_hooks():
                     counts = torch.as_tensor(
                         np.asarray(self._sample_noise(x, n, batch_size)), dtype=torch.int64
@@ -229,7 +254,7 @@ class Smooth:
         else:
             stream, drawn = self._active
             self._active[1] += num
-        with evaluating(self.base_classifier):
+        with evaluating(self._classifier):
             if self.sigma == 0:  # no noise: every copy is x, so every vote is the base prediction
                 counts = self._base_votes(x) * num
             else:
@@ -242,10 +267,10 @@ class Smooth:
     def _base_votes(self, x: torch.Tensor) -> torch.Tensor:
         """The base classifier's one vote on x itself, as counts (1, C)."""
         xb = check_inputs(self._batch(x))
-        sampler = _certify.VoteSampler(self.base_classifier, xb, None, None, 0, 1, None)
+        sampler = _certify.VoteSampler(self._classifier, xb, None, None, 0, 1, None)
         sampler.max_classes = self.num_classes
         with torch.inference_mode():
-            logits = sampler._check_logits(self.base_classifier(xb), 1)
+            logits = sampler._check_logits(self._classifier(xb), 1)
             counts = torch.zeros((1, logits.shape[1]), dtype=torch.int64, device=logits.device)
             ops.count_votes_(logits, 0, 1, counts)
         return counts.cpu()

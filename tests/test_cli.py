@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ddrs_ext
-from ddrs import cli, job, sigma_options
+from ddrs import cli, input_sigma, job, sigma_options
 from ddrs.commands import analyze as analyze_command
 from ddrs.commands import certify as certify_command
 from ddrs.commands import certify_run
@@ -874,13 +874,13 @@ def test_chunk_planner():
 
 def test_automatic_chunks_fill_the_forward_batches(capsys, models, tmp_path, monkeypatch):
     calls = []
-    real = job.optimize_sigma
+    real = input_sigma.optimize_sigma
 
     def spy(model, x, *args, **kwargs):
         calls.append(len(x))
         return real(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(job, "optimize_sigma", spy)
+    monkeypatch.setattr(input_sigma, "optimize_sigma", spy)
     argv = ["certify", "--model", f"{models}:build", "--data", "digits", "--max", 30, *TINY, "--optimize"]
     ok(capsys, *argv, *SIGMA_FAST, "--batch-size", 20, "--out", tmp_path / "o.tsv")
     assert calls[0] == job.min_chunk(20, 8) == 10  # 4 batches of 20 rows at 8 samples per input
@@ -907,7 +907,8 @@ def test_cheaper_forward_options_certify_the_model_as_evaluated(capsys, models, 
     assert [r["predict"] for r in got] == want.prediction.tolist()
     assert [r["radius"] for r in got] == want.radius.tolist()
     settings = json.loads((tmp_path / "bf16.tsv.settings.json").read_text())
-    assert settings["evaluated"] == {"autocast": "bf16", "channels_last": True}
+    assert settings["evaluated"] == {"autocast": "bf16"}  # the function: compared on a resume
+    assert settings["evaluation"]["channels_last"] is True  # the same function: recorded
     assert "settings" in fails(capsys, *common, "--out", out)
     plain = tmp_path / "plain.tsv"
     ok(capsys, *common, "--out", plain)

@@ -13,7 +13,8 @@ import torch
 
 from ddrs import distributed_run
 from ddrs.checkpoints import is_selector_checkpoint
-from ddrs.job import Job, Sigma, is_sharded, message, open_results, run_chunks
+from ddrs.input_sigma import Sigma
+from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
 from ddrs.result_notes import certificate_notes, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
@@ -146,11 +147,13 @@ class _Certifier:
                 f"{' '.join(f'{v:g}' for v in self.levels)}); for one input it returned {got}"
             )
         self._note_trained_levels(note)
+        self.selector = job.evaluate(self.selector)  # as the model is (compiled at its first call)
         experts = _expert_specs(args, K)
         self.model = job.model
         if len(experts) > 1:
             self.model = [job.model] + [
-                load_model(spec, checkpoint, job.device, note) for spec, checkpoint in experts[1:]
+                job.evaluate(load_model(spec, checkpoint, job.device, note))
+                for spec, checkpoint in experts[1:]
             ]
             self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
         self.alpha_selector = args.alpha / 2 if args.alpha_selector is None else args.alpha_selector

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ddrs.job import Job, Sigma, open_results, run_chunks
+    from ddrs.input_sigma import Sigma
+    from ddrs.job import Job, open_results, run_chunks
     from ddrs.results import PREDICT_COLUMNS
     from ddrs_ext.certification import ABSTAIN, predict
 

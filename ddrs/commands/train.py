@@ -75,6 +75,17 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default="reparam",
         help="gradient of the steps: through the model (the paper's) or score function (forward passes only)",
     )
+    g = p.add_argument_group("cheaper forward passes (ddrs_ext.Evaluated)")
+    g.add_argument(
+        "--compile",
+        choices=("off", "default", "reduce-overhead", "max-autotune"),
+        default="off",
+        metavar="MODE",
+        help="torch.compile the model for training (with channels-last weights): off, or a torch.compile "
+        "mode. Off by default: on the digits CNN a compiled step measured 1.1x faster after about 11 s "
+        "of compiling, which repays itself only after hundreds of epochs, and not at all with "
+        "--data-dependent (its sigma steps' forward-mode autograd runs uncompiled)",
+    )
     g = p.add_argument_group("MACER")
     g.add_argument("--macer-samples", type=_positive(int), default=8)
     g.add_argument("--macer-lambda", type=_non_negative, default=12.0)
