@@ -414,8 +414,13 @@ def _optimize(
     index,
     progress,
     callback,
-) -> torch.Tensor:
-    """optimize_sigma (Gaussian noise) or optimize_theta (uniform noise)."""
+    return_radius=False,
+):
+    """optimize_sigma (Gaussian noise) or optimize_theta (uniform noise).
+
+    ``return_radius``: returns ``(sigma, radius)``, ``radius`` the surrogate the last iteration measured
+    at the sigma it started from (before its step), or, with no iterations, the surrogate at ``sigma0``
+    measured with the noise a first iteration would draw; both (B,) float64 on the CPU."""
     uniform = noise is UNIFORM
     start_name = "theta0" if uniform else "sigma0"
     if estimator not in ESTIMATORS:
@@ -465,18 +470,17 @@ def _optimize(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="optimize_theta" if uniform else "optimize_sigma", unit="it")
+    step_options = dict(
+        lr=lr, clip=clip, sigma_range=sigma_range, rule=RULES[rule], growth=growth, gap=1 if uniform else 0
+    )
+    radius = None
     for t in steps:
         if B == 0:
             break
         # forward-mode derivatives still flow under no_grad; no reverse graph is kept
         with torch.no_grad(), evaluating(sampler.model):
             mean, deriv = sampler.run(sigma, rng.PHASE_SIGMA + t * num_samples, num_samples, derivatives=True)
-        top2, which = mean.topk(2, dim=1)
-        dtop2 = deriv.gather(1, which)
-        # E_B := 1 - E_A makes the kernel's surrogate sigma * Phi^-1(E_A) (theta * (2 E_A - 1) for uniform)
-        if surrogate == "certify":
-            top2 = torch.stack([top2[:, 0], 1 - top2[:, 0]], dim=1)
-            dtop2 = torch.stack([dtop2[:, 0], -dtop2[:, 0]], dim=1)
+        top2, dtop2, which = _top_two(mean, deriv, surrogate)
         beyond = None
         if keep_prediction and rule == "bisect":
             if anchor is None:
@@ -484,19 +488,7 @@ def _optimize(
             # Past the optimum for certification: another class on top, or the top class below
             # 1/2, where CERTIFY abstains however large the surrogate (which uses E_B) says R is.
             beyond = ((which[:, 0] != anchor) | (top2[:, 0] < 0.5)).to(sigma.device)
-        new_sigma, radius, grad = ops.sigma_step(
-            sigma,
-            top2,
-            dtop2,
-            bracket,
-            beyond=beyond,
-            lr=lr,
-            clip=clip,
-            sigma_range=sigma_range,
-            rule=RULES[rule],
-            growth=growth,
-            gap=1 if uniform else 0,
-        )
+        new_sigma, radius, grad = ops.sigma_step(sigma, top2, dtop2, bracket, beyond=beyond, **step_options)
         if not bool(torch.isfinite(new_sigma).all()):
             bad = int((~torch.isfinite(new_sigma)).nonzero()[0, 0])
             name = "theta" if uniform else "sigma"
@@ -508,7 +500,27 @@ def _optimize(
             steps.set_postfix(
                 mean_sigma=f"{float(sigma.mean()):.4f}", mean_radius=f"{float(radius.mean()):.4f}"
             )
-    return sigma.cpu()
+    if not return_radius:
+        return sigma.cpu()
+    if B == 0:
+        radius = torch.zeros(0, dtype=torch.float64)
+    elif radius is None:  # no iterations: the surrogate at sigma0, with the noise of a first iteration
+        with torch.no_grad(), evaluating(sampler.model):
+            mean, _ = sampler.run(sigma, rng.PHASE_SIGMA, num_samples, derivatives=False)
+        top2, dtop2, _ = _top_two(mean, torch.zeros_like(mean), surrogate)
+        _, radius, _ = ops.sigma_step(sigma, top2, dtop2, bracket, **step_options)
+    return sigma.cpu(), radius.cpu()
+
+
+def _top_two(mean: torch.Tensor, deriv: torch.Tensor, surrogate: str):
+    """``(E_A, E_B)`` as the surrogate uses them, their derivatives, and the classes they belong to."""
+    top2, which = mean.topk(2, dim=1)
+    dtop2 = deriv.gather(1, which)
+    # E_B := 1 - E_A makes the kernel's surrogate sigma * Phi^-1(E_A) (theta * (2 E_A - 1) for uniform)
+    if surrogate == "certify":
+        top2 = torch.stack([top2[:, 0], 1 - top2[:, 0]], dim=1)
+        dtop2 = torch.stack([dtop2[:, 0], -dtop2[:, 0]], dim=1)
+    return top2, dtop2, which
 
 
 def surrogate_radius(

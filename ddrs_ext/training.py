@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ddrs_ext import ops, rng
 from ddrs_ext._validate import check_count, check_inputs, check_sigma
 from ddrs_ext.noise import UNIFORM, resolve_noise, scale_name
-from ddrs_ext.sigma import optimize_sigma, optimize_theta
+from ddrs_ext.sigma import _optimize
 
 PHASE_TRAIN = 5 * rng.SAMPLE_SPACE  # training noise: a fresh seed per call, so one range suffices
 
@@ -47,8 +47,28 @@ class SigmaBank(torch.nn.Module):
 
     A module with a single buffer ``sigma`` (float64), so it moves with ``.to(device)`` and is
     saved and restored, with its ``sigma_range``, by ``state_dict()`` / ``load_state_dict()``
-    (e.g. in a checkpoint beside the model's). An index repeated within one ``update`` keeps one
-    of its values.
+    (e.g. in a checkpoint beside the model's). It stays float64 whatever ``.to(dtype)``, ``.float()``
+    or ``.half()`` it is given (directly or through a parent module): a device move applies, a dtype
+    change does not. An index repeated within one ``update`` keeps one of its values.
+
+    Reading it works as for a tensor of its values, and every read is a copy, so nothing done to the
+    result changes the bank:
+
+    - ``bank.mean()``, ``bank.min()``, ``bank.max()``, ``bank.std()``, ``bank.sum()``, ``bank.median()``
+      (with the tensor methods' arguments; ``bank.mean().item()`` or ``float(bank.mean())`` for a log line);
+    - ``bank[index]`` with an int, a slice, or integers of any shape (dataset indices in
+      ``[0, len(bank))``; negative ones are refused, not counted from the end);
+    - ``len(bank)``, ``iter(bank)``, ``bank.numel()``, ``bank.tensor()`` (all values);
+    - any ``torch`` function given the bank in place of a tensor (``torch.quantile(bank, 0.9)``,
+      ``torch.histc(bank)``, ``torch.log(bank)``), and a tensor's methods and operators given it as an
+      argument (``x * bank``), through ``__torch_function__``; ``torch.as_tensor(bank)``,
+      ``torch.tensor(bank)`` and ``torch.from_dlpack(bank)`` (through DLPack) and ``numpy.asarray(bank)``.
+
+    Writing goes only through :meth:`update` (or :func:`update_sigma`, which calls it), which checks
+    the values against ``sigma_range`` and records what changed for :meth:`synchronize`:
+    ``bank[index] = values``, ``bank += ...`` and the like, an in-place torch function on the bank
+    (``torch.relu_(bank)``, ``torch.nn.init.uniform_(bank)``) or ``out=bank`` raise a TypeError. (The
+    buffer ``bank.sigma`` itself is the live storage: read it, never write it.)
 
     Under DistributedDataParallel every rank keeps a whole bank and updates the examples of its own
     minibatches; :meth:`synchronize` (a collective call) then hands every rank's updates to every
@@ -85,8 +105,107 @@ class SigmaBank(torch.nn.Module):
             raise ValueError(f"index entries must lie in [0, {self.sigma.numel()}), the bank's size")
         return index
 
-    def __getitem__(self, index) -> torch.Tensor:
-        return self.sigma[self._index(index)].clone()
+    def _read_index(self, key) -> torch.Tensor | slice:
+        """A slice as it is, or ``key`` as a validated integer tensor of its own shape."""
+        if isinstance(key, slice):
+            return key
+        if isinstance(key, tuple) and len(key) == 1 and isinstance(key[0], slice):
+            return key[0]
+        shape = torch.as_tensor(key).shape
+        return self._index(key).reshape(shape)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        """A copy of the values at ``key``: an int (0-dim result), a slice, or dataset indices (any shape)."""
+        return self.sigma[self._read_index(key)].clone()
+
+    def __setitem__(self, key, values) -> None:
+        raise TypeError(
+            "a SigmaBank is written only through bank.update(index, values), which checks the values "
+            "against sigma_range (update_sigma() already writes its new sigma back, so a line such as "
+            "`bank[index] = sigma` after it can simply go)"
+        )
+
+    def __len__(self) -> int:
+        return self.sigma.numel()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.tensor())
+
+    def numel(self) -> int:
+        """The number of examples."""
+        return self.sigma.numel()
+
+    def tensor(self) -> torch.Tensor:
+        """A copy of all values: (num_examples,) float64 on the bank's device."""
+        return self.sigma.clone()
+
+    # reductions return new tensors (no view of the buffer), so they read the buffer without a copy
+    def mean(self, *args, **kwargs) -> torch.Tensor:
+        """``Tensor.mean`` of the values."""
+        return self.sigma.mean(*args, **kwargs)
+
+    def min(self, *args, **kwargs):
+        """``Tensor.min`` of the values."""
+        return self.sigma.min(*args, **kwargs)
+
+    def max(self, *args, **kwargs):
+        """``Tensor.max`` of the values."""
+        return self.sigma.max(*args, **kwargs)
+
+    def std(self, *args, **kwargs) -> torch.Tensor:
+        """``Tensor.std`` of the values."""
+        return self.sigma.std(*args, **kwargs)
+
+    def sum(self, *args, **kwargs) -> torch.Tensor:
+        """``Tensor.sum`` of the values."""
+        return self.sigma.sum(*args, **kwargs)
+
+    def median(self, *args, **kwargs):
+        """``Tensor.median`` of the values."""
+        return self.sigma.median(*args, **kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Torch functions read a bank as a copy of its values; writing to one is refused."""
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.startswith("__")) or name in _IN_PLACE_DUNDERS
+        target = args[0] if args else next(iter(kwargs.values()), None)  # what an in-place function writes
+        if (in_place and isinstance(target, SigmaBank)) or _holds_bank(kwargs.get("out")):
+            raise TypeError(
+                f"{name}() would write to a SigmaBank; it is written only through bank.update(index, "
+                "values), which checks the values against sigma_range (bank.tensor() is a copy to change)"
+            )
+        return func(*_read_banks(args), **_read_banks(kwargs))
+
+    def __array__(self, dtype=None, copy=None):
+        values = self.sigma.detach().cpu().numpy().copy()
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.tensor().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.sigma.__dlpack_device__()
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) applies; a dtype change (.to(torch.float32), .half(), a parent's .float()) does not:
+        # the bank stays float64, and its values are never rounded through a narrower type on the way
+        def keep_float64(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                out = t.to(out.device)
+            return out
+
+        return super()._apply(keep_float64, recurse)
+
+    def _refuse_in_place(self, other):
+        raise TypeError(
+            "a SigmaBank is written only through bank.update(index, values), which checks the values against "
+            "sigma_range; for arithmetic on its values use bank.tensor() (a copy)"
+        )
+
+    __iadd__ = __isub__ = __imul__ = __itruediv__ = __ifloordiv__ = __imod__ = __ipow__ = _refuse_in_place
 
     def update(self, index, values: torch.Tensor) -> None:
         """Writes ``values`` (one per index, finite, inside ``sigma_range``) back to the bank."""
@@ -176,6 +295,33 @@ class SigmaBank(torch.nn.Module):
         return f"num_examples={self.sigma.numel()}, sigma_range={self.sigma_range}"
 
 
+_IN_PLACE_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor")
+) | {"__ilshift__", "__irshift__", "__setitem__", "__set__", "__delitem__"}
+
+
+def _holds_bank(value) -> bool:
+    if isinstance(value, SigmaBank):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bank(v) for v in value)
+    return False
+
+
+def _read_banks(value):
+    """``value`` with every SigmaBank in it (in lists, tuples and dicts) replaced by a copy of its values."""
+    if isinstance(value, SigmaBank):
+        return value.tensor()
+    if isinstance(value, tuple):
+        return tuple(_read_banks(v) for v in value)
+    if isinstance(value, list):
+        return [_read_banks(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _read_banks(v) for k, v in value.items()}
+    return value
+
+
 def _comm_device(group, device: torch.device) -> torch.device:
     """Where a collective of ``group`` takes its tensors: a CUDA device under NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend(group)).lower():
@@ -252,20 +398,35 @@ def update_sigma(
     batch_size: int = 4096,
     seed: int | None = None,
     noise: str = "gaussian",
-) -> torch.Tensor:
+    probabilities: bool = False,
+    return_radius: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A few surrogate-ascent steps for each example of the minibatch, from the bank's values,
     with the model frozen and its BatchNorm statistics untouched; written back to the bank.
 
-    Returns the new sigma (float32 on x's device, ready for the losses). The step rule, estimator
+    Returns the new sigma (x's dtype on x's device, ready for the losses). The step rule, estimator
     and surrogate are those of :func:`ddrs_ext.optimize_sigma`; the paper uses a few plain ascent
     steps on its surrogate here (the defaults); ``clip`` None is its (0.02, 0.98). A
     ``DistributedDataParallel`` model is stepped through its inner module (:func:`unwrap_ddp`); the
     bank is this rank's, to be merged with the other ranks' by :meth:`SigmaBank.synchronize`.
 
+    probabilities: the model returns class probabilities (its ``forward`` ends in softmax), as for
+    :func:`ddrs_ext.optimize_sigma`: outputs of the other kind are refused with a ValueError.
+
+    return_radius: returns ``(sigma, radius)`` instead, ``radius`` (float64, (B,), on x's device) the
+    surrogate radius the last step measured, at the sigma that step started from and with that step's
+    noise (the authors' ``get_sigma(..., ret_radius=True)`` returns the same quantity); it costs
+    nothing extra. It is not re-measured at the returned sigma (:func:`ddrs_ext.surrogate_radius` does
+    that, from fresh noise). With ``steps=0`` it is the surrogate at the bank's values, measured with
+    the noise a first step would draw (one forward pass of ``num_samples`` copies per example).
+
     ``noise="uniform"``: the bank holds half-widths theta and the steps are :func:`ddrs_ext.optimize_theta`'s
     (``estimator="reparam"`` only, ``clip`` must stay None), for training with
-    :func:`uniform_augmentation_loss`.
+    :func:`uniform_augmentation_loss`; the radius is then ``theta * (E_A - E_B)`` (or ``theta * (2 E_A - 1)``
+    with ``surrogate="certify"``).
     """
+    if not isinstance(return_radius, bool):
+        raise TypeError(f"return_radius must be a bool, got {return_radius!r}")
     family = resolve_noise(noise)
     model = unwrap_ddp(model)
     index = bank._index(index)
@@ -275,9 +436,9 @@ def update_sigma(
     start = bank.sigma[index]
     if family is not UNIFORM and clip is None:
         clip = (0.02, 0.98)
-    optimize = optimize_theta if family is UNIFORM else optimize_sigma
     with frozen(model):
-        sigma = optimize(
+        sigma = _optimize(
+            family,
             model,
             x,
             start,
@@ -286,16 +447,24 @@ def update_sigma(
             lr=lr,
             estimator=estimator,
             rule=rule,
+            growth=2.0,
             clip=clip,
             sigma_range=(lo, hi),
+            surrogate=surrogate,
+            keep_prediction=False,
+            probabilities=probabilities,
             batch_size=batch_size,
             seed=seed,
             index=index.cpu(),
-            surrogate=surrogate,
-            keep_prediction=False,
+            progress=False,
+            callback=None,
+            return_radius=return_radius,
         )
+    if return_radius:
+        sigma, radius = sigma
     bank.update(index, sigma)
-    return sigma.to(device=x.device, dtype=x.dtype)
+    sigma = sigma.to(device=x.device, dtype=x.dtype)
+    return (sigma, radius.to(x.device)) if return_radius else sigma
 
 
 def _as_sigma(sigma, x: torch.Tensor, name: str = "sigma") -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_bank_init_and_values():
     assert dict(bank.named_buffers()).keys() == {"sigma"} and not list(bank.parameters())
     for index in ([1, 3], torch.tensor([1, 3]), np.array([1, 3]), (1, 3)):
         assert torch.equal(bank[index], torch.full((2,), 0.25, dtype=torch.float64))
-    assert bank[4].shape == (1,)
+    assert bank[4].shape == ()  # an int reads one value, as for a tensor
     assert "num_examples=7" in repr(bank)
 
 
