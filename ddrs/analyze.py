@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddrs.noise_options import radius_label, setting
+from ddrs.noise_settings import radius_label, setting
 from ddrs.result_notes import certificate_notes, radius_mode, read_settings
 from ddrs.results import read_results
 

@@ -7,36 +7,25 @@ With ``--noise uniform`` the sigma options (--sigma, --sigma-file, --sigma0, --s
 the cube's half-width theta, ``--optimize`` and ``ddrs optimize-sigma`` run
 ``ddrs_ext.optimize_theta`` (``--paper``: ``ddrs_ext.PAPER_L1_SETTINGS``), the memory holds L1
 certificates, and the result file's settings record ``"noise"`` and ``"norm"`` (files written before
-they existed are Gaussian, L2: :data:`SETTING_DEFAULTS`). The Gaussian-only options (``--clip``,
-``--estimator score``, ``--sigma-levels``; for training MACER, SmoothAdv, ``--sigma-estimator score``
-and ``--selector-for``) are refused with uniform noise.
+they existed are Gaussian, L2; :mod:`ddrs.noise_settings` reads and checks them). The Gaussian-only
+options (``--clip``, ``--estimator score``, ``--sigma-levels``; for training MACER, SmoothAdv,
+``--sigma-estimator score`` and ``--selector-for``) are refused with uniform noise.
 
-Imports neither torch nor ddrs_ext (``ddrs --help`` and argument errors answer at once); the work
-side's helpers import ddrs_ext only when called.
+Imports neither torch, numpy nor ddrs_ext (``ddrs --help`` and argument errors answer at once).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
-from pathlib import Path
-
-from ddrs.results import IMPLIED_SETTINGS
 
 __all__ = [
     "NOISES",
     "NORMS",
     "PAPER_L1_SETTINGS",
-    "SETTING_DEFAULTS",
     "add_noise_option",
     "add_training_noise_option",
     "check_noise",
     "check_training_noise",
-    "noise_settings",
-    "norm_of",
-    "radius_label",
-    "check_resumed_noise",
-    "check_sigma_file_noise",
 ]
 
 NOISES = ("gaussian", "uniform")  # ddrs_ext.noise.NOISES
@@ -51,8 +40,6 @@ PAPER_L1_SETTINGS = {
     "rule": "ascent",
     "surrogate": "paper",
 }
-#: What a result file's settings without these keys (written before --noise existed) mean.
-SETTING_DEFAULTS = IMPLIED_SETTINGS
 
 NOISE_HELP = (
     "noise family: gaussian (L2 radii sigma * Phi^-1(p_lower)) or uniform on the cube [-theta, theta]^D "
@@ -147,61 +134,3 @@ def check_training_noise(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- settings, labels
-
-
-def norm_of(noise: str) -> str:
-    """``"l2"`` for Gaussian noise, ``"l1"`` for uniform noise."""
-    return NORMS[noise]
-
-
-def noise_settings(args: argparse.Namespace) -> dict:
-    """What a result file's settings record about the noise: ``{"noise": ..., "norm": ...}``."""
-    noise = getattr(args, "noise", "gaussian")
-    return {"noise": noise, "norm": norm_of(noise)}
-
-
-def radius_label(norm: str) -> str:
-    """``"L1 radius"`` or ``"L2 radius"``."""
-    return f"{norm.upper()} radius"
-
-
-def setting(settings: Mapping | None, key: str) -> str:
-    """``settings[key]`` for "noise" or "norm", with :data:`SETTING_DEFAULTS` for files without it."""
-    value = None if settings is None else settings.get(key)
-    return SETTING_DEFAULTS[key] if value is None else value
-
-
-def check_resumed_noise(args: argparse.Namespace) -> None:
-    """Refuses, with a message that says what to give, to resume a result file made with the other
-    noise (the generic settings check would refuse it too, less plainly)."""
-    from ddrs.result_notes import resumed_settings
-
-    before = resumed_settings(args.out)
-    if before is None:
-        return
-    then, now = setting(before, "noise"), getattr(args, "noise", "gaussian")
-    if then != now:
-        raise ValueError(
-            f"{args.out} was made with --noise {then} ({norm_of(then).upper()} radii); this run uses "
-            f"--noise {now}: give --noise {then} to resume it, or use another --out"
-        )
-
-
-def check_sigma_file_noise(args: argparse.Namespace) -> None:
-    """Refuses a --sigma-file of ``ddrs optimize-sigma`` made for the other noise (its values are
-    sigmas of one family, thetas of the other); a file without settings is taken as it is."""
-    from ddrs.result_notes import read_settings
-
-    path = getattr(args, "sigma_file", None)
-    if path is None:
-        return
-    settings = read_settings(Path(path))
-    if settings is None or settings.get("command") != "optimize-sigma":
-        return
-    then, now = setting(settings, "noise"), getattr(args, "noise", "gaussian")
-    if then != now:
-        what = {"gaussian": "Gaussian sigmas", "uniform": "uniform half-widths theta"}
-        raise ValueError(
-            f"--sigma-file {path} holds {what[then]} (ddrs optimize-sigma --noise {then}); this run uses "
-            f"--noise {now}: give --noise {then}, or optimise for --noise {now}"
-        )

@@ -49,7 +49,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ddrs.input_sigma import Sigma
     from ddrs.job import Job, open_results, run_chunks
-    from ddrs.noise_options import check_resumed_noise, check_sigma_file_noise, noise_settings
+    from ddrs.noise_settings import check_resumed_noise, check_sigma_file_noise, noise_settings
     from ddrs.results import PREDICT_COLUMNS
     from ddrs_ext.certification import ABSTAIN, predict
 
