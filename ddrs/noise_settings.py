@@ -19,6 +19,7 @@ __all__ = [
     "check_sigma_file_noise",
     "noise_settings",
     "norm_of",
+    "note_checkpoint_noise",
     "radius_label",
     "setting",
 ]
@@ -75,4 +76,24 @@ def check_sigma_file_noise(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--sigma-file {path} holds {what[then]} (ddrs optimize-sigma --noise {then}); this run uses "
             f"--noise {now}: give --noise {then}, or optimise for --noise {now}"
+        )
+
+
+def note_checkpoint_noise(args: argparse.Namespace, note) -> None:
+    """``note(text)`` when --checkpoint alone is a checkpoint of ``ddrs train`` trained with the other
+    noise than this run's --noise (checkpoints without ``"noise"`` in their config are Gaussian):
+    legitimate, but most likely a forgotten --noise."""
+    if getattr(args, "model", None) is not None or getattr(args, "checkpoint", None) is None:
+        return
+    from ddrs.checkpoints import is_classifier_checkpoint
+    from ddrs.weights import load_weights
+
+    content = load_weights(args.checkpoint, "--checkpoint")
+    if not is_classifier_checkpoint(content) or not isinstance(content.get("config"), Mapping):
+        return
+    trained, now = content["config"].get("noise") or "gaussian", getattr(args, "noise", "gaussian")
+    if trained != now:
+        note(
+            f"--checkpoint {args.checkpoint} was trained with {trained} noise (ddrs train --noise "
+            f"{trained}); this run uses --noise {now}"
         )

@@ -338,3 +338,40 @@ def test_train_uniform_writes_its_noise_and_certifies(capsys, tmp_path):
     x, _ = digits_test(9)
     want = ddrs_ext.certify(model, x[IDX], 0.5, n0=16, n=64, seed=0, index=IDX, noise="uniform")
     assert [r["radius"] for r in read_rows(out)[1]] == want.radius.tolist()
+    # certified with Gaussian noise: it runs, with a note that the checkpoint was trained otherwise
+    code, _, err = run(capsys, "certify", "--checkpoint", checkpoint, *SELECTED, *TINY, "--sigma", 0.5,
+                       "--no-progress", "--out", tmp_path / "l2.tsv")  # fmt: skip
+    assert code == 0 and "was trained with uniform noise (ddrs train --noise uniform)" in err
+    err = fails_not(capsys, "certify", "--checkpoint", checkpoint, *SELECTED, *TINY, "--sigma", 0.5,
+                    "--noise", "uniform", "--out", tmp_path / "again.tsv")  # fmt: skip
+    assert "trained with" not in err
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def test_two_processes_certify_in_l1_like_one(tmp_path):
+    """torchrun passes --noise through: two processes give one process's rows, the L1 memory applied
+    when rank 0 merges (on data where it changes rows)."""
+    from tests import test_cli_distributed as dist
+
+    (tmp_path / "absmodel.py").write_text(dist.MODELS)
+    x = torch.zeros(dist.COUNT, 1, 2)
+    x[:, 0, 0] = torch.linspace(-0.3, 0.3, dist.COUNT)
+    x[:, 0, 1] = torch.arange(dist.COUNT) * 1e-3
+    torch.save({"x": x, "y": (torch.arange(dist.COUNT) % 2).long()}, tmp_path / "abs.pt")
+    with ResultFile(tmp_path / "theta.tsv", ("idx", "sigma")) as f:
+        for i in range(dist.COUNT):
+            f.write({"idx": i, "sigma": 0.05 if i % 2 else 2.0})
+    argv = ["certify", "--model", f"{tmp_path / 'absmodel.py'}:build_abs", "--data", tmp_path / "abs.pt",
+            "--sigma-file", tmp_path / "theta.tsv", "--n0", 16, "--n", 64, "--noise", "uniform",
+            "--no-progress", "--max", 12]  # fmt: skip
+    dist.one_process(*argv, "--memory", "--out", tmp_path / "one.tsv")
+    dist.one_process(*argv, "--no-memory", "--out", tmp_path / "plain.tsv")
+    assert rows(tmp_path / "one.tsv") != rows(tmp_path / "plain.tsv")  # the memory matters here
+    log = dist.launch(
+        tmp_path, "-m", "ddrs", "--", *argv, "--memory", "--out", tmp_path / "two.tsv", *dist.TIMEOUT
+    )
+    assert "12 inputs, shared by 2 process(es)" in log
+    dist.assert_same_file(tmp_path / "two.tsv", tmp_path / "one.tsv")
+    assert settings_of(tmp_path / "two.tsv")["norm"] == "l1"

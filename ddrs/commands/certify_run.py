@@ -16,7 +16,12 @@ from ddrs.checkpoints import is_selector_checkpoint
 from ddrs.input_sigma import Sigma
 from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
-from ddrs.noise_settings import check_resumed_noise, check_sigma_file_noise, noise_settings
+from ddrs.noise_settings import (
+    check_resumed_noise,
+    check_sigma_file_noise,
+    noise_settings,
+    note_checkpoint_noise,
+)
 from ddrs.result_notes import certificate_notes, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
 from ddrs.weights import load_weights
@@ -277,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
     _earlier_memory_choice(args)
     _check_memory_rule(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     method = _Certifier(args, job)
     settings = {
         "command": "certify",

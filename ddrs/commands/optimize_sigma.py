@@ -56,7 +56,7 @@ def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from ddrs.job import Job, open_results, run_chunks
-    from ddrs.noise_settings import check_resumed_noise, noise_settings
+    from ddrs.noise_settings import check_resumed_noise, noise_settings, note_checkpoint_noise
     from ddrs.results import SIGMA_COLUMNS
     from ddrs_ext.sigma import optimize_sigma, optimize_theta, surrogate_radius
 
@@ -64,6 +64,7 @@ def _optimize(args: argparse.Namespace) -> int:
     uniform = args.noise == "uniform"
     check_resumed_noise(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     settings = {
         "command": "optimize-sigma",
         **job.settings,

@@ -49,13 +49,19 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ddrs.input_sigma import Sigma
     from ddrs.job import Job, open_results, run_chunks
-    from ddrs.noise_settings import check_resumed_noise, check_sigma_file_noise, noise_settings
+    from ddrs.noise_settings import (
+        check_resumed_noise,
+        check_sigma_file_noise,
+        noise_settings,
+        note_checkpoint_noise,
+    )
     from ddrs.results import PREDICT_COLUMNS
     from ddrs_ext.certification import ABSTAIN, predict
 
     check_resumed_noise(args)
     check_sigma_file_noise(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     sigma_of = Sigma(args, job)
     settings = {
         "command": "predict",
