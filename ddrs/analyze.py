@@ -14,6 +14,11 @@ certification in radius mode (``ddrs certify --sequential --radius r``) shows on
 accuracy at ``r`` (the tables gain an ``r`` column if they lack one; its other cells and its ACR are
 left empty, and a plot marks one point instead of a curve).
 
+Radii are L2 radii (Gaussian noise) or L1 radii (``ddrs certify --noise uniform``, the settings'
+``"norm"``; files without settings are taken as L2, as Cohen et al.'s are). Tables and plots say
+which (:func:`radius_norm`); L1 and L2 files are never put in one table or on one plot (their radii
+are not comparable): analyse them separately.
+
 These are the functions of the ``ddrs analyze`` command (:mod:`ddrs.commands.analyze`) and of the
 demo's table, for use from Python.
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddrs.noise_settings import radius_label, setting
 from ddrs.result_notes import certificate_notes, radius_mode, read_settings
 from ddrs.results import read_results
 
@@ -46,6 +52,8 @@ class Certified:
     #: ``r`` of a file of sequential certification in radius mode, where only "certified at r" is
     #: meaningful (:func:`ddrs.result_notes.radius_mode`); None otherwise.
     radius_mode: float | None = None
+    #: the norm of the radii: ``"l2"`` (Gaussian noise) or ``"l1"`` (uniform noise)
+    norm: str = "l2"
 
     @property
     def title(self) -> str:
@@ -110,7 +118,22 @@ def load(path: str | os.PathLike, label: str | None = None) -> Certified:
     settings = read_settings(path)
     notes = tuple(certificate_notes(settings)) if settings is not None else ()
     label = path.stem if label is None else label
-    return Certified(label, correct == 1, radius, notes=notes, radius_mode=radius_mode(settings))
+    norm = setting(settings, "norm")
+    return Certified(label, correct == 1, radius, notes=notes, radius_mode=radius_mode(settings), norm=norm)
+
+
+def radius_norm(results: Sequence[Certified]) -> str:
+    """The norm of the radii of ``results`` (``"l2"`` or ``"l1"``); a ``ValueError`` when they mix
+    norms, which one table or plot cannot show (an L1 and an L2 radius measure different balls)."""
+    norms = {res.norm for res in results}
+    if len(norms) > 1:
+        by = {norm: [res.label for res in results if res.norm == norm] for norm in sorted(norms)}
+        listed = "; ".join(f"{n.upper()} radii: {', '.join(labels)}" for n, labels in by.items())
+        raise ValueError(
+            f"these files certify radii in different norms ({listed}); "
+            "L1 and L2 radii are not comparable on one curve: analyse each norm's files separately"
+        )
+    return norms.pop() if norms else "l2"
 
 
 def _notes(results: Sequence[Certified]) -> list[str]:
@@ -138,8 +161,10 @@ def _cells(res: Certified, radii: Sequence[float], empty: str) -> list[str]:
 
 def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A markdown table: one row per result, certified accuracy at ``radii``, ACR and input count."""
+    norm = radius_norm(results)
     radii = _table_radii(results, radii)
-    head = ["result", *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
+    first = "result" if norm == "l2" else f"result ({radius_label(norm)} r)"
+    head = [first, *(f"r = {_radius_text(r)}" for r in radii), "ACR", "inputs"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for res in results:
         cells = [res.title.replace("|", "\\|"), *_cells(res, radii, "–"), str(len(res))]
@@ -170,10 +195,12 @@ def latex_escape(text: str) -> str:
 def latex_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``): certified accuracy at ``radii``,
     ACR and input count, one row per result."""
+    norm = radius_norm(results)
     radii = _table_radii(results, radii)
     k = len(radii)
     lines = [
-        "% certified accuracy at L2 radius r; ACR = average certified radius; needs \\usepackage{booktabs}",
+        f"% certified accuracy at {radius_label(norm)} r; ACR = average certified radius; "
+        "needs \\usepackage{booktabs}",
         "\\begin{tabular}{l" + "r" * (k + 2) + "}",
         "\\toprule",
         f" & \\multicolumn{{{k}}}{{c}}{{certified accuracy at radius $r$}} & & \\\\",
@@ -206,6 +233,7 @@ def plot_certified_accuracy(
 
     if not results:
         raise ValueError("nothing to plot")
+    norm = radius_norm(results)
     path = Path(path)
     if max_radius is None:
         largest = max(max(float(res.radius.max()), res.radius_mode or 0.0) for res in results)
@@ -222,7 +250,7 @@ def plot_certified_accuracy(
             ax.plot([r], res.accuracy([r]), marker="o", linestyle="none", label=f"{res.title} (at r = {r:g})")
             continue
         ax.step(grid, res.accuracy(grid), where="post", label=f"{res.title} (ACR {res.acr:.3f})")
-    ax.set_xlabel("L2 radius r")
+    ax.set_xlabel(f"{radius_label(norm)} r")
     ax.set_ylabel("certified accuracy at radius r")
     ax.set_xlim(0, max_radius)
     ax.set_ylim(0, 1.02)

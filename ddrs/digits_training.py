@@ -24,11 +24,17 @@ __all__ = ["noisy_accuracy", "train"]
 
 
 def noisy_accuracy(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, seed: int
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    seed: int,
+    noise: str = "gaussian",
 ) -> float:
-    """Accuracy of the base model on one noisy copy of each input (a quick training signal)."""
+    """Accuracy of the base model on one noisy copy of each input (a quick training signal); ``noise``
+    "uniform": copies on the cube of half-width ``sigma``."""
     with training.frozen(model), torch.no_grad():
-        noisy = training.noisy_copies(x, sigma, seed=seed)
+        noisy = training.noisy_copies(x, sigma, seed=seed, noise=noise)
         return float((model(noisy).argmax(1) == y).float().mean())
 
 
@@ -68,6 +74,9 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    # --noise uniform: uniform augmentation (sigma is the half-width theta); checkpoints of earlier
+    # versions have no "noise" in their config: Gaussian
+    noise = getattr(args, "noise", "gaussian")
     bank = None
     if args.data_dependent:
         if args.sigma > args.sigma_max:
@@ -92,8 +101,11 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
                     lr=args.sigma_lr,
                     surrogate=args.sigma_surrogate,
                     estimator=args.sigma_estimator,
+                    noise=noise,
                 )
-            if args.scheme == "gaussian":
+            if args.scheme == "gaussian" and noise == "uniform":
+                loss = training.uniform_augmentation_loss(net, x, y, sigma, index=index)
+            elif args.scheme == "gaussian":
                 loss = training.gaussian_augmentation_loss(net, x, y, sigma, index=index)
             elif args.scheme == "macer":
                 loss = training.macer_loss(
@@ -133,11 +145,12 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
             pairs = exchange(lambda pair=(total, seen): pair, what="train_digits")
             total, seen = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
         if rank == 0:
-            acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed)
+            acc = noisy_accuracy(model, x_test, y_test, args.sigma, seed=args.seed, noise=noise)
             extra = f", bank sigma mean {bank.sigma.mean():.3f}" if bank is not None else ""
+            scale = "theta" if noise == "uniform" else "sigma"
             log(
                 f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}, test accuracy under noise "
-                f"sigma={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
+                f"{scale}={args.sigma} {acc:.3f}{extra} ({time.perf_counter() - start:.1f} s)"
             )
     model.eval().to(memory_format=torch.contiguous_format)  # --compile's channels-last weights, back
     if world > 1:  # DDP keeps the parameters equal, not BatchNorm's running statistics: rank 0's win

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ddrs.results import ResultFileError, read_rows
-from ddrs_ext.sigma import optimize_sigma
+from ddrs_ext.sigma import optimize_sigma, optimize_theta
 
 if TYPE_CHECKING:
     from ddrs.job import Job
@@ -85,7 +85,8 @@ class Sigma:
             return self.fixed
         if self.of is not None:
             return torch.tensor([self.of[i] for i in index.tolist()], dtype=torch.float64)
-        return optimize_sigma(
+        optimize = optimize_theta if getattr(self.args, "noise", "gaussian") == "uniform" else optimize_sigma
+        return optimize(
             self.job.model,
             x,
             self.args.sigma0,

@@ -49,6 +49,9 @@ DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
 # listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
 # was off then and is on now), so the message names what the user changed.
 QUALIFYING_SETTINGS = {"memory_rule": "memory"}
+# Settings that files written before they existed lack, and what those files mean by their absence
+# (--noise: ddrs.noise_options): such a file resumes as if it had them.
+IMPLIED_SETTINGS = {"noise": "gaussian", "norm": "l2"}
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
@@ -206,9 +209,11 @@ def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[di
 def _compared(key: str, value):
     """A setting as a resume compares it: "evaluated" (the function: --autocast) without "compile"
     and "channels_last", where versions before --compile auto recorded those (they are now in the
-    descriptive "evaluation")."""
+    descriptive "evaluation"); a missing setting of :data:`IMPLIED_SETTINGS` as its implied value."""
     if key == "evaluated" and isinstance(value, Mapping):
         return {k: v for k, v in value.items() if k not in ("compile", "channels_last")} or None
+    if value is None and key in IMPLIED_SETTINGS:
+        return IMPLIED_SETTINGS[key]
     return value
 
 

@@ -14,6 +14,7 @@ A command module's top level imports neither torch nor ddrs_ext, so that ``ddrs 
 argument errors answer at once: each adds its parser with ``add_parser(subparsers)`` (called by
 :func:`ddrs.cli.build_parser`, which lists the commands) and names its work as
 ``"module:function"``, which :func:`ddrs.cli.main` imports only when the command runs.
-What certify, predict and optimize-sigma share is in :mod:`ddrs.options` and
-:mod:`ddrs.sigma_options` (options) and :mod:`ddrs.job` (work).
+What certify, predict and optimize-sigma share is in :mod:`ddrs.options`,
+:mod:`ddrs.sigma_options` and :mod:`ddrs.noise_options` (options; ``--noise`` also for train) and
+:mod:`ddrs.job` and :mod:`ddrs.noise_settings` (work).
 """

@@ -23,7 +23,11 @@ Certified accuracy and average certified radius of certification result files, a
 Reads the tab-separated result files that ddrs certify writes (and Cohen et al.'s, which lack the
 sigma column). Certified accuracy at radius r is the fraction of rows with correct == 1 and
 radius >= r (an abstention is never correct); the average certified radius (ACR) is the mean of
-radius * correct over all rows.""",
+radius * correct over all rows.
+
+Radii are L2 radii (Gaussian noise) or L1 radii (ddrs certify --noise uniform), as the files'
+settings say; the tables and plots say which, and L1 and L2 files are refused in one table or plot
+(analyse each norm's files separately).""",
         epilog="examples:\n"
         '  ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png\n'
         "  ddrs analyze results/*.tsv --radii 0 0.5 1 1.5 2 --latex --output table.tex\n",

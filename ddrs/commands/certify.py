@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.noise_options import add_noise_option
 from ddrs.options import (
     FORMATS,
     HelpFormatter,
@@ -95,6 +96,7 @@ def add_parser(sub) -> None:
     _add_selector_options(p)
     add_sigma_options(p, "sigma optimisation (with --optimize)")
     set_command(p, run="ddrs.commands.certify_run:run", check=check, resumable=True)
+    add_noise_option(p)
 
 
 def _add_sequential_options(p: argparse.ArgumentParser) -> None:

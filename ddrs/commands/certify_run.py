@@ -16,6 +16,12 @@ from ddrs.checkpoints import is_selector_checkpoint
 from ddrs.input_sigma import Sigma
 from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
+from ddrs.noise_settings import (
+    check_resumed_noise,
+    check_sigma_file_noise,
+    noise_settings,
+    note_checkpoint_noise,
+)
 from ddrs.result_notes import certificate_notes, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
 from ddrs.weights import load_weights
@@ -41,14 +47,14 @@ class _Changes:
         self.seen += len(differs)
 
 
-def _memory_step(job: Job, changes: _Changes) -> Callable[[list[dict], list[dict]], list[dict]]:
+def _memory_step(job: Job, changes: _Changes, norm: str) -> Callable[[list[dict], list[dict]], list[dict]]:
     """The memory-based adjustment as a step over rows: the memory rebuilt from the rows already in
     the file (as they were adjusted), then the new rows adjusted in idx order, as one process adjusts
     them (CertificationMemory gives the same answers whatever the blocks); ``changes`` counts what
-    it changed."""
+    it changed; ``norm``: the radii's norm (l1 for uniform noise)."""
 
     def step(before: list[dict], rows: list[dict]) -> list[dict]:
-        memory = CertificationMemory()
+        memory = CertificationMemory(norm=norm)
         for start in range(0, len(before), 1024):
             part = before[start : start + 1024]
             memory.extend(
@@ -76,11 +82,14 @@ def _memory_step(job: Job, changes: _Changes) -> Callable[[list[dict], list[dict
     return step
 
 
-def _certify_summary(path: Path, rows: list[dict], radius: float | None = None) -> str:
+def _certify_summary(path: Path, rows: list[dict], radius: float | None = None, norm: str = "l2") -> str:
     """One line: certified accuracy at radius 0 and the ACR, or with ``radius`` (radius mode) the
-    certified accuracy at that radius alone; model evaluations; the dual certificate's selector."""
+    certified accuracy at that radius alone; model evaluations; the dual certificate's selector.
+    L1 radii (uniform noise) are called so."""
     if not rows:
         return f"{path}: no rows"
+    if norm == "l1":
+        return _certify_summary(path, rows, radius).replace(" radius", " L1 radius")
     correct = [r for r in rows if r["correct"]]
     if radius is not None:
         at = sum(r["radius"] >= radius for r in correct) / len(rows)
@@ -206,9 +215,12 @@ class _Certifier:
                 alpha=args.alpha,
                 radius=args.radius,
                 tolerance=args.tolerance,
+                noise=args.noise,
                 **common,
             )
-        return certify(job.model, x, sigma, n0=args.n0, n=args.n, alpha=args.alpha, **common)
+        return certify(
+            job.model, x, sigma, n0=args.n0, n=args.n, alpha=args.alpha, noise=args.noise, **common
+        )
 
 
 def _expert_specs(args: argparse.Namespace, levels: int) -> list[tuple[str | None, str | None]]:
@@ -265,14 +277,18 @@ def _earlier_memory_choice(args: argparse.Namespace) -> None:
 
 @distributed_run.command
 def run(args: argparse.Namespace) -> int:
+    check_resumed_noise(args)
+    check_sigma_file_noise(args)
     _earlier_memory_choice(args)
     _check_memory_rule(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     method = _Certifier(args, job)
     settings = {
         "command": "certify",
         **job.settings,
         "sigma": method.sigma_setting,
+        **noise_settings(args),
         "n0": args.n0,
         "n": args.n,
         "alpha": args.alpha,
@@ -284,11 +300,12 @@ def run(args: argparse.Namespace) -> int:
     if notes:  # described for a reader; not compared on a resume (ddrs.results.DESCRIPTIVE_SETTINGS)
         settings["notes"] = [sentence for _, sentence in notes]
     changes = _Changes()
-    step = _memory_step(job, changes) if args.memory else None
+    norm = noise_settings(args)["norm"]
+    step = _memory_step(job, changes, norm) if args.memory else None
     with open_results(args, job, method.columns, settings, order_step=step, later=method.later) as out:
         memory = None
         if args.memory and not is_sharded(out):  # sharded: adjusted in the merge
-            memory = CertificationMemory()
+            memory = CertificationMemory(norm=norm)
             done = list(out.done.values())
             for start in range(0, len(done), 1024):  # the adjusted answers already given, in order
                 part = done[start : start + 1024]
@@ -311,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         run_chunks(args, job, out, method.rows_per_input, work)
         done = [out.done[i] for i in job.selected if i in out.done]
         radius = getattr(args, "radius", None) if method.sequential else None
-        summary = _certify_summary(args.out, done, radius)
+        summary = _certify_summary(args.out, done, radius, norm)
         if args.memory and changes.seen:
             summary += (
                 f"; the memory changed {changes.changed} of the {changes.seen} certificates of this run"

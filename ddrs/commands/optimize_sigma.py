@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.noise_options import add_noise_option
 from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, set_command
 from ddrs.sigma_options import OPTIMIZE_WHY, add_sigma_options, optimize_options
 
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
         "--surrogate-samples", type=count, default=1000, help="noise samples for the 'surrogate' column"
     )
     set_command(p, run="ddrs.commands.optimize_sigma:run", check=check, resumable=True)
+    add_noise_option(p)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -54,15 +56,20 @@ def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from ddrs.job import Job, open_results, run_chunks
+    from ddrs.noise_settings import check_resumed_noise, noise_settings, note_checkpoint_noise
     from ddrs.results import SIGMA_COLUMNS
-    from ddrs_ext.sigma import optimize_sigma, surrogate_radius
+    from ddrs_ext.sigma import optimize_sigma, optimize_theta, surrogate_radius
 
     options = args.optimize_options
+    uniform = args.noise == "uniform"
+    check_resumed_noise(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     settings = {
         "command": "optimize-sigma",
         **job.settings,
         "sigma0": args.sigma0,
+        **noise_settings(args),
         **options,
         "surrogate_samples": args.surrogate_samples,
     }
@@ -70,7 +77,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
         def work(index: torch.Tensor) -> list[dict]:
             x = job.inputs(index.tolist())
-            sigma = optimize_sigma(
+            sigma = (optimize_theta if uniform else optimize_sigma)(
                 job.model, x, args.sigma0, **options, batch_size=args.batch_size, seed=args.seed, index=index
             )
             surrogate = surrogate_radius(
@@ -78,7 +85,8 @@ def _optimize(args: argparse.Namespace) -> int:
                 x,
                 sigma,
                 num_samples=args.surrogate_samples,
-                clip=options["clip"],
+                clip=options.get("clip"),
+                noise=args.noise,
                 probabilities=options["probabilities"],
                 batch_size=args.batch_size,
                 seed=args.seed,

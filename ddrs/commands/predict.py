@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.noise_options import add_noise_option
 from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, probability, set_command
 from ddrs.sigma_options import add_sigma_choice
 
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     g.add_argument("--n", "--N", type=count, default=100_000, help="noisy copies per input")
     g.add_argument("--alpha", type=probability, default=0.001, help="failure probability")
     set_command(p, run="ddrs.commands.predict:run", check=None, resumable=True)
+    add_noise_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,15 +49,25 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ddrs.input_sigma import Sigma
     from ddrs.job import Job, open_results, run_chunks
+    from ddrs.noise_settings import (
+        check_resumed_noise,
+        check_sigma_file_noise,
+        noise_settings,
+        note_checkpoint_noise,
+    )
     from ddrs.results import PREDICT_COLUMNS
     from ddrs_ext.certification import ABSTAIN, predict
 
+    check_resumed_noise(args)
+    check_sigma_file_noise(args)
     job = Job(args)
+    note_checkpoint_noise(args, job.note)
     sigma_of = Sigma(args, job)
     settings = {
         "command": "predict",
         **job.settings,
         "sigma": sigma_of.setting,
+        **noise_settings(args),
         "n": args.n,
         "alpha": args.alpha,
     }
@@ -74,6 +86,7 @@ def _predict(args: argparse.Namespace) -> int:
                 num_classes=job.num_classes,
                 seed=args.seed,
                 index=index,
+                noise=args.noise,
             )
             sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(len(index))
             rows = []

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from ddrs.noise_options import add_training_noise_option, check_training_noise
 from ddrs.options import HelpFormatter, Parser, set_command
 
 __all__ = ["SCHEMES", "add_parser", "build_parser", "check", "main", "run"]
@@ -24,6 +25,7 @@ EXAMPLES = """
 examples:
   ddrs train --scheme gaussian --sigma 0.25 --out fixed.pt
   ddrs train --scheme macer --sigma 0.25 --data-dependent --out dd.pt
+  ddrs train --noise uniform --sigma 0.5 --data-dependent --sigma-surrogate certify --out dd_l1.pt
   ddrs train --selector-for dd.pt --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out selector.pt
 """
 
@@ -56,6 +58,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=SCHEMES, default="gaussian", help="training scheme")
     p.add_argument("--sigma", type=_positive(float), default=0.25, help="fixed sigma, or sigma0 of the bank")
     p.add_argument("--data-dependent", action="store_true", help="a sigma per training example (the paper's)")
+    add_training_noise_option(p)
     p.add_argument("--epochs", type=_positive(int), default=15)
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--lr", type=_positive(float), default=3e-3, help="Adam learning rate")
@@ -135,6 +138,7 @@ def add_parser(sub) -> None:
 def check(args: argparse.Namespace) -> None:
     if args.selector_for is None and (args.sigma_levels is not None or args.selector_sigma is not None):
         raise ValueError("--sigma-levels and --selector-sigma are for --selector-for")
+    check_training_noise(args)
 
 
 def _options(args: argparse.Namespace) -> argparse.Namespace:
