@@ -571,9 +571,9 @@ def macer_loss(
     """
     y = _check_labels(y, x)
     num_samples = check_count(num_samples, "num_samples")
-    for name, value in (("lam", lam), ("gamma", gamma), ("beta", beta)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    lam, gamma, beta = (
+        _check_weight(v, name) for name, v in (("lam", lam), ("gamma", gamma), ("beta", beta))
+    )
     sig = _as_sigma(sigma, x)
     B = x.shape[0]
     logits = model(noisy_copies(x, sig, copies=num_samples, seed=seed, index=index))
