@@ -23,7 +23,12 @@ Certified accuracy and average certified radius of certification result files, a
 Reads the tab-separated result files that ddrs certify writes (and Cohen et al.'s, which lack the
 sigma column). Certified accuracy at radius r is the fraction of rows with correct == 1 and
 radius >= r (an abstention is never correct); the average certified radius (ACR) is the mean of
-radius * correct over all rows.""",
+radius * correct over all rows.
+
+A file of ddrs certify --sequential --radius R [R ...] is reported only at its radii of interest
+(the table gains a column for each; its other cells and its ACR stay empty, its plot shows points):
+its inputs stopped once their answer at those radii was settled. A file of ddrs certify --labels
+(evaluation mode) holds the true label or -1 in predict, not a prediction; a note says so.""",
         epilog="examples:\n"
         '  ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png\n'
         "  ddrs analyze results/*.tsv --radii 0 0.5 1 1.5 2 --latex --output table.tex\n",

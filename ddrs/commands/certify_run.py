@@ -16,8 +16,9 @@ from ddrs.checkpoints import is_selector_checkpoint
 from ddrs.input_sigma import Sigma
 from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
-from ddrs.result_notes import certificate_notes, resumed_settings
+from ddrs.result_notes import PER_INPUT_WITHOUT_MEMORY, certificate_notes, radii_of_interest, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
+from ddrs.sequential_options import labels_kwargs, sequential_kwargs, sequential_settings
 from ddrs.weights import load_weights
 from ddrs_ext.certification import ABSTAIN, certify
 from ddrs_ext.dual import certify_dual
@@ -76,17 +77,26 @@ def _memory_step(job: Job, changes: _Changes) -> Callable[[list[dict], list[dict
     return step
 
 
-def _certify_summary(path: Path, rows: list[dict], radius: float | None = None) -> str:
-    """One line: certified accuracy at radius 0 and the ACR, or with ``radius`` (radius mode) the
-    certified accuracy at that radius alone; model evaluations; the dual certificate's selector."""
+def _certify_summary(path: Path, rows: list[dict], radii: tuple[float, ...] | None = None) -> str:
+    """One line: certified accuracy at radius 0 and the ACR, or with ``radii`` (the radii of interest
+    of a sequential run) the certified accuracy at those radii alone; model evaluations; the dual
+    certificate's selector."""
     if not rows:
         return f"{path}: no rows"
     correct = [r for r in rows if r["correct"]]
-    if radius is not None:
-        at = sum(r["radius"] >= radius for r in correct) / len(rows)
+    if radii is not None and len(radii) == 1:
+        at = sum(r["radius"] >= radii[0] for r in correct) / len(rows)
         text = (
-            f"{path}: {len(rows)} inputs, certified accuracy {at:.3f} at radius {radius:g} (radius mode: "
+            f"{path}: {len(rows)} inputs, certified accuracy {at:.3f} at radius {radii[0]:g} (radius mode: "
             "certified at that radius or not; no other radius, no average certified radius)"
+        )
+    elif radii is not None:
+        at = ", ".join(
+            f"{sum(r['radius'] >= v for r in correct) / len(rows):.3f} at r = {v:g}" for v in radii
+        )
+        text = (
+            f"{path}: {len(rows)} inputs, certified accuracy {at} (radii of interest: only these "
+            "radii are meaningful; no average certified radius)"
         )
     else:
         acr = sum(r["radius"] for r in correct) / len(rows)
@@ -115,7 +125,7 @@ class _Certifier:
         self.args, self.job = args, job
         self.levels = getattr(args, "sigma_levels", None)
         self.sequential = bool(getattr(args, "sequential", False))
-        self.settings: dict = {}
+        self.settings: dict = sequential_settings(args)  # --sequential's radii, --labels
         self.columns, self.later = CERTIFY_COLUMNS, LATER_CERTIFY_COLUMNS
         if self.levels is not None:
             self._setup_dual()
@@ -124,7 +134,6 @@ class _Certifier:
         self.sigma_setting = self.sigma_of.setting
         rows = args.n
         if self.sequential:
-            self.settings["sequential"] = {"radius": args.radius, "tolerance": args.tolerance}
             self.later = ()
             rows = round_schedule(args.n, args.alpha).ends[0]  # every input runs the first round
         self.rows_per_input = min(rows, self.sigma_of.rows_per_input or rows)
@@ -193,9 +202,11 @@ class _Certifier:
                 n=args.n,
                 alpha=args.alpha,
                 alpha_selector=self.alpha_selector,
+                **({"sequential": True, **sequential_kwargs(args)} if self.sequential else {}),
                 **common,
             )
         sigma = self.sigma_of(x, index)
+        common.update(labels_kwargs(args, torch.tensor([job.labels[i] for i in index.tolist()])))
         if self.sequential:
             return certify_sequential(
                 job.model,
@@ -204,8 +215,7 @@ class _Certifier:
                 n0=args.n0,
                 n_max=args.n,
                 alpha=args.alpha,
-                radius=args.radius,
-                tolerance=args.tolerance,
+                **sequential_kwargs(args),
                 **common,
             )
         return certify(job.model, x, sigma, n0=args.n0, n=args.n, alpha=args.alpha, **common)
@@ -253,7 +263,11 @@ def _earlier_memory_choice(args: argparse.Namespace) -> None:
     if getattr(args, "memory_given", True) or not args.memory:
         return
     before = resumed_settings(args.out)
-    if before is not None and before.get("memory") is False and certificate_notes(before):
+    if (
+        before is not None
+        and before.get("memory") is False
+        and PER_INPUT_WITHOUT_MEMORY in certificate_notes(before)
+    ):
         args.memory = False
         print(
             f"ddrs certify: note: {args.out} was started without the memory (before it was the default "
@@ -310,8 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
         run_chunks(args, job, out, method.rows_per_input, work)
         done = [out.done[i] for i in job.selected if i in out.done]
-        radius = getattr(args, "radius", None) if method.sequential else None
-        summary = _certify_summary(args.out, done, radius)
+        summary = _certify_summary(args.out, done, radii_of_interest(settings))
         if args.memory and changes.seen:
             summary += (
                 f"; the memory changed {changes.changed} of the {changes.seen} certificates of this run"
