@@ -48,7 +48,7 @@ DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
 # Settings that qualify another one (key -> the setting it qualifies): a difference in them is not
 # listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
 # was off then and is on now), so the message names what the user changed.
-QUALIFYING_SETTINGS = {"memory_rule": "memory"}
+QUALIFYING_SETTINGS = {"memory_rule": "memory", "sequential_rule": "sequential"}
 INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
 FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")

@@ -6,7 +6,9 @@
 Settings written (``<file>.settings.json``): ``"sequential": {"radius": R, "tolerance": T}`` with
 ``R`` one number (one radius of interest: radius mode, as files of earlier versions have it), a
 list (several radii of interest) or null (open-ended mode, then ``T`` is the grid step in units of
-sigma); ``"labels_mode": true`` for an evaluation run (absent otherwise, so that earlier files resume).
+sigma); ``"sequential_rule": 2`` (the stopping rule of radii of interest; files of the earlier rule,
+a relative tolerance on the radius, lack it and are not continued under this one); ``"labels_mode":
+true`` for an evaluation run (absent otherwise, so that earlier files resume).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import argparse
 from ddrs.options import non_negative
 
 __all__ = [
+    "SEQUENTIAL_RULE",
     "SEQUENTIAL_TOLERANCE",
+    "check_sequential_rule",
     "add_sequential_options",
     "check_sequential",
     "labels_kwargs",
@@ -25,6 +29,11 @@ __all__ = [
 ]
 
 SEQUENTIAL_TOLERANCE = 0.1  # ddrs_ext.sequential.DEFAULT_TOLERANCE (not imported: no torch here)
+#: The stopping rule the rows of a --sequential file were certified under (its "sequential_rule"):
+#: 2, radii of interest (ddrs_ext.certify_sequential's radius= / tolerance= grid). Files without the
+#: key were certified under rule 1 (rounds from 100, a relative tolerance on the radius): other rows
+#: for the same settings, so they cannot be continued under rule 2.
+SEQUENTIAL_RULE = 2
 
 GROUP_DESCRIPTION = (
     "--n is then the most estimation samples an input may use; the column samples says how many\n"
@@ -110,9 +119,27 @@ def sequential_settings(args: argparse.Namespace) -> dict:
     settings: dict = {}
     if getattr(args, "sequential", False):
         settings["sequential"] = {"radius": args.radius, "tolerance": args.tolerance}
+        settings["sequential_rule"] = SEQUENTIAL_RULE
     if getattr(args, "labels_mode", False):
         settings["labels_mode"] = True
     return settings
+
+
+def check_sequential_rule(args: argparse.Namespace) -> None:
+    """Refuses to resume a --sequential file whose rows were certified under an earlier stopping rule."""
+    from ddrs.result_notes import resumed_settings  # (numpy: not at argument parsing)
+
+    if not getattr(args, "sequential", False):
+        return
+    before = resumed_settings(args.out)
+    if before is not None and before.get("sequential") is not None:
+        if before.get("sequential_rule") != SEQUENTIAL_RULE:
+            raise ValueError(
+                f"{args.out} was certified sequentially under the stopping rule of an earlier ddrs version "
+                f"(rule {before.get('sequential_rule', 1)}: a relative --tolerance on the radius; now rule "
+                f"{SEQUENTIAL_RULE}: radii of interest); its rows cannot be continued under the current "
+                "rule: certify into another --out (or delete the file to start it again)"
+            )
 
 
 def sequential_kwargs(args: argparse.Namespace) -> dict:

@@ -168,6 +168,24 @@ def test_resume_compares_the_radii_of_interest_and_labels(capsys, models, tmp_pa
     assert "other settings" in msg and "labels_mode: None then, True now" in msg
 
 
+def test_a_file_of_the_earlier_sequential_rule_is_not_continued(capsys, models, tmp_path):
+    """A --sequential file without "sequential_rule" (written under the earlier rule: a relative
+    tolerance) holds other rows for the same options: a rerun refuses to continue it. The negative
+    control, the same cut file with the key, resumes."""
+    argv = certify_argv(models, "--sequential", "--radius", 0.2)
+    out = tmp_path / "s.tsv"
+    ok(capsys, *argv, "--out", out)
+    assert json.loads((tmp_path / "s.tsv.settings.json").read_text())["sequential_rule"] == 2
+    cut(out, 5)
+    ok(capsys, *argv, "--out", out)  # resumes
+    cut(out, 5)
+    settings = json.loads((tmp_path / "s.tsv.settings.json").read_text())
+    del settings["sequential_rule"]
+    (tmp_path / "s.tsv.settings.json").write_text(json.dumps(settings))
+    msg = fails(capsys, *argv, "--out", out)
+    assert "stopping rule of an earlier ddrs version (rule 1" in msg and "another --out" in msg
+
+
 def test_dual_sequential_gives_the_library_rows(capsys, models, tmp_path):
     out = tmp_path / "d.tsv"
     summary = ok(capsys, *dual_argv(models, "--n", 800, "--sequential", "--radius", 0, 0.2), "--out", out)

@@ -18,7 +18,12 @@ from ddrs.job import Job, is_sharded, message, open_results, run_chunks
 from ddrs.loading import load_model, model_settings
 from ddrs.result_notes import PER_INPUT_WITHOUT_MEMORY, certificate_notes, radii_of_interest, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
-from ddrs.sequential_options import labels_kwargs, sequential_kwargs, sequential_settings
+from ddrs.sequential_options import (
+    check_sequential_rule,
+    labels_kwargs,
+    sequential_kwargs,
+    sequential_settings,
+)
 from ddrs.weights import load_weights
 from ddrs_ext.certification import ABSTAIN, certify
 from ddrs_ext.dual import certify_dual
@@ -281,6 +286,7 @@ def _earlier_memory_choice(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _earlier_memory_choice(args)
     _check_memory_rule(args)
+    check_sequential_rule(args)
     job = Job(args)
     method = _Certifier(args, job)
     settings = {
