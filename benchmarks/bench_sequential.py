@@ -19,6 +19,10 @@ Models and inputs (``SETTINGS``):
   several inputs sit near a tie) on uniform random 3x32x32 inputs, each with its own sigma in
   [0.12, 0.5] (``baselines.sigmas``), no labels (certified share instead of certified accuracy).
 
+A shorter run: ``DDRS_BENCH_DIGITS_INPUTS=100`` certifies the first 100 test digits only (the
+digits rows and ``test_labels_against_kt``), and ``-k`` picks the rows, e.g.
+``-k "test_certify and digits or digits-paper or digits-radius or labels"``.
+
 Every run: n0 = 100, alpha = 0.001, seed 0, the same batch size. The baseline is certify(n = n_max)
 with the same seed, so both see the same noise and a difference is the method's own; certify with
 seed 1 shows how far certify differs from itself. Radii of interest: ``GRID`` (40 radii from 0 to
@@ -98,8 +102,20 @@ class DualSetting:
     selector_epochs: int
 
 
+def _digits_inputs() -> int:
+    """The digits test images of a full run: all 497, or the first ``DDRS_BENCH_DIGITS_INPUTS`` of them
+    (a shorter run, e.g. 100 on a busy machine; the printed tables then cover those inputs only)."""
+    text = os.environ.get("DDRS_BENCH_DIGITS_INPUTS", "497")
+    if not text.isdigit() or not 1 <= int(text) <= 497:
+        raise pytest.UsageError(f"DDRS_BENCH_DIGITS_INPUTS must be an integer in [1, 497], got {text!r}")
+    return int(text)
+
+
 SETTINGS = {
-    False: {"digits": Setting(497, 100_000, 0.5, 2000, 15), "cnn": Setting(8, 100_000, 0.1, 500, 0)},
+    False: {
+        "digits": Setting(_digits_inputs(), 100_000, 0.5, 2000, 15),
+        "cnn": Setting(8, 100_000, 0.1, 500, 0),
+    },
     True: {"digits": Setting(8, 2_000, 0.5, 2000, 1), "cnn": Setting(2, 1_000, 0.1, 500, 0)},
 }
 DUAL_SETTINGS = {

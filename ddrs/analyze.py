@@ -10,9 +10,10 @@ lack the ``sigma`` column). Certified accuracy at radius ``r`` is the fraction o
 A file whose settings (``<file>.settings.json``) say its radii are not certificates of one
 classifier (``ddrs certify --no-memory`` with a sigma per input, :mod:`ddrs.result_notes`) is
 labelled so in tables and plots, and the tables end with a note that says it. A file of sequential
-certification in radius mode (``ddrs certify --sequential --radius r``) shows only its certified
-accuracy at ``r`` (the tables gain an ``r`` column if they lack one; its other cells and its ACR are
-left empty, and a plot marks one point instead of a curve).
+certification with radii of interest (``ddrs certify --sequential --radius r [r ...]``; one radius:
+radius mode) shows only its certified accuracy at those radii (the tables gain a column for each
+one they lack; its other cells and its ACR are left empty, and a plot marks those points instead of
+a curve); the open-ended mode (no ``--radius``) keeps its whole curve.
 
 Radii are L2 radii (Gaussian noise) or L1 radii (``ddrs certify --noise uniform``, the settings'
 ``"norm"``; files without settings are taken as L2, as Cohen et al.'s are). Tables and plots say
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ddrs.noise_settings import radius_label, setting
-from ddrs.result_notes import certificate_notes, radius_mode, read_settings
+from ddrs.result_notes import certificate_notes, radii_of_interest, read_settings
 from ddrs.results import read_results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -49,11 +50,17 @@ class Certified:
     radius: np.ndarray
     #: ``(tag, sentence)`` for what the file's radii are not (:func:`ddrs.result_notes.certificate_notes`)
     notes: tuple[tuple[str, str], ...] = ()
-    #: ``r`` of a file of sequential certification in radius mode, where only "certified at r" is
-    #: meaningful (:func:`ddrs.result_notes.radius_mode`); None otherwise.
-    radius_mode: float | None = None
+    #: The radii of interest of a file of sequential certification, where only "certified at r" at
+    #: each of them is meaningful (:func:`ddrs.result_notes.radii_of_interest`); None otherwise.
+    radii_of_interest: tuple[float, ...] | None = None
     #: the norm of the radii: ``"l2"`` (Gaussian noise) or ``"l1"`` (uniform noise)
     norm: str = "l2"
+
+    @property
+    def radius_mode(self) -> float | None:
+        """``r`` of a file of sequential certification in radius mode (one radius of interest)."""
+        radii = self.radii_of_interest
+        return radii[0] if radii is not None and len(radii) == 1 else None
 
     @property
     def title(self) -> str:
@@ -119,7 +126,9 @@ def load(path: str | os.PathLike, label: str | None = None) -> Certified:
     notes = tuple(certificate_notes(settings)) if settings is not None else ()
     label = path.stem if label is None else label
     norm = setting(settings, "norm")
-    return Certified(label, correct == 1, radius, notes=notes, radius_mode=radius_mode(settings), norm=norm)
+    return Certified(
+        label, correct == 1, radius, notes=notes, radii_of_interest=radii_of_interest(settings), norm=norm
+    )
 
 
 def radius_norm(results: Sequence[Certified]) -> str:
@@ -146,17 +155,18 @@ def _radius_text(r: float) -> str:
 
 
 def _table_radii(results: Sequence[Certified], radii: Sequence[float]) -> list[float]:
-    """``radii``, and the ``r`` of each radius-mode result that they lack, in increasing order."""
-    extra = {res.radius_mode for res in results if res.radius_mode is not None} - set(radii)
+    """``radii``, and the radii of interest of each result that they lack, in increasing order."""
+    extra = {r for res in results for r in res.radii_of_interest or ()} - set(radii)
     return sorted([*radii, *extra]) if extra else list(radii)
 
 
 def _cells(res: Certified, radii: Sequence[float], empty: str) -> list[str]:
-    """Certified accuracy at ``radii`` and the ACR; ``empty`` where a radius-mode result says nothing."""
-    if res.radius_mode is None:
-        return [*(f"{a:.3f}" for a in res.accuracy(radii)), f"{res.acr:.3f}"]
-    at = float(res.accuracy([res.radius_mode])[0])
-    return [*(f"{at:.3f}" if r == res.radius_mode else empty for r in radii), empty]
+    """Certified accuracy at ``radii`` and the ACR; ``empty`` where a result with radii of interest
+    says nothing (at other radii, and its ACR)."""
+    accuracy = [f"{a:.3f}" for a in res.accuracy(radii)]
+    if res.radii_of_interest is None:
+        return [*accuracy, f"{res.acr:.3f}"]
+    return [*(a if r in res.radii_of_interest else empty for a, r in zip(accuracy, radii)), empty]
 
 
 def markdown_table(results: Sequence[Certified], radii: Sequence[float] = DEFAULT_RADII) -> str:
@@ -224,10 +234,10 @@ def plot_certified_accuracy(
     points: int = 2001,
 ) -> Path:
     """Writes a PNG (or any format matplotlib infers from the suffix) of certified accuracy against
-    radius, one step curve per result (one point at ``r`` for a radius-mode result) over ``points``
-    radii from 0 to ``max_radius`` (default: a little past the largest certified radius). Headless:
-    draws on an Agg canvas without pyplot, so it neither needs a display nor changes the backend of a
-    session that uses pyplot."""
+    radius, one step curve per result (points at its radii of interest for a result that has them)
+    over ``points`` radii from 0 to ``max_radius`` (default: a little past the largest certified
+    radius). Headless: draws on an Agg canvas without pyplot, so it neither needs a display nor
+    changes the backend of a session that uses pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -236,7 +246,7 @@ def plot_certified_accuracy(
     norm = radius_norm(results)
     path = Path(path)
     if max_radius is None:
-        largest = max(max(float(res.radius.max()), res.radius_mode or 0.0) for res in results)
+        largest = max(max([float(res.radius.max()), *(res.radii_of_interest or ())]) for res in results)
         max_radius = 1.05 * largest if largest > 0 else 1.0
     if not (math.isfinite(max_radius) and max_radius > 0):
         raise ValueError(f"max_radius must be > 0, got {max_radius}")
@@ -245,9 +255,10 @@ def plot_certified_accuracy(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for res in results:
-        if res.radius_mode is not None:  # one point: certified at r or not
-            r = res.radius_mode
-            ax.plot([r], res.accuracy([r]), marker="o", linestyle="none", label=f"{res.title} (at r = {r:g})")
+        if res.radii_of_interest is not None:  # points: certified at each radius of interest or not
+            at = list(res.radii_of_interest)
+            where = ", ".join(f"{r:g}" for r in at)
+            ax.plot(at, res.accuracy(at), marker="o", linestyle="none", label=f"{res.title} (at r = {where})")
             continue
         ax.step(grid, res.accuracy(grid), where="post", label=f"{res.title} (ACR {res.acr:.3f})")
     ax.set_xlabel(f"{radius_label(norm)} r")

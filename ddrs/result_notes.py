@@ -13,7 +13,11 @@ A file of ``ddrs certify --sequential --radius r`` (radius mode) answers one que
 certified at ``r`` or not (each input stops as soon as that is settled, so its radius says nothing
 about other radii). Its notes say so, and ``ddrs analyze`` and the summary report only the
 fraction of inputs certified (and correct) at ``r``: no curve, no average certified radius
-(:func:`radius_mode`).
+(:func:`radius_mode`). With several radii of interest (``--radius r1 r2 ...``) the same holds at
+each of them (:func:`radii_of_interest`); the open-ended mode (no ``--radius``) keeps the whole curve.
+
+A file of ``ddrs certify --labels`` (evaluation mode, ``"labels_mode": true``) certified each input's
+true label or abstained: its ``predict`` column is the label or -1, not a prediction. Its notes say so.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from pathlib import Path
 from ddrs.results import rank_files
 
 __all__ = [
+    "LABELS_MODE",
     "PER_INPUT_WITHOUT_MEMORY",
     "certificate_notes",
+    "radii_of_interest",
     "radius_mode",
     "read_settings",
     "resumed_settings",
@@ -45,14 +51,38 @@ def _per_input(settings: Mapping) -> bool:
     return isinstance(sigma, Mapping) and ("file" in sigma or "optimize" in sigma)
 
 
-def radius_mode(settings: Mapping | None) -> float | None:
-    """The radius ``r`` of a certify file made with ``--sequential --radius r``, else None."""
+#: (tag, sentence) of a file of evaluation with labels (``ddrs certify --labels``).
+LABELS_MODE = (
+    "labels mode",
+    "evaluation mode (--labels): each input was certified for its true label or abstained; predict is "
+    "the label or -1, not a prediction (an abstention includes the inputs it gets wrong); certified "
+    "accuracy is meaningful",
+)
+
+
+def radii_of_interest(settings: Mapping | None) -> tuple[float, ...] | None:
+    """The radii of interest of a certify file made with ``--sequential --radius r1 [r2 ...]`` (in
+    increasing order), else None (open-ended mode, not sequential, another command's file). The
+    settings hold one number for one radius (as files of earlier versions do) or a list."""
     if settings is None or settings.get("command") != "certify":
         return None
     sequential = settings.get("sequential")
     if not isinstance(sequential, Mapping) or sequential.get("radius") is None:
         return None
-    return float(sequential["radius"])
+    radius = sequential["radius"]
+    radii = radius if isinstance(radius, list) else [radius]
+    return tuple(sorted(float(r) for r in radii)) or None
+
+
+def radius_mode(settings: Mapping | None) -> float | None:
+    """The radius ``r`` of a certify file made with ``--sequential --radius r`` (one radius of
+    interest), else None."""
+    radii = radii_of_interest(settings)
+    return radii[0] if radii is not None and len(radii) == 1 else None
+
+
+def _radii_text(radii: tuple[float, ...]) -> str:
+    return ", ".join(f"{r:g}" for r in radii)
 
 
 def certificate_notes(settings: Mapping) -> list[tuple[str, str]]:
@@ -63,8 +93,9 @@ def certificate_notes(settings: Mapping) -> list[tuple[str, str]]:
     notes = []
     if _per_input(settings) and not settings.get("memory"):
         notes.append(PER_INPUT_WITHOUT_MEMORY)
-    r = radius_mode(settings)
-    if r is not None:
+    radii = radii_of_interest(settings)
+    if radii is not None and len(radii) == 1:
+        r = radii[0]
         notes.append(
             (
                 f"radius mode, r = {r:g}",
@@ -72,6 +103,17 @@ def certificate_notes(settings: Mapping) -> list[tuple[str, str]]:
                 "not; only the certified accuracy at r is meaningful (no curve, no average certified radius)",
             )
         )
+    elif radii is not None:
+        notes.append(
+            (
+                f"radii of interest r = {_radii_text(radii)}",
+                f"sequential certification with radii of interest (r = {_radii_text(radii)}): each input's "
+                "answer is settled only at those radii; only the certified accuracy at them is meaningful "
+                "(no curve between them, no average certified radius)",
+            )
+        )
+    if settings.get("labels_mode"):
+        notes.append(LABELS_MODE)
     return notes
 
 

@@ -48,7 +48,7 @@ DESCRIPTIVE_SETTINGS = frozenset({"notes", "evaluation"})
 # Settings that qualify another one (key -> the setting it qualifies): a difference in them is not
 # listed when the setting they qualify differs too (e.g. the memory's rule when the memory itself
 # was off then and is on now), so the message names what the user changed.
-QUALIFYING_SETTINGS = {"memory_rule": "memory"}
+QUALIFYING_SETTINGS = {"memory_rule": "memory", "sequential_rule": "sequential"}
 # Settings that files written before they existed lack, and what those files mean by their absence
 # (--noise: ddrs.noise_options): such a file resumes as if it had them.
 IMPLIED_SETTINGS = {"noise": "gaussian", "norm": "l2"}

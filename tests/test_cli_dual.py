@@ -359,8 +359,8 @@ def test_selector_errors_are_one_line(capsys, models, tmp_path):
             "--memory does not",
         ),
         (
-            ["--sigma-levels", "1", "--selector", "m:f", "--selector-sigma", "1", "--sequential"],
-            "--sequential does",
+            ["--sigma-levels", "1", "--selector", "m:f", "--selector-sigma", "1", "--labels"],
+            "--labels does not apply to --sigma-levels",
         ),
         (["--sigma", "1", "--model", "a:b", "--model", "c:d"], "--model given 2 times"),
         (["--sigma", "1", "--checkpoint", "a.pt", "--checkpoint", "b.pt"], "--checkpoint given 2 times"),

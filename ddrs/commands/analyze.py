@@ -27,7 +27,12 @@ radius * correct over all rows.
 
 Radii are L2 radii (Gaussian noise) or L1 radii (ddrs certify --noise uniform), as the files'
 settings say; the tables and plots say which, and L1 and L2 files are refused in one table or plot
-(analyse each norm's files separately).""",
+(analyse each norm's files separately).
+
+A file of ddrs certify --sequential --radius R [R ...] is reported only at its radii of interest
+(the table gains a column for each; its other cells and its ACR stay empty, its plot shows points):
+its inputs stopped once their answer at those radii was settled. A file of ddrs certify --labels
+(evaluation mode) holds the true label or -1 in predict, not a prediction; a note says so.""",
         epilog="examples:\n"
         '  ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png\n'
         "  ddrs analyze results/*.tsv --radii 0 0.5 1 1.5 2 --latex --output table.tex\n",

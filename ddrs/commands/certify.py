@@ -11,11 +11,11 @@ from ddrs.options import (
     HelpFormatter,
     add_model_and_data,
     count,
-    non_negative,
     positive,
     probability,
     set_command,
 )
+from ddrs.sequential_options import SEQUENTIAL_TOLERANCE, add_sequential_options, check_sequential
 from ddrs.sigma_options import (
     OPTIMIZE_WHY,
     add_sigma_choice,
@@ -24,7 +24,7 @@ from ddrs.sigma_options import (
     sigma_options_given,
 )
 
-SEQUENTIAL_TOLERANCE = 0.1  # ddrs_ext.sequential.DEFAULT_TOLERANCE
+__all__ = ["SEQUENTIAL_TOLERANCE", "add_parser", "check"]
 
 DESCRIPTION = (
     "Certifies inputs of --data with the smoothed version of --model (Cohen et al.'s "
@@ -34,7 +34,8 @@ DESCRIPTION = (
     "memory-based adjustment (--memory, the default), which\nkeeps per-input-sigma certificates sound; "
     "--no-memory opts out (the radii are then not certificates\nof one classifier, and the result "
     "file says so).\n--sequential "
-    "stops each input as soon as its certificate is settled (fewer model evaluations).\n"
+    "stops each input as soon as its answers at the radii of interest (--radius) are settled\n"
+    "(fewer model evaluations). --labels: evaluation mode, certifies each input's true label.\n"
     "--sigma-levels: dual certification, a certified selector picks the sigma (sound without a "
     "memory)."
 )
@@ -52,6 +53,8 @@ examples:
   ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --out seq.tsv
   ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential --radius 0.5 \\
       --n 100000 --out seq_r05.tsv
+  ddrs certify --checkpoint digits.pt --data digits --sigma 0.25 --sequential \\
+      --radius 0 0.25 0.5 0.75 1 --labels --out seq_paper.tsv
   ddrs certify --checkpoint dd.pt --selector-checkpoint selector.pt --data digits \\
       --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out dual.tsv
 """
@@ -92,41 +95,11 @@ def add_parser(sub) -> None:
         "different classes with overlapping balls); the result file's settings, its summary and "
         "'ddrs analyze' say so",
     )
-    _add_sequential_options(p)
+    add_sequential_options(p)
     _add_selector_options(p)
     add_sigma_options(p, "sigma optimisation (with --optimize)")
     set_command(p, run="ddrs.commands.certify_run:run", check=check, resumable=True)
     add_noise_option(p)
-
-
-def _add_sequential_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "sequential certification (ddrs_ext.certify_sequential)",
-        "--n is then the most estimation samples an input may use; the column samples says how many\n"
-        "model evaluations each input took (selection included).",
-    )
-    g.add_argument(
-        "--sequential",
-        action="store_true",
-        help="estimate in rounds of doubling size and stop each input as soon as its certificate is "
-        "settled, with a bound valid at every round at once: the same kind of certificate from fewer "
-        "model evaluations (column samples)",
-    )
-    m = g.add_mutually_exclusive_group()
-    m.add_argument(
-        "--radius",
-        type=non_negative,
-        metavar="R",
-        help="stop an input as soon as radius R is certified or out of reach (default: curve mode, "
-        "the largest radius it can get, within --tolerance)",
-    )
-    m.add_argument(
-        "--tolerance",
-        type=non_negative,
-        metavar="T",
-        help="curve mode: stop an input once its radius can grow by at most this fraction before --n "
-        f"(default {SEQUENTIAL_TOLERANCE:g}; 0: run every input that can still certify to --n)",
-    )
 
 
 def _add_selector_options(p: argparse.ArgumentParser) -> None:
@@ -170,7 +143,7 @@ def check(args: argparse.Namespace) -> None:
         args.optimize_options = optimize_options(args)
     elif sigma_options_given(args):
         raise ValueError("sigma optimisation options (--sigma0, --iterations, ...) need --optimize")
-    _check_sequential(args)
+    check_sequential(args)
     _check_dual(args)
 
 
@@ -181,20 +154,6 @@ def _resolve_memory(args: argparse.Namespace) -> None:
     args.memory_given = args.memory is not None
     if args.memory is None:
         args.memory = bool(args.optimize or args.sigma_file is not None)
-
-
-def _check_sequential(args: argparse.Namespace) -> None:
-    if not args.sequential:
-        if args.radius is not None or args.tolerance is not None:
-            raise ValueError("--radius and --tolerance need --sequential")
-        return
-    if args.sigma_levels is not None:
-        raise ValueError(
-            "--sequential does not apply to --sigma-levels (dual certification runs CERTIFY for the "
-            "selector and the model)"
-        )
-    if args.radius is None and args.tolerance is None:
-        args.tolerance = SEQUENTIAL_TOLERANCE
 
 
 def _check_dual(args: argparse.Namespace) -> None:

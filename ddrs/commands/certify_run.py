@@ -22,8 +22,14 @@ from ddrs.noise_settings import (
     noise_settings,
     note_checkpoint_noise,
 )
-from ddrs.result_notes import certificate_notes, resumed_settings
+from ddrs.result_notes import PER_INPUT_WITHOUT_MEMORY, certificate_notes, radii_of_interest, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
+from ddrs.sequential_options import (
+    check_sequential_rule,
+    labels_kwargs,
+    sequential_kwargs,
+    sequential_settings,
+)
 from ddrs.weights import load_weights
 from ddrs_ext.certification import ABSTAIN, certify
 from ddrs_ext.dual import certify_dual
@@ -82,20 +88,30 @@ def _memory_step(job: Job, changes: _Changes, norm: str) -> Callable[[list[dict]
     return step
 
 
-def _certify_summary(path: Path, rows: list[dict], radius: float | None = None, norm: str = "l2") -> str:
-    """One line: certified accuracy at radius 0 and the ACR, or with ``radius`` (radius mode) the
-    certified accuracy at that radius alone; model evaluations; the dual certificate's selector.
-    L1 radii (uniform noise) are called so."""
+def _certify_summary(
+    path: Path, rows: list[dict], radii: tuple[float, ...] | None = None, norm: str = "l2"
+) -> str:
+    """One line: certified accuracy at radius 0 and the ACR, or with ``radii`` (the radii of interest
+    of a sequential run) the certified accuracy at those radii alone; model evaluations; the dual
+    certificate's selector. L1 radii (uniform noise) are called so."""
     if not rows:
         return f"{path}: no rows"
     if norm == "l1":
-        return _certify_summary(path, rows, radius).replace(" radius", " L1 radius")
+        return _certify_summary(path, rows, radii).replace(" radius", " L1 radius")
     correct = [r for r in rows if r["correct"]]
-    if radius is not None:
-        at = sum(r["radius"] >= radius for r in correct) / len(rows)
+    if radii is not None and len(radii) == 1:
+        at = sum(r["radius"] >= radii[0] for r in correct) / len(rows)
         text = (
-            f"{path}: {len(rows)} inputs, certified accuracy {at:.3f} at radius {radius:g} (radius mode: "
+            f"{path}: {len(rows)} inputs, certified accuracy {at:.3f} at radius {radii[0]:g} (radius mode: "
             "certified at that radius or not; no other radius, no average certified radius)"
+        )
+    elif radii is not None:
+        at = ", ".join(
+            f"{sum(r['radius'] >= v for r in correct) / len(rows):.3f} at r = {v:g}" for v in radii
+        )
+        text = (
+            f"{path}: {len(rows)} inputs, certified accuracy {at} (radii of interest: only these "
+            "radii are meaningful; no average certified radius)"
         )
     else:
         acr = sum(r["radius"] for r in correct) / len(rows)
@@ -124,7 +140,7 @@ class _Certifier:
         self.args, self.job = args, job
         self.levels = getattr(args, "sigma_levels", None)
         self.sequential = bool(getattr(args, "sequential", False))
-        self.settings: dict = {}
+        self.settings: dict = sequential_settings(args)  # --sequential's radii, --labels
         self.columns, self.later = CERTIFY_COLUMNS, LATER_CERTIFY_COLUMNS
         if self.levels is not None:
             self._setup_dual()
@@ -133,7 +149,6 @@ class _Certifier:
         self.sigma_setting = self.sigma_of.setting
         rows = args.n
         if self.sequential:
-            self.settings["sequential"] = {"radius": args.radius, "tolerance": args.tolerance}
             self.later = ()
             rows = round_schedule(args.n, args.alpha).ends[0]  # every input runs the first round
         self.rows_per_input = min(rows, self.sigma_of.rows_per_input or rows)
@@ -202,9 +217,11 @@ class _Certifier:
                 n=args.n,
                 alpha=args.alpha,
                 alpha_selector=self.alpha_selector,
+                **({"sequential": True, **sequential_kwargs(args)} if self.sequential else {}),
                 **common,
             )
         sigma = self.sigma_of(x, index)
+        common.update(labels_kwargs(args, torch.tensor([job.labels[i] for i in index.tolist()])))
         if self.sequential:
             return certify_sequential(
                 job.model,
@@ -213,8 +230,7 @@ class _Certifier:
                 n0=args.n0,
                 n_max=args.n,
                 alpha=args.alpha,
-                radius=args.radius,
-                tolerance=args.tolerance,
+                **sequential_kwargs(args),
                 noise=args.noise,
                 **common,
             )
@@ -265,7 +281,11 @@ def _earlier_memory_choice(args: argparse.Namespace) -> None:
     if getattr(args, "memory_given", True) or not args.memory:
         return
     before = resumed_settings(args.out)
-    if before is not None and before.get("memory") is False and certificate_notes(before):
+    if (
+        before is not None
+        and before.get("memory") is False
+        and PER_INPUT_WITHOUT_MEMORY in certificate_notes(before)
+    ):
         args.memory = False
         print(
             f"ddrs certify: note: {args.out} was started without the memory (before it was the default "
@@ -281,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     check_sigma_file_noise(args)
     _earlier_memory_choice(args)
     _check_memory_rule(args)
+    check_sequential_rule(args)
     job = Job(args)
     note_checkpoint_noise(args, job.note)
     method = _Certifier(args, job)
@@ -327,8 +348,7 @@ def run(args: argparse.Namespace) -> int:
 
         run_chunks(args, job, out, method.rows_per_input, work)
         done = [out.done[i] for i in job.selected if i in out.done]
-        radius = getattr(args, "radius", None) if method.sequential else None
-        summary = _certify_summary(args.out, done, radius, norm)
+        summary = _certify_summary(args.out, done, radii_of_interest(settings), norm)
         if args.memory and changes.seen:
             summary += (
                 f"; the memory changed {changes.changed} of the {changes.seen} certificates of this run"
