@@ -61,7 +61,7 @@ NOISE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def pytest_generate_tests(metafunc) -> None:
     # On a GPU (and in quick runs), the noise benchmarks also run in bfloat16; the CPU's full run
-    # keeps the names of the README's table.
+    # keeps the names of docs/benchmarks.md's table.
     config = metafunc.config
     if "noise_dtype" in metafunc.fixturenames and (bench_device(config).type == "cuda" or is_quick(config)):
         metafunc.parametrize(

@@ -1,6 +1,6 @@
 // Counter-based Gaussian noise shared by the CPU and CUDA kernels.
 //
-// RNG contract (README "Random numbers"): the Gaussian value for element j of
+// RNG contract (docs/mathematics.md, "Random numbers"): the Gaussian value for element j of
 // sample i of input stream s under a 64-bit seed is
 //     w = Philox4x32-10(counter = (j / 4, lo32(i), hi32(i), s), key = (lo32(seed), hi32(seed)))
 //     (z0, z1) = box_muller(w[0], w[1]),  (z2, z3) = box_muller(w[2], w[3]),  value = z[j % 4].

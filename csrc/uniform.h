@@ -1,6 +1,6 @@
 // Counter-based uniform noise on [-1, 1] shared by the CPU and CUDA kernels (the l1 certificate).
 //
-// RNG contract (README "Random numbers"): the uniform value for element j of sample i of input
+// RNG contract (docs/mathematics.md, "Random numbers"): the uniform value for element j of sample i of input
 // stream s under a 64-bit seed is
 //     w = Philox4x32-10(counter = (j / 4, lo32(i), hi32(i), s), key = uniform_key(seed))
 //     u = (2 * (w[j % 4] >> 8) - (2^24 - 1)) * 2^-24

@@ -23,7 +23,7 @@ import os
 import sys
 
 from ddrs.commands import analyze, certify, demo, optimize_sigma, predict, train
-from ddrs.options import Parser, check_repeated, one_line
+from ddrs.options import Parser, check_repeated, docs_epilog, docs_page, one_line
 
 __all__ = ["COMMANDS", "main", "build_parser", "parse_args"]
 
@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "certify a dataset with your model at a fixed sigma or a sigma per input, optimise those sigmas,\n"
         "predict, analyse the result files. Run 'ddrs COMMAND --help' for a command's options, file\n"
         "formats and examples.",
-        epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
+        epilog="examples:\n"
+        + __doc__.split("\n\n")[1]
+        + "\n\n"
+        + __doc__.split("\n\n")[2]
+        + "\n"
+        + docs_epilog("index", "getting-started", "certify-your-model"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -99,5 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as exc:
-        print(f"{command}: error: {_message(exc)}", file=sys.stderr)
+        page = docs_page(_message(exc))
+        print(f"{command}: error: {_message(exc)}" + (f" (see {page})" if page else ""), file=sys.stderr)
         return 2

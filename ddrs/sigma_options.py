@@ -49,7 +49,7 @@ LIBRARY_OPTIMIZE_DEFAULTS = {
     "sigma_range": (1e-3, 10.0),
     "keep_prediction": True,
 }
-# The command line's own choice, from measurements on the digits (README, "Which --optimize
+# The command line's own choice, from measurements on the digits (docs/data-dependent-sigma.md, "Which --optimize
 # defaults"): the surrogate that matches CERTIFY's radius certified more than the paper's for both of
 # the demo's models (ACR +0.04 to +0.10); the reparameterisation gradient certified a little more
 # than the score estimator (+0.004, +0.018) for a small share of a certification's time, so it
@@ -63,7 +63,7 @@ reparameterisation gradient (through the model), on the surrogate that matches C
 sigma * Phi^-1(E_A), not the paper's. On the digits demo's two models that surrogate certified more
 (average certified radius +0.04 and +0.10) and the reparameterisation gradient a little more than
 the score estimator (+0.004, +0.018), which needs forward passes only and is several times faster
-(README: "Which --optimize defaults"). --paper gives the published procedure instead (900 plain
+(docs/data-dependent-sigma.md: "Which --optimize defaults"). --paper gives the published procedure instead (900 plain
 ascent steps of 100 samples, the paper's surrogate, the reparameterisation gradient).
 """
 

@@ -169,7 +169,7 @@ def _check_device(x: torch.Tensor) -> None:
     if not torch._C._dispatch_has_kernel_for_dispatch_key("ddrs_ext::perturb_gaussian_out", key):
         raise ValueError(
             f"ddrs_ext has no {key} kernels in this build, so x must be on the CPU or a CUDA device; "
-            "for CUDA, reinstall next to a CUDA build of torch and the CUDA toolkit (README, 'Building')"
+            "for CUDA, reinstall next to a CUDA build of torch and the CUDA toolkit (docs/building.md)"
         )
 
 

@@ -1,5 +1,5 @@
 """Certification and sigma optimisation spread over the ranks of a ``torch.distributed`` process group
-(README, "Several processes / machines").
+(docs/distributed.md).
 
 Every input's noise is keyed by ``(seed, index, sample)``, so an input gives the same result whichever
 process certifies it. :func:`certify`, :func:`predict` and :func:`optimize_sigma` take the whole input

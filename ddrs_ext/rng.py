@@ -1,4 +1,4 @@
-"""Seeds and noise streams (README, "Random numbers").
+"""Seeds and noise streams (docs/reproducibility.md; the contract: docs/mathematics.md, "Random numbers").
 
 Every Gaussian value is addressed by ``(seed, stream, sample, element)``. A
 procedure draws its samples from its own range of sample indices, so that, for

@@ -1226,3 +1226,30 @@ def test_path_errors_answer_before_torch_is_imported(tmp_path, extra, message):
     assert [line for line in lines if not line.startswith("import time:")] == [
         f"ddrs certify: error: {message}"
     ]
+
+
+def test_help_and_errors_point_at_the_documentation(capsys):
+    """Every page the command line names exists under docs/; each command's --help ends with its pages;
+    a usage error about an option names the page that explains it (and only then)."""
+    import re
+    from pathlib import Path
+
+    from ddrs import options
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    for page in set(options.DOCS_PAGES.values()) | {"index", "getting-started", "coming-from-the-authors"}:
+        assert (docs / f"{page}.md").is_file(), page
+    for command in ("certify", "optimize-sigma", "predict", "analyze", "train", "demo"):
+        with pytest.raises(SystemExit):
+            cli.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        named = re.findall(r"docs/([a-z0-9-]+)\.md", text.split("documentation (docs/")[-1])
+        assert named and all((docs / f"{page}.md").is_file() for page in named), command
+    with pytest.raises(SystemExit):
+        cli.parse_args(["certify", "--radius", "0.5", "--sigma", "0.25", "--data", "digits", "--out", "x.tsv"])
+    assert "(see 'ddrs certify --help' and docs/sequential.md)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["demo", "--count", "0"])
+    assert capsys.readouterr().err.rstrip().endswith("(see 'ddrs demo --help')")  # no page for --count
+    assert options.docs_page("--memory files record the rule") == "docs/memory.md"
+    assert options.docs_page("no option here") is None

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddrs.options import HelpFormatter, non_negative, set_command
+from ddrs.options import HelpFormatter, docs_epilog, non_negative, set_command
 
 ANALYZE_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # ddrs.analyze.DEFAULT_RADII
 
@@ -35,7 +35,8 @@ its inputs stopped once their answer at those radii was settled. A file of ddrs 
 (evaluation mode) holds the true label or -1 in predict, not a prediction; a note says so.""",
         epilog="examples:\n"
         '  ddrs analyze fixed.tsv dd.tsv --labels "fixed sigma" "data-dependent" --plot curves.png\n'
-        "  ddrs analyze results/*.tsv --radii 0 0.5 1 1.5 2 --latex --output table.tex\n",
+        "  ddrs analyze results/*.tsv --radii 0 0.5 1 1.5 2 --latex --output table.tex\n"
+        + docs_epilog("certify-your-model", "sequential", "l1"),
         formatter_class=HelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="certification result files")

@@ -11,6 +11,7 @@ from ddrs.options import (
     HelpFormatter,
     add_model_and_data,
     count,
+    docs_epilog,
     positive,
     probability,
     set_command,
@@ -60,12 +61,16 @@ examples:
 """
 
 
+# the pages that explain certify's options (its --help's last line)
+DOCS = ("certify-your-model", "data-dependent-sigma", "memory", "sequential", "dual", "l1", "faster")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "certify",
         help="certify a dataset with your model: a certified class and L2 radius per input",
         description=DESCRIPTION,
-        epilog=FORMATS + "\n" + OPTIMIZE_WHY + EXAMPLES,
+        epilog=FORMATS + "\n" + OPTIMIZE_WHY + EXAMPLES + docs_epilog(*DOCS),
         formatter_class=HelpFormatter,
     )
     add_model_and_data(p)

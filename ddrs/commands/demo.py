@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ddrs.options import HelpFormatter, count, number, positive, probability, set_command
+from ddrs.options import HelpFormatter, count, docs_epilog, number, positive, probability, set_command
 from ddrs.sigma_options import ESTIMATORS
 
 # The full run and --quick's tiny one (explicit options win over either)
@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
         "demo",
         help="train two small models on the embedded digits, certify them: fixed vs data-dependent sigma",
         description=DESCRIPTION,
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + docs_epilog("getting-started"),
         formatter_class=HelpFormatter,
     )
     full, quick = DEMO_DEFAULTS, DEMO_QUICK

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ddrs.noise_options import add_noise_option
-from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, set_command
+from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, docs_epilog, set_command
 from ddrs.sigma_options import OPTIMIZE_WHY, add_sigma_options, optimize_options
 
 EXAMPLES = """
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
         "radius (ddrs_ext.optimize_sigma)\nand writes one row per input. The 'surrogate' column is the "
         "paper's surrogate radius sigma/2 (Phi^-1(E_A) - Phi^-1(E_B))\nat the final sigma, estimated by "
         "ddrs_ext.surrogate_radius from --surrogate-samples fresh noise samples.",
-        epilog=FORMATS + "\n" + OPTIMIZE_WHY + EXAMPLES,
+        epilog=FORMATS + "\n" + OPTIMIZE_WHY + EXAMPLES + docs_epilog("data-dependent-sigma", "memory", "l1"),
         formatter_class=HelpFormatter,
     )
     add_model_and_data(p)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 
 from ddrs.noise_options import add_noise_option
-from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, probability, set_command
+from ddrs.options import (
+    FORMATS,
+    HelpFormatter,
+    add_model_and_data,
+    count,
+    docs_epilog,
+    probability,
+    set_command,
+)
 from ddrs.sigma_options import add_sigma_choice
 
 EXAMPLES = """
@@ -25,7 +33,7 @@ def add_parser(sub) -> None:
         "(Cohen et al.'s PREDICT:\nthe top class among n noisy copies, or an abstention (-1) when a "
         "binomial test of the top two counts\ncannot tell them apart at level alpha; a returned class is "
         "wrong with probability at most alpha).",
-        epilog=FORMATS + EXAMPLES,
+        epilog=FORMATS + EXAMPLES + docs_epilog("certify-your-model", "coming-from-cohen"),
         formatter_class=HelpFormatter,
     )
     add_model_and_data(p)

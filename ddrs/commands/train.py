@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ddrs.noise_options import add_training_noise_option, check_training_noise
-from ddrs.options import HelpFormatter, Parser, set_command
+from ddrs.options import HelpFormatter, Parser, docs_epilog, set_command
 
 __all__ = ["SCHEMES", "add_parser", "build_parser", "check", "main", "run"]
 
@@ -128,7 +128,7 @@ def add_parser(sub) -> None:
         "train",
         help="train a digits classifier (fixed or data-dependent sigma) or a sigma selector for it",
         description=DESCRIPTION + "\nThe same as python -m ddrs.train_digits.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + docs_epilog("training", "dual", "l1", "coming-from-the-authors"),
         formatter_class=HelpFormatter,
     )
     add_options(p)
