@@ -310,12 +310,15 @@ def _fresh_selector(spec: str | None, levels: int, x: torch.Tensor) -> torch.nn.
     return selector
 
 
-def train_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+def train_from_args(
+    args: argparse.Namespace, log: Callable[[str], None] = print, defaults: Mapping | None = None
+) -> dict:
     """``ddrs train --selector-for ...`` (``python -m ddrs.train_digits``): a selector for the classifier
     of a ``ddrs train`` checkpoint, for one such expert per level, or for your own ``--model`` on
     ``--data``; labels from --label-n0 and --label-n samples per level (``--label-source``,
     ``--soft-labels``, ...), trained with the run's --epochs, --batch-size, --lr and --seed, saved at
-    --out."""
+    --out. ``defaults``: ``ddrs train``'s option defaults (for re-training checkpoints whose settings
+    predate an option, with ``--label-source crossfit``)."""
     from ddrs.digits_training import _plain
     from ddrs.loading import model_settings
     from ddrs.selector_labels import sources_from_args
@@ -324,7 +327,7 @@ def train_from_args(args: argparse.Namespace, log: Callable[[str], None] = print
     check_selector_training(args)
     levels = check_sigma_levels(args.sigma_levels).tolist()
     spec = None if args.selector_model is None else model_settings(args.selector_model, None)["model"]
-    sources = sources_from_args(args, log)
+    sources = sources_from_args(args, log, None if defaults is None else dict(defaults))
     config = {k: _plain(v) for k, v in vars(args).items()}
     return train_level_selector(
         sources,

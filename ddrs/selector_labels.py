@@ -35,8 +35,7 @@ class Sources:
     refit: Callable[[torch.Tensor, int], torch.nn.Module] | None
 
 
-def _train_checkpoint_sources(paths: Sequence[Path], log: Log) -> Sources:
-    from ddrs.commands.train import build_parser
+def _train_checkpoint_sources(paths: Sequence[Path], log: Log, defaults: dict) -> Sources:
     from ddrs.digits_training import train
     from ddrs_ext.data import load_digits_split
 
@@ -59,12 +58,11 @@ def _train_checkpoint_sources(paths: Sequence[Path], log: Log) -> Sources:
         )
     data_seed = seeds.pop()
     (x, y), _ = load_digits_split(data_seed)
-    defaults = vars(build_parser().parse_args([]))
 
     def refit(rows: torch.Tensor, k: int) -> torch.nn.Module:
         config = dict(configs[k])
         config.update(out=Path(config.get("out", "unused.pt")), selector_for=None)
-        args = argparse.Namespace(**{**defaults, **{n: v for n, v in config.items() if n in defaults}})
+        args = argparse.Namespace(**{**defaults, **config})
         checkpoint = train(args, log=lambda line: None, rows=rows)
         fresh = build(checkpoint["builder"])()
         fresh.load_state_dict(checkpoint["model"])
@@ -111,11 +109,12 @@ def _own_sources(args: argparse.Namespace, levels: int, log: Log) -> Sources:
     return Sources(loaded, x, y, None, data.description, None)
 
 
-def sources_from_args(args: argparse.Namespace, log: Log = print) -> Sources:
+def sources_from_args(args: argparse.Namespace, log: Log = print, defaults: dict | None = None) -> Sources:
     """The models and training data of ``ddrs train --selector-for`` (checks done by
-    :func:`ddrs.selector_options.check_selector_training`)."""
+    :func:`ddrs.selector_options.check_selector_training`). ``defaults``: ``ddrs train``'s option
+    defaults, for the options a checkpoint's recorded settings predate when it is re-trained."""
     if args.selector_for:
-        return _train_checkpoint_sources(args.selector_for, log)
+        return _train_checkpoint_sources(args.selector_for, log, dict(defaults or {}))
     return _own_sources(args, len(args.sigma_levels), log)
 
 

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if args.selector_for is not None:
         from ddrs.selector import train_from_args
 
-        train_from_args(args)
+        train_from_args(args, defaults=vars(build_parser().parse_args([])))
     else:
         from ddrs.digits_training import train
 
