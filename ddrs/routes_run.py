@@ -22,11 +22,11 @@ __all__ = ["Cascade", "cascade_summary", "confidence_selector", "resolve_selecto
 
 
 def resolve_selector_sigma(args: argparse.Namespace) -> float:
-    """--selector-sigma as given; else the sigma a selector checkpoint of ``ddrs train`` given alone was
-    trained at; else the largest of --sigma-levels (:func:`ddrs_ext.dual.default_selector_sigma`)."""
+    """--selector-sigma as given; else the sigma a --selector-checkpoint of ``ddrs train`` was trained at;
+    else the largest of --sigma-levels (:func:`ddrs_ext.dual.default_selector_sigma`)."""
     if args.selector_sigma is not None:
         return float(args.selector_sigma)
-    if getattr(args, "selector", None) is None and getattr(args, "selector_checkpoint", None) is not None:
+    if getattr(args, "selector_checkpoint", None) is not None:
         content = load_weights(args.selector_checkpoint, "--selector-checkpoint")
         if is_selector_checkpoint(content) and content.get("selector_sigma") is not None:
             return float(content["selector_sigma"])

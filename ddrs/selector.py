@@ -1,12 +1,15 @@
-"""Sigma selectors for dual certification (:func:`ddrs_ext.certify_dual`) on the embedded digits.
+"""Sigma selectors for dual certification (:func:`ddrs_ext.certify_dual`): the work of ``ddrs train
+--selector-for`` (:mod:`ddrs.commands.train`; its selector options: :mod:`ddrs.selector_options`).
 
-The work of ``ddrs train --selector-for`` (:mod:`ddrs.commands.train`). A selector is a small CNN
-with one output per sigma level. Its training labels come from a trained classifier: for each
-training input, the level at which CERTIFY gives the classifier's true class the largest radius
-(:func:`ddrs_ext.dual.best_level`, with ``n0 = 64``, ``n = 512``, ``alpha = 0.01`` by default). It
-is trained with Gaussian augmentation at ``selector_sigma``, the noise it is certified with
-(:func:`ddrs_ext.dual.train_selector`), and saved as a checkpoint (:mod:`ddrs.checkpoints`) that
-``ddrs certify --selector-checkpoint`` loads alone:
+A selector has one output per sigma level: ``ddrs_ext.models.digits_cnn(K)`` by default, or one that
+``--selector-model`` builds. Its training labels come from the radius CERTIFY gives each training
+input's true class at each level (:mod:`ddrs.selector_labels`; ``n0 = 64``, ``n = 512``, ``alpha =
+0.01`` by default), by one classifier or one expert per level (``ddrs train`` checkpoints, or your own
+``--model`` on ``--data``), on the models' own training inputs or held out (``--label-source
+crossfit``): the best level, or soft labels (``--soft-labels``). It is trained at ``selector_sigma``
+(default: the largest level), the noise it is certified with (:func:`ddrs_ext.dual.train_selector`,
+optionally with the consistency term), and saved as a checkpoint (:mod:`ddrs.checkpoints`, version 2)
+that ``ddrs certify --selector-checkpoint`` loads alone:
 
     python -m ddrs.train_digits --selector-for dd.pt --sigma-levels 0.25 0.5 1 \\
         --selector-sigma 0.5 --out selector.pt
