@@ -1,4 +1,5 @@
-"""The benchmark tables of docs/benchmarks.md: runs ``pytest benchmarks/`` once and formats its json as markdown.
+"""The benchmark tables of docs/benchmarks.md: runs ``pytest benchmarks/`` once, formats its json as
+markdown.
 
     python benchmarks/report.py                      # run the benchmarks, print the table
     python benchmarks/report.py --save-json run.json # ... and keep pytest-benchmark's json

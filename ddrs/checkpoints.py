@@ -19,6 +19,7 @@ __all__ = [
     "BUILDER",
     "FORMAT",
     "SELECTOR_FORMAT",
+    "SELECTOR_VERSIONS",
     "build",
     "is_classifier_checkpoint",
     "is_selector_checkpoint",
@@ -29,6 +30,9 @@ __all__ = [
 BUILDER = "ddrs_ext.models:digits_cnn"
 FORMAT = "ddrs_ext-checkpoint"
 SELECTOR_FORMAT = "ddrs-selector-checkpoint"
+#: Selector checkpoint versions read: 1 (labels from one classifier, best level) and 2 (also experts per
+#: level, held-out and soft labels, the consistency term, a selector of your own: recorded beside it).
+SELECTOR_VERSIONS = (1, 2)
 
 
 def build(spec: str):
@@ -83,8 +87,13 @@ def load_selector_checkpoint(path: str | os.PathLike, map_location="cpu") -> tup
         raise ValueError(f"{path} is not a selector checkpoint ({type(exc).__name__})") from None
     if not is_selector_checkpoint(state):
         raise ValueError(f"{path} is not a selector checkpoint of python -m ddrs.train_digits --selector-for")
-    if state.get("version") != 1 or state.get("builder") != BUILDER:
+    if state.get("version") not in SELECTOR_VERSIONS:
         raise ValueError(f"{path}: unknown selector checkpoint version {state.get('version')!r}")
+    if state.get("builder") != BUILDER:
+        raise ValueError(
+            f"{path} holds the weights of a selector built by {state.get('builder')} (ddrs train "
+            f"--selector-model): give it as --selector {state.get('builder')} --selector-checkpoint {path}"
+        )
     selector = digits_cnn(int(state["num_levels"]))
     try:
         selector.load_state_dict(state["model"])

@@ -23,7 +23,8 @@ import os
 import sys
 
 from ddrs.commands import analyze, certify, demo, optimize_sigma, predict, train
-from ddrs.options import Parser, check_repeated, docs_epilog, docs_page, one_line
+from ddrs.docs_links import docs_epilog
+from ddrs.options import Parser, check_repeated, one_line
 
 __all__ = ["COMMANDS", "main", "build_parser", "parse_args"]
 
@@ -104,6 +105,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as exc:
-        page = docs_page(_message(exc))
-        print(f"{command}: error: {_message(exc)}" + (f" (see {page})" if page else ""), file=sys.stderr)
+        print(f"{command}: error: {_message(exc)}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ def noisy_accuracy(
         return float((model(noisy).argmax(1) == y).float().mean())
 
 
-def train(args: argparse.Namespace, log=print) -> dict:
+def train(args: argparse.Namespace, log=print, rows: torch.Tensor | None = None) -> dict:
     """Trains the model as ``args`` say and saves the checkpoint; returns it.
 
     Under torchrun (``torchrun --nproc-per-node N -m ddrs.train_digits ...``) the processes train one
@@ -47,24 +47,31 @@ def train(args: argparse.Namespace, log=print) -> dict:
     ...), the losses are weighted so that the averaged gradient is the whole minibatch's, the sigma
     steps run on each rank's own examples, the sigma bank is synchronised after every epoch, and
     rank 0 logs and saves the checkpoint (with its BatchNorm statistics, given to every rank first).
+
+    ``rows`` (indices into the training split): train on those training examples only and save
+    nothing (the checkpoint is returned; cross-fitted selector labels re-train experts so).
     """
     launch = None
     if distributed_run.launched():
         launch = distributed_run.join(getattr(args, "device", None), getattr(args, "dist_timeout", 1800.0))
     try:
-        return _train(args, log, launch)
+        return _train(args, log, launch, rows)
     finally:
         if launch is not None:
             distributed_run.leave(launch)
 
 
-def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None) -> dict:
+def _train(
+    args: argparse.Namespace, log, launch: distributed_run.Launch | None, rows: torch.Tensor | None = None
+) -> dict:
     rank, world = (0, 1) if launch is None else (launch.rank, launch.world)
     device = launch.device if launch is not None else torch.device(getattr(args, "device", None) or "cpu")
     if rank != 0:
         log = _silent
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
+    if rows is not None:
+        x_train, y_train = x_train[rows], y_train[rows]
     if len(y_train) < world:
         raise ValueError(f"{world} processes for {len(y_train)} training examples; start fewer")
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
@@ -119,6 +126,17 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
                     beta=args.macer_beta,
                     index=index,
                 )
+            elif args.scheme == "consistency":
+                loss = training.consistency_loss(
+                    net,
+                    x,
+                    y,
+                    sigma,
+                    copies=getattr(args, "consistency_copies", 2),
+                    lam=getattr(args, "consistency_lambda", 10.0),
+                    eta=getattr(args, "consistency_eta", 0.5),
+                    index=index,
+                )
             else:
                 eps = training.warmup(args.adv_epsilon, epoch, args.adv_warmup)
                 loss = training.smoothadv_loss(
@@ -162,7 +180,7 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
         "builder": BUILDER,
         "model": _on_cpu(model.state_dict()),
         "sigma_bank": None if bank is None else _on_cpu(bank.state_dict()),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: _plain(v) for k, v in vars(args).items()},
     }
 
     def save() -> None:
@@ -170,6 +188,8 @@ def _train(args: argparse.Namespace, log, launch: distributed_run.Launch | None)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             torch.save(checkpoint, args.out)
 
+    if rows is not None:
+        return checkpoint
     if world > 1:
         exchange(save, what="saving the checkpoint")  # a failure on rank 0 stops every rank
     else:
@@ -199,6 +219,15 @@ def _minibatches(total: int, batch_size: int, world: int) -> list[torch.Tensor]:
     if world > 1 and len(batches) > 1 and len(batches[-1]) < world:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def _plain(value):
+    """An option's value as a checkpoint stores it: paths as text (also inside lists)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _silent(*args, **kwargs) -> None:

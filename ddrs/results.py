@@ -38,6 +38,8 @@ CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "sigm
 LATER_CERTIFY_COLUMNS = ("samples",)
 # ddrs certify --sigma-levels (ddrs_ext.certify_dual): level -1 and sigma nan where the selector abstained.
 DUAL_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_selector", "radius_classifier")
+# ddrs certify --cascade (ddrs_ext.routing.certify_cascade): radius_above inf where the top level answered.
+CASCADE_COLUMNS = (*CERTIFY_COLUMNS, "level", "radius_level", "radius_above", "stopped")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "sigma")
 SIGMA_COLUMNS = ("idx", "label", "sigma", "surrogate", "time")
 # Settings that describe the others (what the rows mean, for a reader; ddrs.result_notes) or how
@@ -52,8 +54,10 @@ QUALIFYING_SETTINGS = {"memory_rule": "memory", "sequential_rule": "sequential"}
 # Settings that files written before they existed lack, and what those files mean by their absence
 # (--noise: ddrs.noise_options): such a file resumes as if it had them.
 IMPLIED_SETTINGS = {"noise": "gaussian", "norm": "l2"}
-INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level"})
-FLOAT_COLUMNS = frozenset({"radius", "sigma", "surrogate", "radius_selector", "radius_classifier"})
+INT_COLUMNS = frozenset({"idx", "label", "predict", "correct", "samples", "level", "stopped"})
+FLOAT_COLUMNS = frozenset(
+    {"radius", "sigma", "surrogate", "radius_selector", "radius_classifier", "radius_level", "radius_above"}
+)
 _TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
 
 
@@ -180,7 +184,8 @@ def read_results(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[dict]:
     """The rows (every CERTIFY_COLUMNS entry but ``time``) of a :class:`ddrs_ext.CertifyResult` whose
     inputs have dataset indices ``index`` and true classes ``labels``; given a
-    :class:`ddrs_ext.DualCertifyResult`, every DUAL_COLUMNS entry but ``time``."""
+    :class:`ddrs_ext.DualCertifyResult`, every DUAL_COLUMNS entry but ``time``; given a
+    :class:`ddrs_ext.routing.CascadeCertifyResult`, every CASCADE_COLUMNS entry but ``time``."""
     if result.samples is None:
         raise ValueError("the result has no samples (model evaluations per input); certify it with ddrs_ext")
     dual = hasattr(result, "radius_selector")
@@ -201,6 +206,13 @@ def certify_rows(result, index: Sequence[int], labels: Sequence[int]) -> list[di
                 level=int(result.level[k]),
                 radius_selector=float(result.radius_selector[k]),
                 radius_classifier=float(result.radius_classifier[k]),
+            )
+        elif hasattr(result, "radius_above"):
+            row.update(
+                level=int(result.level[k]),
+                radius_level=float(result.radius_level[k]),
+                radius_above=float(result.radius_above[k]),
+                stopped=int(result.stopped[k]),
             )
         rows.append(row)
     return rows

@@ -1,12 +1,15 @@
-"""Sigma selectors for dual certification (:func:`ddrs_ext.certify_dual`) on the embedded digits.
+"""Sigma selectors for dual certification (:func:`ddrs_ext.certify_dual`): the work of ``ddrs train
+--selector-for`` (:mod:`ddrs.commands.train`; its selector options: :mod:`ddrs.selector_options`).
 
-The work of ``ddrs train --selector-for`` (:mod:`ddrs.commands.train`). A selector is a small CNN
-with one output per sigma level. Its training labels come from a trained classifier: for each
-training input, the level at which CERTIFY gives the classifier's true class the largest radius
-(:func:`ddrs_ext.dual.best_level`, with ``n0 = 64``, ``n = 512``, ``alpha = 0.01`` by default). It
-is trained with Gaussian augmentation at ``selector_sigma``, the noise it is certified with
-(:func:`ddrs_ext.dual.train_selector`), and saved as a checkpoint (:mod:`ddrs.checkpoints`) that
-``ddrs certify --selector-checkpoint`` loads alone:
+A selector has one output per sigma level: ``ddrs_ext.models.digits_cnn(K)`` by default, or one that
+``--selector-model`` builds. Its training labels come from the radius CERTIFY gives each training
+input's true class at each level (:mod:`ddrs.selector_labels`; ``n0 = 64``, ``n = 512``, ``alpha =
+0.01`` by default), by one classifier or one expert per level (``ddrs train`` checkpoints, or your own
+``--model`` on ``--data``), on the models' own training inputs or held out (``--label-source
+crossfit``): the best level, or soft labels (``--soft-labels``). It is trained at ``selector_sigma``
+(default: the largest level), the noise it is certified with (:func:`ddrs_ext.dual.train_selector`,
+optionally with the consistency term), and saved as a checkpoint (:mod:`ddrs.checkpoints`, version 2)
+that ``ddrs certify --selector-checkpoint`` loads alone:
 
     python -m ddrs.train_digits --selector-for dd.pt --sigma-levels 0.25 0.5 1 \\
         --selector-sigma 0.5 --out selector.pt
@@ -26,20 +29,18 @@ import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ddrs.checkpoints import (
     BUILDER,
-    is_classifier_checkpoint,
     is_selector_checkpoint,
-    load_checkpoint,
     load_selector_checkpoint,
 )
 from ddrs.checkpoints import SELECTOR_FORMAT as FORMAT
-from ddrs.loading import load_weights
 from ddrs_ext.data import load_digits_split
-from ddrs_ext.dual import best_level, check_sigma_levels, train_selector
+from ddrs_ext.dual import best_level, check_sigma_levels, default_selector_sigma, train_selector
 
 __all__ = [
     "FORMAT",
@@ -50,6 +51,7 @@ __all__ = [
     "selector_labels",
     "train_digits_selector",
     "train_from_args",
+    "train_level_selector",
     "load_selector_checkpoint",
     "is_selector_checkpoint",
 ]
@@ -115,7 +117,7 @@ def selector_labels(
 def train_digits_selector(
     classifier: torch.nn.Module,
     sigma_levels: Sequence[float],
-    selector_sigma: float,
+    selector_sigma: float | None,
     out: str | os.PathLike,
     *,
     epochs: int,
@@ -128,28 +130,103 @@ def train_digits_selector(
     label_alpha: float = LABEL_SETTINGS["alpha"],
     config: Mapping | None = None,
     log: Callable[[str], None] = print,
+    experts: Sequence[torch.nn.Module] | None = None,
+    **training: Any,
 ) -> dict:
-    """Trains a selector for ``classifier`` on the digits' training split
-    (``load_digits_split(data_seed)``, the classifier's), saves its checkpoint at ``out`` and returns
-    it. Labels: :func:`selector_labels`; model: ``digits_cnn(len(sigma_levels))`` initialised under
-    ``torch.manual_seed(seed)``; training: :func:`ddrs_ext.dual.train_selector` with ``epochs``,
-    ``batch_size``, ``lr``. ``config`` (JSON-able) is stored in the checkpoint beside the settings."""
-    from ddrs_ext.models import digits_cnn
+    """Trains a selector for ``classifier`` (or for ``experts``, one per level; then ``classifier`` is
+    ignored and may be None) on the digits' training split (``load_digits_split(data_seed)``, the
+    classifier's), saves its checkpoint at ``out`` and returns it. Labels: :func:`selector_labels`
+    (or soft labels, ``training``: see :func:`train_level_selector`); model:
+    ``digits_cnn(len(sigma_levels))`` initialised under ``torch.manual_seed(seed)``; training:
+    :func:`ddrs_ext.dual.train_selector` with ``epochs``, ``batch_size``, ``lr``; ``selector_sigma``
+    None: the largest level. ``config`` (JSON-able) is stored in the checkpoint beside the settings."""
+    from ddrs.selector_labels import Sources
+
+    (x_train, y_train), _ = load_digits_split(data_seed)
+    models = list(experts) if experts is not None else [classifier]
+    sources = Sources(models, x_train, y_train, data_seed, f"load_digits_split({data_seed})", None)
+    return train_level_selector(
+        sources,
+        sigma_levels,
+        selector_sigma,
+        out,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        label_n0=label_n0,
+        label_n=label_n,
+        label_alpha=label_alpha,
+        config=config,
+        log=log,
+        **training,
+    )
+
+
+def train_level_selector(
+    sources,
+    sigma_levels: Sequence[float],
+    selector_sigma: float | None,
+    out: str | os.PathLike,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    label_n0: int = LABEL_SETTINGS["n0"],
+    label_n: int = LABEL_SETTINGS["n"],
+    label_alpha: float = LABEL_SETTINGS["alpha"],
+    label_source: str = "train",
+    folds: int = 5,
+    soft_labels: bool = False,
+    tau: float = 0.25,
+    level_weights: str | Sequence[float] | None = None,
+    selector_lam: float = 0.0,
+    selector_eta: float = 0.0,
+    selector_copies: int = 1,
+    selector_model: str | None = None,
+    config: Mapping | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Trains a selector on ``sources`` (:class:`ddrs.selector_labels.Sources`: one model or one
+    expert per level, and the training inputs), saves its checkpoint (version 2) at ``out``.
+
+    Labels: every input certified at every level (:func:`ddrs.selector_labels.label_radii`, input i
+    as noise stream i, under ``derived_seed(seed, ...)``), by the models themselves
+    (``label_source="train"``) or by models re-trained without the input's fold (``"crossfit"``,
+    ``folds``); then the best level (ties: the lowest), or with ``soft_labels`` the labels of
+    :func:`ddrs_ext.dual.soft_level_labels` (``tau``, ``level_weights``). The selector is
+    ``digits_cnn(K)``, or built by ``selector_model`` (``module:callable``), under
+    ``torch.manual_seed(seed)``, and trained by :func:`ddrs_ext.dual.train_selector` at
+    ``selector_sigma`` (None: the largest level) with ``selector_copies``, ``selector_lam``,
+    ``selector_eta``."""
+    from ddrs.selector_labels import crossfit_label_radii, label_radii, labels_from_radii
 
     levels = check_sigma_levels(sigma_levels).tolist()
-    (x_train, y_train), _ = load_digits_split(data_seed)
-    classifier.eval()
+    K = len(levels)
+    if len(sources.models) not in (1, K):
+        raise ValueError(f"give one model or one expert per level ({K}), got {len(sources.models)}")
+    selector_sigma = default_selector_sigma(levels) if selector_sigma is None else float(selector_sigma)
+    x_train, y_train = sources.x, sources.y
+    for model in sources.models:
+        model.eval()
+    label_seed = derived_seed(seed, _LABEL_KEY)
+    settings = dict(n0=label_n0, n=label_n, alpha=label_alpha, seed=label_seed, log=log)
     log(
-        f"selector labels: the best of {len(levels)} levels ({', '.join(f'{v:g}' for v in levels)}) for "
-        f"{len(y_train)} training inputs (CERTIFY, n0 = {label_n0}, n = {label_n}, alpha = {label_alpha})"
+        f"selector labels ({label_source}): the radius at each of {K} levels "
+        f"({', '.join(f'{v:g}' for v in levels)}) of {len(y_train)} training inputs (CERTIFY, "
+        f"n0 = {label_n0}, n = {label_n}, alpha = {label_alpha})"
     )
-    labels = selector_labels(
-        classifier, x_train, y_train, levels, seed=seed, n0=label_n0, n=label_n, alpha=label_alpha
-    )
-    counts = torch.bincount(labels, minlength=len(levels)).tolist()
+    if label_source == "crossfit":
+        radii = crossfit_label_radii(sources, levels, folds=folds, **settings)
+    elif label_source == "train":
+        radii = label_radii(sources.models, x_train, y_train, levels, **settings)
+    else:
+        raise ValueError(f"label_source must be 'train' or 'crossfit', got {label_source!r}")
+    labels, counts = labels_from_radii(radii, soft=soft_labels, tau=tau, level_weights=level_weights)
     log("labels per level: " + ", ".join(f"σ = {v:g}: {c}" for v, c in zip(levels, counts)))
     torch.manual_seed(seed)
-    selector = digits_cnn(len(levels))
+    selector = _fresh_selector(selector_model, K, x_train)
     losses = train_selector(
         selector,
         x_train,
@@ -159,27 +236,42 @@ def train_digits_selector(
         batch_size=batch_size,
         lr=lr,
         seed=derived_seed(seed, _TRAIN_KEY),
+        copies=selector_copies,
+        lam=selector_lam,
+        eta=selector_eta,
     )
     selector.eval()
     for epoch, loss in enumerate(losses, start=1):
         log(f"selector epoch {epoch}/{len(losses)}: loss {loss:.4f}")
+    prints = [fingerprint(m) for m in sources.models]
+    identity = {"classifier_fingerprint": prints[0]} if len(prints) == 1 else {"expert_fingerprints": prints}
     checkpoint = {
         "format": FORMAT,
-        "version": 1,
-        "builder": BUILDER,
-        "num_levels": len(levels),
+        "version": 2,
+        "builder": BUILDER if selector_model is None else selector_model,
+        "num_levels": K,
         "model": selector.state_dict(),
         "sigma_levels": [float(v) for v in levels],
         "selector_sigma": float(selector_sigma),
         "label_counts": counts,
         "losses": [float(v) for v in losses],
+        "expert_fingerprints": prints if len(prints) > 1 else None,
+        "label_source": label_source,
+        "folds": int(folds) if label_source == "crossfit" else None,
+        "tau": float(tau) if soft_labels else None,
+        "level_weights": level_weights
+        if level_weights is None or isinstance(level_weights, str)
+        else [float(w) for w in level_weights],
+        "selector_lam": float(selector_lam),
+        "selector_eta": float(selector_eta),
+        "selector_copies": int(selector_copies),
         "config": {
             **dict(config or {}),
-            "classifier_fingerprint": fingerprint(classifier),
+            **identity,
             "label_n0": label_n0,
             "label_n": label_n,
             "label_alpha": label_alpha,
-            "data_seed": data_seed,
+            "data_seed": sources.data_seed,
         },
     }
     out = Path(out)
@@ -191,32 +283,75 @@ def train_digits_selector(
     return checkpoint
 
 
-def train_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
-    """``python -m ddrs.train_digits --selector-for CLASSIFIER ...``: a selector for the classifier of
-    that train_digits checkpoint, on its training split, with the run's --epochs, --batch-size, --lr
-    and --seed, labels from --label-n0 and --label-n samples per level, saved at --out."""
-    if args.sigma_levels is None or args.selector_sigma is None:
-        raise ValueError("--selector-for needs --sigma-levels and --selector-sigma")
-    check_sigma_levels(args.sigma_levels)
-    content = load_weights(args.selector_for, "--selector-for")  # a one-line diagnosis of a wrong file
-    if not is_classifier_checkpoint(content):
+def _fresh_selector(spec: str | None, levels: int, x: torch.Tensor) -> torch.nn.Module:
+    """``digits_cnn(levels)``, or the selector ``spec`` builds; checked on one training input."""
+    from ddrs_ext.models import digits_cnn
+
+    if spec is None:
+        if tuple(x.shape[1:]) != (1, 8, 8):
+            raise ValueError(
+                f"the default selector (ddrs_ext.models.digits_cnn) takes 1x8x8 inputs, the training inputs "
+                f"are {'x'.join(map(str, x.shape[1:]))}: give --selector-model module:callable that builds "
+                f"a selector with {levels} outputs for them"
+            )
+        return digits_cnn(levels)
+    from ddrs.loading import load_classifier
+
+    selector = load_classifier(spec, None, torch.device("cpu"))
+    if not isinstance(selector, torch.nn.Module) or not any(True for _ in selector.parameters()):
+        raise ValueError(f"--selector-model {spec} must build a torch.nn.Module with parameters to train")
+    try:
+        with torch.no_grad():
+            out = selector.eval()(x[:1])
+    except Exception as exc:
+        raise ValueError(f"--selector-model {spec} fails on one training input: {str(exc)[:200]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, levels):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
-            f"--selector-for {args.selector_for} is not a checkpoint of python -m ddrs.train_digits"
+            f"--selector-model {spec} must return one logit per level ({levels}), returned {got}"
         )
-    classifier, _, classifier_config = load_checkpoint(args.selector_for, map_location="cpu")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return train_digits_selector(
-        classifier,
-        args.sigma_levels,
+    return selector
+
+
+def train_from_args(
+    args: argparse.Namespace, log: Callable[[str], None] = print, defaults: Mapping | None = None
+) -> dict:
+    """``ddrs train --selector-for ...`` (``python -m ddrs.train_digits``): a selector for the classifier
+    of a ``ddrs train`` checkpoint, for one such expert per level, or for your own ``--model`` on
+    ``--data``; labels from --label-n0 and --label-n samples per level (``--label-source``,
+    ``--soft-labels``, ...), trained with the run's --epochs, --batch-size, --lr and --seed, saved at
+    --out. ``defaults``: ``ddrs train``'s option defaults (for re-training checkpoints whose settings
+    predate an option, with ``--label-source crossfit``)."""
+    from ddrs.digits_training import _plain
+    from ddrs.loading import model_settings
+    from ddrs.selector_labels import sources_from_args
+    from ddrs.selector_options import DEFAULT_FOLDS, DEFAULT_TAU, check_selector_training, parse_level_weights
+
+    check_selector_training(args)
+    levels = check_sigma_levels(args.sigma_levels).tolist()
+    spec = None if args.selector_model is None else model_settings(args.selector_model, None)["model"]
+    sources = sources_from_args(args, log, None if defaults is None else dict(defaults))
+    config = {k: _plain(v) for k, v in vars(args).items()}
+    return train_level_selector(
+        sources,
+        levels,
         args.selector_sigma,
         args.out,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        data_seed=int(classifier_config.get("seed", args.seed)),
         label_n0=args.label_n0,
         label_n=args.label_n,
+        label_source=args.label_source,
+        folds=DEFAULT_FOLDS if args.folds is None else args.folds,
+        soft_labels=args.soft_labels,
+        tau=DEFAULT_TAU if args.tau is None else args.tau,
+        level_weights=parse_level_weights(args.level_weights, len(levels)),
+        selector_lam=args.selector_lambda,
+        selector_eta=args.selector_eta,
+        selector_copies=args.selector_copies,
+        selector_model=spec,
         config=config,
         log=log,
     )

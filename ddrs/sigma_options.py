@@ -49,11 +49,10 @@ LIBRARY_OPTIMIZE_DEFAULTS = {
     "sigma_range": (1e-3, 10.0),
     "keep_prediction": True,
 }
-# The command line's own choice, from measurements on the digits (docs/data-dependent-sigma.md, "Which --optimize
-# defaults"): the surrogate that matches CERTIFY's radius certified more than the paper's for both of
-# the demo's models (ACR +0.04 to +0.10); the reparameterisation gradient certified a little more
-# than the score estimator (+0.004, +0.018) for a small share of a certification's time, so it
-# stays. --paper gives the published procedure.
+# The command line's own choice, from measurements on the digits' validation split
+# (docs/data-dependent-sigma.md, "Which --optimize defaults", with the commands that measure it):
+# the surrogate that matches CERTIFY's radius rather than the paper's. --paper gives the published
+# procedure.
 OPTIMIZE_DEFAULTS = {**LIBRARY_OPTIMIZE_DEFAULTS, "surrogate": "certify"}
 SIGMA0 = 0.12  # the paper's starting sigma (its CIFAR-10 models' smallest training sigma)
 
@@ -63,8 +62,9 @@ reparameterisation gradient (through the model), on the surrogate that matches C
 sigma * Phi^-1(E_A), not the paper's. On the digits demo's two models that surrogate certified more
 (average certified radius +0.04 and +0.10) and the reparameterisation gradient a little more than
 the score estimator (+0.004, +0.018), which needs forward passes only and is several times faster
-(docs/data-dependent-sigma.md: "Which --optimize defaults"). --paper gives the published procedure instead (900 plain
-ascent steps of 100 samples, the paper's surrogate, the reparameterisation gradient).
+(docs/data-dependent-sigma.md: "Which --optimize defaults"). --paper gives the published
+procedure instead (900 plain ascent steps of 100 samples, the paper's surrogate, the
+reparameterisation gradient).
 """
 
 # optimize_sigma's options that have a command-line flag of the same name (keep_prediction's is

@@ -1,7 +1,7 @@
 """Slow, plain-PyTorch references for every kernel: the oracle the tests hold the kernels to.
 
-They follow the RNG contract literally (docs/reproducibility.md, docs/mathematics.md "Random numbers") with int64
-tensor arithmetic for Philox and float32 IEEE operations for Box-Muller, in the
+They follow the RNG contract literally (docs/mathematics.md, "Random numbers") with int64 tensor
+arithmetic for Philox and float32 IEEE operations for Box-Muller, in the
 same order as csrc/philox.h, so the kernels must match them bit for bit.
 """
 

@@ -607,7 +607,12 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
     prog = "ddrs " + argv[0] if argv and argv[0] != "frobnicate" else "ddrs"
-    assert err.startswith(f"{prog}: error: ") and err.endswith(f"(see '{prog} --help')\n"), err
+    assert err.startswith(f"{prog}: error: "), err
+    # the --help hint, and the documentation page of the first option the message names that has one
+    from ddrs.docs_links import docs_page
+
+    page = docs_page(err.split(": error: ", 1)[1].rsplit(" (see ", 1)[0])
+    assert err.endswith(f"(see '{prog} --help'" + (f" and {page})\n" if page else ")\n")), err
 
 
 def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch, models, tmp_path):
@@ -955,7 +960,7 @@ def test_ddrs_train_is_python_m_ddrs_train_digits(capsys, tmp_path):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (
         "ddrs train: error: --sigma-levels and --selector-sigma are for --selector-for "
-        "(see 'ddrs train --help')\n"
+        "(see 'ddrs train --help' and docs/dual.md)\n"
     )
     assert cli.main(["train", "--selector-for", str(tmp_path / "no.pt"), *selector]) == 2
     assert (
@@ -1234,7 +1239,7 @@ def test_help_and_errors_point_at_the_documentation(capsys):
     import re
     from pathlib import Path
 
-    from ddrs import options
+    from ddrs import docs_links as options
 
     docs = Path(__file__).resolve().parent.parent / "docs"
     for page in set(options.DOCS_PAGES.values()) | {"index", "getting-started", "coming-from-the-authors"}:
@@ -1246,7 +1251,8 @@ def test_help_and_errors_point_at_the_documentation(capsys):
         named = re.findall(r"docs/([a-z0-9-]+)\.md", text.split("documentation (docs/")[-1])
         assert named and all((docs / f"{page}.md").is_file() for page in named), command
     with pytest.raises(SystemExit):
-        cli.parse_args(["certify", "--radius", "0.5", "--sigma", "0.25", "--data", "digits", "--out", "x.tsv"])
+        argv = ["certify", "--radius", "0.5", "--sigma", "0.25", "--data", "digits", "--out", "x.tsv"]
+        cli.parse_args(argv)
     assert "(see 'ddrs certify --help' and docs/sequential.md)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.parse_args(["demo", "--count", "0"])

@@ -338,7 +338,6 @@ def test_selector_errors_are_one_line(capsys, models, tmp_path):
             "--sigma-levels: must be > 0",
         ),
         (["--sigma-levels", "0.25", "0.5", "--selector-sigma", "1"], "needs a selector"),
-        (["--sigma-levels", "0.25", "0.5", "--selector", "m:f"], "needs --selector-sigma"),
         (["--sigma", "0.25", "--selector", "m:f"], "--selector: for dual certification, with --sigma-levels"),
         (["--sigma", "0.25", "--alpha-selector", "0.1"], "--alpha-selector: for dual certification"),
         (
@@ -505,11 +504,13 @@ def test_train_digits_selector_options(capsys, tmp_path, classifier_checkpoint):
         train_digits.main(["--sigma-levels", "0.25", "0.5", "--out", str(tmp_path / "x.pt")])
     assert exit_.value.code == 2 and "are for --selector-for" in capsys.readouterr().err
     path, _ = classifier_checkpoint
-    code = train_digits.main(["--selector-for", str(path), "--out", str(tmp_path / "x.pt")])
-    assert code == 2 and "needs --sigma-levels and --selector-sigma" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train_digits.main(["--selector-for", str(path), "--out", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 2 and "--selector-for needs --sigma-levels" in capsys.readouterr().err
     argv = ["--selector-for", str(path), "--sigma-levels", "0.5", "0.25", "--selector-sigma", "1"]
-    assert train_digits.main([*argv, "--out", str(tmp_path / "x.pt")]) == 2
-    assert "strictly increasing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train_digits.main([*argv, "--out", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 2 and "strictly increasing" in capsys.readouterr().err
     argv = ["--sigma-levels", "0.25", "0.5", "--selector-sigma", "1", "--out", str(tmp_path / "x.pt")]
     assert train_digits.main(["--selector-for", str(tmp_path / "no.pt"), *argv]) == 2
     assert capsys.readouterr().err.endswith(f"error: --selector-for {tmp_path / 'no.pt'}: no such file\n")

@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddrs.options import HelpFormatter, docs_epilog, non_negative, set_command
+from ddrs.docs_links import docs_epilog
+from ddrs.options import HelpFormatter, non_negative, set_command
 
 ANALYZE_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # ddrs.analyze.DEFAULT_RADII
 

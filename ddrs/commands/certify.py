@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.docs_links import docs_epilog
 from ddrs.noise_options import add_noise_option
 from ddrs.options import (
     FORMATS,
     HelpFormatter,
     add_model_and_data,
     count,
-    docs_epilog,
     positive,
     probability,
     set_command,
 )
+from ddrs.route_options import add_route_options, check_routes, route_of
 from ddrs.sequential_options import SEQUENTIAL_TOLERANCE, add_sequential_options, check_sequential
 from ddrs.sigma_options import (
     OPTIMIZE_WHY,
@@ -58,6 +59,8 @@ examples:
       --radius 0 0.25 0.5 0.75 1 --labels --out seq_paper.tsv
   ddrs certify --checkpoint dd.pt --selector-checkpoint selector.pt --data digits \\
       --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out dual.tsv
+  ddrs certify --checkpoint expert025.pt --checkpoint expert05.pt --data digits \\
+      --sigma-levels 0.25 0.5 --cascade --out cascade.tsv
 """
 
 
@@ -102,6 +105,7 @@ def add_parser(sub) -> None:
     )
     add_sequential_options(p)
     _add_selector_options(p)
+    add_route_options(p)
     add_sigma_options(p, "sigma optimisation (with --optimize)")
     set_command(p, run="ddrs.commands.certify_run:run", check=check, resumable=True)
     add_noise_option(p)
@@ -128,7 +132,13 @@ def _add_selector_options(p: argparse.ArgumentParser) -> None:
         help="weights for --selector, or alone a selector checkpoint of python -m ddrs.train_digits "
         "--selector-for",
     )
-    g.add_argument("--selector-sigma", type=positive, metavar="S", help="the selector's own fixed sigma")
+    g.add_argument(
+        "--selector-sigma",
+        type=positive,
+        metavar="S",
+        help="the selector's own fixed sigma (default: the one a --selector-checkpoint of ddrs train was "
+        "trained at, else the largest of --sigma-levels)",
+    )
     g.add_argument(
         "--alpha-selector",
         type=probability,
@@ -149,6 +159,7 @@ def check(args: argparse.Namespace) -> None:
     elif sigma_options_given(args):
         raise ValueError("sigma optimisation options (--sigma0, --iterations, ...) need --optimize")
     check_sequential(args)
+    check_routes(args)
     _check_dual(args)
 
 
@@ -174,10 +185,11 @@ def _check_dual(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--sigma-levels must be strictly increasing, got {' '.join(f'{v:g}' for v in levels)}"
         )
-    if args.selector is None and args.selector_checkpoint is None:
-        raise ValueError("--sigma-levels needs a selector: --selector SPEC and/or --selector-checkpoint FILE")
-    if args.selector_sigma is None:
-        raise ValueError("--sigma-levels needs --selector-sigma (the selector's own sigma)")
+    if args.selector is None and args.selector_checkpoint is None and route_of(args) is None:
+        raise ValueError(
+            "--sigma-levels needs a selector: --selector SPEC and/or --selector-checkpoint FILE (or a "
+            "training-free route: --cascade, --confidence-routing)"
+        )
     if args.alpha_selector is not None and not args.alpha_selector < args.alpha:
         raise ValueError(
             f"--alpha-selector {args.alpha_selector:g} must be below --alpha {args.alpha:g} "

@@ -24,6 +24,8 @@ from ddrs.noise_settings import (
 )
 from ddrs.result_notes import PER_INPUT_WITHOUT_MEMORY, certificate_notes, radii_of_interest, resumed_settings
 from ddrs.results import CERTIFY_COLUMNS, DUAL_COLUMNS, LATER_CERTIFY_COLUMNS, certify_rows
+from ddrs.route_options import route_of
+from ddrs.routes_run import Cascade, cascade_summary, confidence_selector, resolve_selector_sigma
 from ddrs.sequential_options import (
     check_sequential_rule,
     labels_kwargs,
@@ -89,15 +91,19 @@ def _memory_step(job: Job, changes: _Changes, norm: str) -> Callable[[list[dict]
 
 
 def _certify_summary(
-    path: Path, rows: list[dict], radii: tuple[float, ...] | None = None, norm: str = "l2"
+    path: Path,
+    rows: list[dict],
+    radii: tuple[float, ...] | None = None,
+    norm: str = "l2",
+    levels: list[float] | None = None,
 ) -> str:
     """One line: certified accuracy at radius 0 and the ACR, or with ``radii`` (the radii of interest
     of a sequential run) the certified accuracy at those radii alone; model evaluations; the dual
-    certificate's selector. L1 radii (uniform noise) are called so."""
+    certificate's selector or the cascade's levels (``levels``). L1 radii (uniform noise) are called so."""
     if not rows:
         return f"{path}: no rows"
     if norm == "l1":
-        return _certify_summary(path, rows, radii).replace(" radius", " L1 radius")
+        return _certify_summary(path, rows, radii, levels=levels).replace(" radius", " L1 radius")
     correct = [r for r in rows if r["correct"]]
     if radii is not None and len(radii) == 1:
         at = sum(r["radius"] >= radii[0] for r in correct) / len(rows)
@@ -121,7 +127,9 @@ def _certify_summary(
         )
     if all("samples" in r for r in rows):
         text += f", {sum(r['samples'] for r in rows) / len(rows):.0f} model evaluations per input"
-    if all("level" in r for r in rows):
+    if all("radius_above" in r for r in rows):
+        text += cascade_summary(rows, levels or [])
+    elif all("level" in r for r in rows):
         chose = [r for r in rows if r["level"] != ABSTAIN]
         smaller = sum(r["radius_selector"] < r["radius_classifier"] for r in chose if r["predict"] != ABSTAIN)
         text += (
@@ -139,6 +147,7 @@ class _Certifier:
     def __init__(self, args: argparse.Namespace, job: Job) -> None:
         self.args, self.job = args, job
         self.levels = getattr(args, "sigma_levels", None)
+        self.cascade = None
         self.sequential = bool(getattr(args, "sequential", False))
         self.settings: dict = sequential_settings(args)  # --sequential's radii, --labels
         self.columns, self.later = CERTIFY_COLUMNS, LATER_CERTIFY_COLUMNS
@@ -156,6 +165,38 @@ class _Certifier:
     def _setup_dual(self) -> None:
         args, job = self.args, self.job
         note = lambda text: print(f"ddrs certify: note: {text}", file=sys.stderr)  # noqa: E731
+        K = len(self.levels)
+        experts = _expert_specs(args, K)
+        self.model = job.model
+        if len(experts) > 1:
+            self.model = [job.model] + [
+                job.evaluate(load_model(spec, checkpoint, job.device, note))
+                for spec, checkpoint in experts[1:]
+            ]
+            self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
+        self.rows_per_input = args.n
+        if route_of(args) == "cascade":
+            self.cascade = Cascade(args, self.model)
+            self.sigma_setting, self.columns, self.later = (
+                self.cascade.sigma_setting,
+                self.cascade.columns,
+                (),
+            )
+            return
+        args.selector_sigma = resolve_selector_sigma(args)
+        if route_of(args) == "confidence":
+            self.selector = confidence_selector(args, self.model)
+            self.settings["selector"] = {"confidence_routing": list(args.confidence_routing)}
+        else:
+            self._load_selector(note)
+            self.settings["selector"] = model_settings(args.selector, args.selector_checkpoint)
+        self.alpha_selector = args.alpha / 2 if args.alpha_selector is None else args.alpha_selector
+        self.sigma_setting = {"levels": list(self.levels), "selector_sigma": args.selector_sigma}
+        self.settings["alpha_selector"] = self.alpha_selector
+        self.columns, self.later = DUAL_COLUMNS, ()
+
+    def _load_selector(self, note: Callable[[str], None]) -> None:
+        args, job = self.args, self.job
         self.selector = load_model(args.selector, args.selector_checkpoint, job.device, note, role="selector")
         x = job.inputs(job.selected[:1])
         try:
@@ -172,20 +213,6 @@ class _Certifier:
             )
         self._note_trained_levels(note)
         self.selector = job.evaluate(self.selector)  # as the model is (compiled at its first call)
-        experts = _expert_specs(args, K)
-        self.model = job.model
-        if len(experts) > 1:
-            self.model = [job.model] + [
-                job.evaluate(load_model(spec, checkpoint, job.device, note))
-                for spec, checkpoint in experts[1:]
-            ]
-            self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
-        self.alpha_selector = args.alpha / 2 if args.alpha_selector is None else args.alpha_selector
-        self.sigma_setting = {"levels": list(self.levels), "selector_sigma": args.selector_sigma}
-        self.settings["selector"] = model_settings(args.selector, args.selector_checkpoint)
-        self.settings["alpha_selector"] = self.alpha_selector
-        self.columns, self.later = DUAL_COLUMNS, ()
-        self.rows_per_input = args.n
 
     def _note_trained_levels(self, note: Callable[[str], None]) -> None:
         """A note when a selector checkpoint of ddrs train was trained for other levels."""
@@ -206,6 +233,8 @@ class _Certifier:
     def __call__(self, x: torch.Tensor, index: torch.Tensor):
         args, job = self.args, self.job
         common = dict(batch_size=args.batch_size, num_classes=job.num_classes, seed=args.seed, index=index)
+        if self.cascade is not None:
+            return self.cascade(x, index, common)
         if self.levels is not None:
             return certify_dual(
                 self.model,
@@ -348,7 +377,9 @@ def run(args: argparse.Namespace) -> int:
 
         run_chunks(args, job, out, method.rows_per_input, work)
         done = [out.done[i] for i in job.selected if i in out.done]
-        summary = _certify_summary(args.out, done, radii_of_interest(settings), norm)
+        summary = _certify_summary(
+            args.out, done, radii_of_interest(settings), norm, getattr(args, "sigma_levels", None)
+        )
         if args.memory and changes.seen:
             summary += (
                 f"; the memory changed {changes.changed} of the {changes.seen} certificates of this run"

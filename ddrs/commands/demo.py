@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ddrs.options import HelpFormatter, count, docs_epilog, number, positive, probability, set_command
+from ddrs.docs_links import docs_epilog
+from ddrs.options import HelpFormatter, count, number, positive, probability, set_command
 from ddrs.sigma_options import ESTIMATORS
 
 # The full run and --quick's tiny one (explicit options win over either)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.docs_links import docs_epilog
 from ddrs.noise_options import add_noise_option
-from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, docs_epilog, set_command
+from ddrs.options import FORMATS, HelpFormatter, add_model_and_data, count, set_command
 from ddrs.sigma_options import OPTIMIZE_WHY, add_sigma_options, optimize_options
 
 EXAMPLES = """

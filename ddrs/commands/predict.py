@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from ddrs.docs_links import docs_epilog
 from ddrs.noise_options import add_noise_option
 from ddrs.options import (
     FORMATS,
     HelpFormatter,
     add_model_and_data,
     count,
-    docs_epilog,
     probability,
     set_command,
 )

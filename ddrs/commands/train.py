@@ -11,12 +11,14 @@ import math
 import sys
 from pathlib import Path
 
+from ddrs.docs_links import docs_epilog
 from ddrs.noise_options import add_training_noise_option, check_training_noise
-from ddrs.options import HelpFormatter, Parser, docs_epilog, set_command
+from ddrs.options import HelpFormatter, Parser, set_command
+from ddrs.selector_options import add_selector_training_options, check_selector_training
 
 __all__ = ["SCHEMES", "add_parser", "build_parser", "check", "main", "run"]
 
-SCHEMES = ("gaussian", "macer", "smoothadv")
+SCHEMES = ("gaussian", "macer", "smoothadv", "consistency")
 DESCRIPTION = (
     "Train a small CNN on the embedded digits data with a randomized-smoothing scheme, with a fixed\n"
     "or a data-dependent noise level, and save a checkpoint that certification can load."
@@ -26,7 +28,12 @@ examples:
   ddrs train --scheme gaussian --sigma 0.25 --out fixed.pt
   ddrs train --scheme macer --sigma 0.25 --data-dependent --out dd.pt
   ddrs train --noise uniform --sigma 0.5 --data-dependent --sigma-surrogate certify --out dd_l1.pt
+  ddrs train --scheme consistency --sigma 0.25 --consistency-lambda 10 --out expert025.pt
   ddrs train --selector-for dd.pt --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out selector.pt
+  ddrs train --selector-for expert025.pt expert05.pt --sigma-levels 0.25 0.5 --label-source crossfit \\
+      --soft-labels --selector-lambda 20 --selector-eta 0.5 --selector-copies 2 --out selector.pt
+  ddrs train --selector-for --model mlp.py:build --checkpoint mlp.pt --data digits \\
+      --sigma-levels 0.25 0.5 --out mlp_selector.pt
 """
 
 
@@ -99,6 +106,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adv-steps", type=_positive(int), default=2)
     g.add_argument("--adv-samples", type=_positive(int), default=4)
     g.add_argument("--adv-warmup", type=int, default=3, help="epochs over which epsilon ramps up")
+    _add_consistency_options(p)
     g = p.add_argument_group(
         "sigma selector for dual certification (ddrs.selector)",
         "uses --epochs, --batch-size, --lr, --seed and --out; the other options do not apply",
@@ -106,14 +114,37 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--selector-for",
         type=Path,
+        nargs="*",
         metavar="CHECKPOINT",
-        help="train a selector for the classifier of this checkpoint instead of a classifier: labels are "
-        "the level of --sigma-levels where CERTIFY gives each training input the largest radius",
+        help="train a selector instead of a classifier, for the classifier of this checkpoint of ddrs train, "
+        "or one expert checkpoint per level of --sigma-levels (in level order), or, given with no "
+        "checkpoint, for --model/--checkpoint on --data (yours): labels come from CERTIFY's radius of "
+        "each training input at each level",
     )
     g.add_argument("--sigma-levels", nargs="+", type=_positive(float), metavar="S", help="increasing sigmas")
-    g.add_argument("--selector-sigma", type=_positive(float), metavar="S", help="the selector's own sigma")
+    g.add_argument(
+        "--selector-sigma",
+        type=_positive(float),
+        metavar="S",
+        help="the selector's own sigma (default: the largest of --sigma-levels)",
+    )
     g.add_argument("--label-n0", type=_positive(int), default=64, help="labels: selection samples per level")
     g.add_argument("--label-n", type=_positive(int), default=512, help="labels: estimation samples per level")
+    add_selector_training_options(p)
+
+
+def _add_consistency_options(p: argparse.ArgumentParser) -> None:
+    """--scheme consistency's options (ddrs_ext.training.consistency_loss)."""
+    g = p.add_argument_group(
+        "consistency (ddrs_ext.training.consistency_loss; Jeong & Shin, NeurIPS 2020)",
+        "cross-entropy over m noisy copies + lambda * their mean KL to the mean prediction + eta * its "
+        "entropy",
+    )
+    g.add_argument(
+        "--consistency-lambda", type=_non_negative, default=10.0, help="lambda (paper: 20 on MNIST)"
+    )
+    g.add_argument("--consistency-eta", type=_non_negative, default=0.5, help="eta, the entropy weight")
+    g.add_argument("--consistency-copies", type=_positive(int), default=2, help="m, noisy copies per input")
 
 
 def build_parser(prog: str = "python -m ddrs.train_digits") -> argparse.ArgumentParser:
@@ -139,6 +170,9 @@ def check(args: argparse.Namespace) -> None:
     if args.selector_for is None and (args.sigma_levels is not None or args.selector_sigma is not None):
         raise ValueError("--sigma-levels and --selector-sigma are for --selector-for")
     check_training_noise(args)
+    check_selector_training(args)
+    if args.scheme == "consistency" and args.consistency_lambda > 0 and args.consistency_copies < 2:
+        raise ValueError("--consistency-lambda > 0 compares noisy copies: --consistency-copies must be >= 2")
 
 
 def _options(args: argparse.Namespace) -> argparse.Namespace:
@@ -153,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.selector_for is not None:
         from ddrs.selector import train_from_args
 
-        train_from_args(args)
+        train_from_args(args, defaults=vars(build_parser().parse_args([])))
     else:
         from ddrs.digits_training import train
 
