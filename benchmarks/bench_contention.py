@@ -106,7 +106,9 @@ def run_worker(setting: str, sizes: dict[str, int]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summary_lines(contenders: int, rounds: dict[str, list[dict]], sizes: dict[str, int], threads) -> list[str]:
+def summary_lines(
+    contenders: int, rounds: dict[str, list[dict]], sizes: dict[str, int], threads: int
+) -> list[str]:
     """A markdown table: per workload and setting, median (min - max) over rounds, ÷ the best median."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
