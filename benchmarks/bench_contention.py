@@ -132,6 +132,7 @@ def summary_lines(
     return lines
 
 
+@pytest.mark.benchmark(group="contention")
 @pytest.mark.parametrize("contenders", [1, 0], ids=["1 busy process", "none added"])
 def test_contention(benchmark, quick: bool, contenders: int) -> None:
     from conftest import SUMMARY
@@ -155,7 +156,6 @@ def test_contention(benchmark, quick: bool, contenders: int) -> None:
         stop(competitors)
     digests = {r["certified"] for runs in rounds.values() for r in runs}
     assert len(digests) == 1, "the settings certified differently"
-    benchmark.group = "contention"
     benchmark.extra_info["label"] = f"certify and noise under each setting, {contenders} busy process(es)"
     benchmark.extra_info["contention"] = {s: [r["times"] for r in runs] for s, runs in rounds.items()}
     threads = rounds["default threads"][0]["threads"]
