@@ -244,3 +244,22 @@ def test_checkpoints_of_an_earlier_version_are_reused(first_run, tmp_path, capsy
     torch.save(state, out / "fixed_model.pt")
     with pytest.raises(ValueError, match=r"label_n: 7 then, 512 now"):
         run([*TINY, "--out", out])
+
+
+def test_training_does_not_depend_on_the_thread_count(tmp_path):
+    """The demo trains on one thread whatever torch would use, so its checkpoints (and the table) do
+    not change with the thread count."""
+    import torch
+
+    argv = ["--scheme", "gaussian", "--sigma", "0.25", "--epochs", "1", "--seed", "3"]
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = demo._train_or_load(tmp_path / f"m{count}.pt", argv, "model", demo.Clock())
+            assert torch.get_num_threads() == count  # restored after training
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
