@@ -37,11 +37,12 @@ def first_run(tmp_path_factory):
 
 def test_files_and_table(first_run):
     out, printed = first_run
-    rows = demo.table_rows(0.25)
-    assert len(rows) == 11
+    rows = demo.table_rows(0.25, demo.other_levels(0.25, 1.0))
+    assert len(rows) == 13 and [row.sigma for row in rows[:3]] == [None, 0.5, 1.0]
     assert [row.method for row in rows].count("sequential") == [row.method for row in rows].count("dual") == 1
     assert rows[-1].label == "data-dependent model, dual certificate" and rows[-2].memory
-    for name in ("fixed_model.pt", "dd_model.pt", "dd_selector.pt", "table.md", "curves.png"):
+    files = ("fixed_model.pt", "fixed_model_s0.5.pt", "fixed_model_s1.pt", "dd_model.pt", "dd_selector.pt")
+    for name in (*files, "table.md", "curves.png"):
         assert (out / name).is_file()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
@@ -51,7 +52,7 @@ def test_files_and_table(first_run):
         np.testing.assert_array_equal(columns["correct"], columns["predict"] == columns["label"])
         assert (out / f"{row.key}.tsv.settings.json").is_file()
         if row.surrogate is None and row.method != "dual":
-            assert (columns["sigma"] == 0.25).all()
+            assert (columns["sigma"] == (row.sigma or 0.25)).all()
         assert (columns["samples"] <= (2 if row.method == "dual" else 1) * (20 + 100)).all()
     # memory rows: same inputs and sigmas as their source, radii never larger
     for row in rows:
@@ -68,9 +69,10 @@ def test_files_and_table(first_run):
     assert evaluations[0] == "| result | model evaluations per input (mean) | fewest | most | vs CERTIFY |"
     sequential = read_results(out / "fixed_sigma_sequential.tsv")["samples"]
     dual = read_results(out / "dd_model_dual.tsv")["samples"]
+    sequential_row = next(row for row in rows if row.method == "sequential")
     for line, label, spent in zip(
         evaluations[2:],
-        [rows[0].label, rows[1].label, rows[-1].label + " (selector + classifier)"],
+        [rows[0].label, sequential_row.label, rows[-1].label + " (selector + classifier)"],
         [np.full(8, 120), sequential, dual],
     ):
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -92,11 +94,19 @@ def test_files_and_table(first_run):
     last = printed.rstrip().splitlines()
     verdict = [line for line in last if line.startswith("Does data-dependent σ help here?")]
     assert len(verdict) == 1 and "The dual certificate (data-dependent model" in verdict[0]
-    assert last[-3].startswith("- data-dependent model, σ per input (certify surrogate) + memory: ")
-    assert last[-2].startswith("- data-dependent model, dual certificate: ")
+    assert last[-4].startswith("- data-dependent model, σ per input (certify surrogate) + memory: ")
+    assert last[-3].startswith("- data-dependent model, dual certificate: ")
     abstained = int((read_results(out / "dd_model_dual.tsv")["level"] == -1).sum())
-    assert f"the selector abstained on {abstained} of 8 inputs" in last[-2] and "smaller one on" in last[-2]
-    assert last[-1].startswith("Sequential certification of the fixed-σ model (curve mode, tolerance 0.1")
+    assert f"the selector abstained on {abstained} of 8 inputs" in last[-3] and "smaller one on" in last[-3]
+    # the winners at each radius, from the run: recomputed here from the files
+    sound = [row for row in rows if row.sound]
+    assert sequential_row not in sound and not any(row.surrogate and not row.memory for row in sound)
+    acc = {row.label: analyze.load(out / f"{row.key}.tsv").accuracy([0.0])[0] for row in sound}
+    best = max(acc.values())
+    expected = " = ".join(label for label, a in acc.items() if a == best)
+    assert last[-2].startswith("Largest certified accuracy among the sound rows")
+    assert f"r = 0: {expected} ({best:.3f})" in last[-2]
+    assert last[-1].startswith("Sequential certification of the fixed-σ model (the table's radii as radii")
     assert f"{sequential.mean():.0f} model evaluations per input against CERTIFY's 120" in last[-1]
 
 
@@ -117,7 +127,8 @@ def test_sequential_and_dual_rows_are_the_library_s(first_run):
     chooser, checkpoint = selector.load_selector_checkpoint(out / "dd_selector.pt")
     assert checkpoint["sigma_levels"] == [0.25, 0.5, 1.0] and checkpoint["selector_sigma"] == 0.5
     assert checkpoint["config"]["classifier_fingerprint"] == selector.fingerprint(dd)
-    want = ddrs_ext.certify_sequential(fixed, x, 0.25, n0=20, n_max=100, seed=0, index=index)
+    radii = [0.0, 0.25, 0.5, 0.75, 1.0]
+    want = ddrs_ext.certify_sequential(fixed, x, 0.25, n0=20, n_max=100, radius=radii, seed=0, index=index)
     got = read_results(out / "fixed_sigma_sequential.tsv")
     assert got["radius"].tolist() == want.radius.tolist() and got["samples"].tolist() == want.samples.tolist()
     want = ddrs_ext.certify_dual(
@@ -233,3 +244,22 @@ def test_checkpoints_of_an_earlier_version_are_reused(first_run, tmp_path, capsy
     torch.save(state, out / "fixed_model.pt")
     with pytest.raises(ValueError, match=r"label_n: 7 then, 512 now"):
         run([*TINY, "--out", out])
+
+
+def test_training_does_not_depend_on_the_thread_count(tmp_path):
+    """The demo trains on one thread whatever torch would use, so its checkpoints (and the table) do
+    not change with the thread count."""
+    import torch
+
+    argv = ["--scheme", "gaussian", "--sigma", "0.25", "--epochs", "1", "--seed", "3"]
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = demo._train_or_load(tmp_path / f"m{count}.pt", argv, "model", demo.Clock())
+            assert torch.get_num_threads() == count  # restored after training
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -1,6 +1,6 @@
 """``ddrs demo``: fixed against data-dependent noise levels, end to end on the embedded digits data.
 Its options, their defaults and --quick's, and their checks (no torch); its work is
-:func:`ddrs.commands.demo_run.run`, its table's verdicts :mod:`ddrs.commands.demo_report`."""
+:func:`ddrs.commands.demo_run.run`, its table's verdicts :mod:`ddrs.commands.demo_table`."""
 
 from __future__ import annotations
 
@@ -37,25 +37,30 @@ DEMO_QUICK = {
 DESCRIPTION = """\
 Fixed against data-dependent noise levels, end to end on the embedded digits data (no download).
 
-Trains two small CNNs on the digits (one with Gaussian augmentation at a fixed sigma, one with a
-data-dependent sigma per training example: the paper's scheme, ascending the surrogate that
-matches CERTIFY's radius, sigma capped at --sigma-max), optimises a sigma for every test input,
-certifies the test set with each model and each choice of sigma (with and without the
-memory-based adjustment that keeps per-input certificates sound), and prints certified accuracy
-at several radii and the average certified radius, then whether data-dependent sigma helps.
-Two more rows: the fixed-sigma model certified sequentially (certify_sequential, curve mode:
-the model evaluations it saves are shown in a second table), and the data-dependent model with a
-dual certificate (certify_dual: a selector, trained on the labels best_level gives the training
-inputs, picks sigma among sigma*1, 2, 4 capped at --sigma-max, certified at selector sigma
-2*sigma; alpha split in halves). About 7 minutes on 2 CPU cores with the defaults, and about 2
-more for those two rows; --quick runs tiny settings in well under a minute.
+Trains small CNNs on the digits' 1100 training images: one with Gaussian augmentation at a fixed
+sigma, one more at each other sigma level the dual row uses (sigma*2 and sigma*4, capped at
+--sigma-max), and one with a data-dependent sigma per training example (the paper's scheme,
+ascending the surrogate that matches CERTIFY's radius, sigma capped at --sigma-max). It
+optimises a sigma for every test input, certifies the test set with each model and each choice
+of sigma (with and without the memory-based adjustment that keeps per-input certificates
+sound), and prints certified accuracy at several radii, the average certified radius and
+verdicts computed from this run: whether data-dependent sigma helps, and which sound row is
+best at each radius. Two more rows: the fixed-sigma model certified sequentially
+(certify_sequential with the table's radii as its radii of interest; a second table shows the
+model evaluations it saves), and the data-dependent model with a dual certificate
+(certify_dual: a selector, trained on the labels best_level gives the training inputs, picks
+sigma among the levels, certified at selector sigma 2*sigma; alpha split in halves). Where a
+row evaluates enough noisy copies to repay compiling (ddrs_ext.precision.compile_pays), the
+models are evaluated compiled with channels-last weights (the same function; the caption says
+so). --quick runs tiny settings in about a minute.
 
 Everything goes into the --out folder (default ddrs_demo, in the current folder): the
-checkpoints (two models and the selector), one result file per table row (the tab-separated
-format 'ddrs analyze' reads), table.md and curves.png. A re-run over the same folder resumes:
-it reuses checkpoints trained with the same settings and skips inputs already certified, and
-refuses (with an error) a folder started with other settings; --fresh deletes the demo's files
-there first."""
+checkpoints (the models and the selector), one result file per table row (the tab-separated
+format 'ddrs analyze' reads), table.md and curves.png (the sound rows' curves, and each one's
+difference from the fixed-sigma baseline). A re-run over the same folder resumes: it reuses
+checkpoints trained with the same settings and skips inputs already certified, and refuses
+(with an error) a folder started with other settings; --fresh deletes the demo's files there
+first."""
 
 EXAMPLES = (
     "examples:\n  ddrs demo\n  ddrs demo --quick --out /tmp/ddrs_demo\n"
