@@ -59,12 +59,12 @@ SIGMA0 = 0.12  # the paper's starting sigma (its CIFAR-10 models' smallest train
 OPTIMIZE_WHY = """\
 Defaults of the sigma optimisation: 16 bisection steps of 512 noise samples from --sigma0, with the
 reparameterisation gradient (through the model), on the surrogate that matches CERTIFY's radius,
-sigma * Phi^-1(E_A), not the paper's. On the digits demo's two models that surrogate certified more
-(average certified radius +0.04 and +0.10) and the reparameterisation gradient a little more than
-the score estimator (+0.004, +0.018), which needs forward passes only and is several times faster
-(docs/data-dependent-sigma.md: "Which --optimize defaults"). --paper gives the published
-procedure instead (900 plain ascent steps of 100 samples, the paper's surrogate, the
-reparameterisation gradient).
+sigma * Phi^-1(E_A), not the paper's. Chosen on the digits' validation split with the demo's two
+models: that surrogate certified more (average certified radius +0.10 and +0.04) and the
+reparameterisation gradient a little more than the score estimator (+0.018, +0.013), which needs
+forward passes only and is several times faster (docs/data-dependent-sigma.md: "Which --optimize
+defaults", with the commands). --paper gives the published procedure instead (900 plain ascent
+steps of 100 samples, the paper's surrogate, the reparameterisation gradient).
 """
 
 # optimize_sigma's options that have a command-line flag of the same name (keep_prediction's is
