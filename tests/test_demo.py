@@ -125,14 +125,14 @@ def test_sequential_and_dual_rows_are_the_library_s(first_run):
     fixed, _, _ = train_digits.load_checkpoint(out / "fixed_model.pt")
     dd, _, _ = train_digits.load_checkpoint(out / "dd_model.pt")
     chooser, checkpoint = selector.load_selector_checkpoint(out / "dd_selector.pt")
-    assert checkpoint["sigma_levels"] == [0.25, 0.5, 1.0] and checkpoint["selector_sigma"] == 0.5
+    assert checkpoint["sigma_levels"] == [0.25, 0.5, 1.0] and checkpoint["selector_sigma"] == 1.0
     assert checkpoint["config"]["classifier_fingerprint"] == selector.fingerprint(dd)
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     want = ddrs_ext.certify_sequential(fixed, x, 0.25, n0=20, n_max=100, radius=radii, seed=0, index=index)
     got = read_results(out / "fixed_sigma_sequential.tsv")
     assert got["radius"].tolist() == want.radius.tolist() and got["samples"].tolist() == want.samples.tolist()
     want = ddrs_ext.certify_dual(
-        dd, chooser, x, [0.25, 0.5, 1.0], selector_sigma=0.5, n0=20, n=100, alpha=0.001, seed=0, index=index
+        dd, chooser, x, [0.25, 0.5, 1.0], selector_sigma=1.0, n0=20, n=100, alpha=0.001, seed=0, index=index
     )
     assert want.alpha_selector == 0.0005
     got = read_results(out / "dd_model_dual.tsv")

@@ -49,7 +49,7 @@ best at each radius. Two more rows: the fixed-sigma model certified sequentially
 (certify_sequential with the table's radii as its radii of interest; a second table shows the
 model evaluations it saves), and the data-dependent model with a dual certificate
 (certify_dual: a selector, trained on the labels best_level gives the training inputs, picks
-sigma among the levels, certified at selector sigma 2*sigma; alpha split in halves). Where a
+sigma among the levels, smoothed at the largest level; alpha split in halves). Where a
 row evaluates enough noisy copies to repay compiling (ddrs_ext.precision.compile_pays), the
 models are evaluated compiled with channels-last weights (the same function; the caption says
 so). --quick runs tiny settings in about a minute.

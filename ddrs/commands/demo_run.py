@@ -41,11 +41,17 @@ from ddrs_ext.precision import Evaluated, compile_pays
 
 __all__ = ["demo_files", "run"]
 
-# The dual row: sigma levels sigma * LEVEL_FACTORS (capped at --sigma-max), the selector smoothed at
-# SELECTOR_FACTOR * sigma, alpha split in halves; picked in an exploratory trial (README, the demo's
-# step 5): best_level labels over nearest_level ones, a selector sigma of 2 sigma over 1 sigma.
+# The dual row: sigma levels sigma * LEVEL_FACTORS (capped at --sigma-max), alpha split in halves,
+# best_level's labels; the selector smoothed at the largest level (ddrs_ext.dual.default_selector_sigma),
+# chosen on the validation split over 1x and 2x sigma (docs/getting-started.md, "The dual row's
+# selector sigma", with the commands).
 LEVEL_FACTORS = (1, 2, 4)
-SELECTOR_FACTOR = 2
+
+
+def selector_sigma(args: argparse.Namespace) -> float:
+    """The dual row's selector sigma: the largest of its levels."""
+    return max(selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS))
+
 
 # The data-dependent model: Gaussian augmentation, each training example's sigma moved by a few
 # ascent steps per minibatch (train_digits' defaults otherwise) on the surrogate that matches
@@ -135,7 +141,7 @@ def _selector_or_load(
     ``python -m ddrs.train_digits --selector-for`` trains it (with the demo's label samples)."""
     levels = selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS)
     argv = ["--selector-for", str(classifier_path), "--sigma-levels", *map(str, levels)]
-    argv += ["--selector-sigma", str(SELECTOR_FACTOR * args.sigma), "--epochs", str(args.epochs)]
+    argv += ["--selector-sigma", str(selector_sigma(args)), "--epochs", str(args.epochs)]
     argv += ["--label-n0", str(args.label_n0), "--label-n", str(args.label_n), "--seed", str(args.seed)]
     targs = train_parser().parse_args([*argv, "--out", str(path)])
     wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(targs).items()}
@@ -151,7 +157,7 @@ def _selector_or_load(
         return model
     clock.log(
         f"training the selector (σ levels {', '.join(f'{v:g}' for v in levels)}, selector σ = "
-        f"{SELECTOR_FACTOR * args.sigma:g}), {args.epochs} epoch(s)"
+        f"{selector_sigma(args):g}), {args.epochs} epoch(s)"
     )
     with one_thread():
         selector.train_from_args(targs, log=lambda line: print("           " + line, flush=True))
@@ -222,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     dual_selector = _selector_or_load(out / "dd_selector.pt", out / "dd_model.pt", models["dd"], args, clock)
     selector_fingerprint = _fingerprint(dual_selector)
     args.levels = selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS)
-    args.selector_sigma = SELECTOR_FACTOR * args.sigma
+    args.selector_sigma = selector_sigma(args)
     forward_rows = args.count * (args.n0 + args.n)
     compiled = compile_pays(forward_rows, "cpu")
     evaluated = {k: _evaluated(m, forward_rows, clock) for k, m in models.items()}
