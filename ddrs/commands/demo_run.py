@@ -55,8 +55,8 @@ def selector_sigma(args: argparse.Namespace) -> float:
 
 # The data-dependent model: Gaussian augmentation, each training example's sigma moved by a few
 # ascent steps per minibatch (train_digits' defaults otherwise) on the surrogate that matches
-# CERTIFY's radius (the paper's surrogate, sigma/2 (Phi^-1(E_A) - Phi^-1(E_B)), rewards sigma where
-# CERTIFY's radius sigma Phi^-1(p_A) does not; docs/data-dependent-sigma.md).
+# CERTIFY's radius, chosen over the paper's on the validation split (docs/data-dependent-sigma.md,
+# "Which surrogate the demo's data-dependent training ascends").
 DD_TRAINING = ("--scheme", "gaussian", "--data-dependent", "--sigma-surrogate", "certify")
 
 
