@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import MODELS, TINY, digits_test, fails, load_builder, ok, rows, run
 
 import ddrs_ext
 from ddrs import analyze, noise_options
 from ddrs.commands import train as train_command
 from ddrs.results import ResultFile, read_rows, remove_result_file
 from ddrs_ext.memory import CertificationMemory
-from tests.test_cli import MODELS, TINY, digits_test, fails, load_builder, ok, rows, run
 
 SIGMA_FAST = ["--iterations", "2", "--num-samples", "8"]
 IDX = torch.tensor([0, 2, 4, 6, 8])
@@ -353,7 +353,7 @@ def test_train_uniform_writes_its_noise_and_certifies(capsys, tmp_path):
 def test_two_processes_certify_in_l1_like_one(tmp_path):
     """torchrun passes --noise through: two processes give one process's rows, the L1 memory applied
     when rank 0 merges (on data where it changes rows)."""
-    from tests import test_cli_distributed as dist
+    import test_cli_distributed as dist
 
     (tmp_path / "absmodel.py").write_text(dist.MODELS)
     x = torch.zeros(dist.COUNT, 1, 2)
