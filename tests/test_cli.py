@@ -212,7 +212,7 @@ def test_killed_subprocess_resumes_to_the_same_file(capsys, models, tmp_path, si
     common = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 60, *TINY]
     out = tmp_path / "k.tsv"
     argv = [sys.executable, "-m", "ddrs", *map(str, common), "--chunk", "1", "--out", str(out)]
-    proc = subprocess.Popen(argv, **installed(tmp_path, TINY_SLEEP="0.05"))
+    proc = subprocess.Popen(argv, **installed(tmp_path, TINY_SLEEP="0.2"))
     try:
         deadline = time.monotonic() + 300  # a cold start imports torch (and may compile the kernels)
         while time.monotonic() < deadline and proc.poll() is None:
