@@ -212,7 +212,10 @@ def test_killed_subprocess_resumes_to_the_same_file(capsys, models, tmp_path, si
     common = ["certify", "--model", f"{models}:build", "--data", "digits", "--sigma", 0.5, "--max", 60, *TINY]
     out = tmp_path / "k.tsv"
     argv = [sys.executable, "-m", "ddrs", *map(str, common), "--chunk", "1", "--out", str(out)]
-    proc = subprocess.Popen(argv, **installed(tmp_path, TINY_SLEEP="0.2"))
+    # the child takes Ctrl-C's default action even where this test runs with SIGINT ignored (a job
+    # started in the background by a non-interactive shell inherits SIG_IGN, and Python keeps it)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(argv, preexec_fn=default_sigint, **installed(tmp_path, TINY_SLEEP="0.2"))
     try:
         deadline = time.monotonic() + 300  # a cold start imports torch (and may compile the kernels)
         while time.monotonic() < deadline and proc.poll() is None:
