@@ -305,7 +305,12 @@ def test_resume_after_a_rank_is_killed(place, reference, tmp_path):
     while not (rank1.exists() and len(rank1.read_text().splitlines()) >= 3):  # header and 2 rows
         assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[1][-4000:]
         time.sleep(0.1)
-    os.kill(int((place / "pid1").read_text()), signal.SIGKILL)
+    pid = ""
+    while not pid:  # the rank writes its pid file as it starts: wait for the whole number
+        assert time.monotonic() < deadline, "rank 1 wrote no pid"
+        pid = (place / "pid1").read_text().strip() if (place / "pid1").exists() else ""
+        time.sleep(0.02)
+    os.kill(int(pid), signal.SIGKILL)
     code, log = finish(proc)
     assert code != 0, log[-4000:]  # torchrun stops the other rank and fails
     assert len(read_rows(rank1)[1]) >= 2 and read_rows(out)[1] == []  # rows kept per rank, none merged
