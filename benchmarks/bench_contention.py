@@ -17,7 +17,8 @@ Settings (``SETTINGS``): torch's default threads; one thread; the default thread
 policy (``OMP_WAIT_POLICY=PASSIVE``: a waiting worker sleeps); the default threads with libgomp's
 spin shortened to 10 000 iterations (``GOMP_SPINCOUNT``). The OpenMP runtime is libgomp for
 torch's Linux wheels; ``torch.__config__.parallel_info()`` names it. The passive wait is what the
-``ddrs`` command line sets when the environment does not choose (``ddrs.cli.prefer_passive_wait``).
+``import ddrs_ext`` sets before torch loads when the environment does not choose
+(``ddrs_ext._threads.prefer_passive_wait``; the ``ddrs`` command line imports ddrs_ext first).
 
 Competitors: each test runs with ``contenders`` busy processes (a Python loop each): one, as in
 the issue, and none added (the quiet case, as quiet as the rest of the machine is; the quick run

@@ -21,13 +21,12 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Container, MutableMapping
 
 from ddrs.commands import analyze, certify, demo, optimize_sigma, predict, train
 from ddrs.docs_links import docs_epilog
 from ddrs.options import Parser, check_repeated, one_line
 
-__all__ = ["COMMANDS", "WAIT_POLICY_VARS", "main", "build_parser", "parse_args", "prefer_passive_wait"]
+__all__ = ["COMMANDS", "main", "build_parser", "parse_args"]
 
 #: The commands' modules (torch-free: options and checks), in the order ``ddrs --help`` lists them.
 COMMANDS = (demo, certify, optimize_sigma, predict, analyze, train)
@@ -53,32 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
-
-
-#: The variables by which a user chooses how OpenMP's idle threads wait (libgomp and Intel's runtime);
-#: when one is set, ``ddrs`` leaves the choice to it.
-WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-
-
-def prefer_passive_wait(
-    environ: MutableMapping[str, str] | None = None, modules: Container[str] | None = None
-) -> bool:
-    """Sets ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` (default ``os.environ``) unless one of
-    :data:`WAIT_POLICY_VARS` is set there or torch is already in ``modules`` (default ``sys.modules``;
-    the OpenMP runtime reads the variable when it loads, with torch). Returns whether it set it.
-
-    With the default (active) policy, a thread that finishes its share of a parallel loop spins until
-    the others have finished theirs; when another process holds a core, the thread waiting for it
-    spins through whole time slices, and ``ddrs certify`` ran tens of times slower than with one
-    thread (benchmarks/bench_contention.py). Passive waiting threads sleep instead. The results do not
-    depend on it: only the speed does.
-    """
-    environ = os.environ if environ is None else environ
-    modules = sys.modules if modules is None else modules
-    if "torch" in modules or any(environ.get(name) for name in WAIT_POLICY_VARS):
-        return False
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return True
 
 
 def _under_torchrun() -> bool:
@@ -114,17 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs ``ddrs`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     Argument errors raise ``SystemExit(2)`` after a one-line message, as argparse does; so does
-    ``--help`` (``SystemExit(0)``). Ctrl-C exits with 130 and no traceback, at any point. OpenMP's
-    idle threads wait passively unless the environment chooses otherwise (:func:`prefer_passive_wait`).
+    ``--help`` (``SystemExit(0)``). Ctrl-C exits with 130 and no traceback, at any point. A command
+    that uses torch imports ddrs_ext before its own work, so that OpenMP's idle threads wait passively
+    unless the environment chooses otherwise (:mod:`ddrs_ext._threads`).
     """
     command, started = "ddrs", False
-    prefer_passive_wait()  # before torch loads (below, with the command's work)
     try:
         args = parse_args(argv)
         command = f"ddrs {args.command}"
         if getattr(args, "check_paths", None) is not None and not _under_torchrun():
             args.check_paths(args)  # a wrong path answers before torch loads (under torchrun: every rank)
         module, _, name = args.run.partition(":")
+        if args.uses_torch:  # ddrs_ext first: it sets the wait policy before torch loads
+            importlib.import_module("ddrs_ext")
         run = getattr(importlib.import_module(module), name)  # torch and ddrs_ext load here
         started = True
         return int(run(args) or 0)

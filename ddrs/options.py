@@ -72,10 +72,13 @@ def one_line(text: object) -> str:
     return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
 
 
-def set_command(p: argparse.ArgumentParser, run: str, check, resumable: bool) -> None:
+def set_command(
+    p: argparse.ArgumentParser, run: str, check, resumable: bool, uses_torch: bool = True
+) -> None:
     """What ``ddrs.cli.main`` needs of a subcommand: ``run`` ("module:function", imported when it
-    runs), a ``check`` of its arguments that needs no torch (or None), whether a rerun resumes it."""
-    p.set_defaults(run=run, check=check, resumable=resumable, usage_error=p.error)
+    runs), a ``check`` of its arguments that needs no torch (or None), whether a rerun resumes it, and
+    whether its work uses torch (then ddrs_ext is imported first, for its OpenMP wait policy)."""
+    p.set_defaults(run=run, check=check, resumable=resumable, uses_torch=uses_torch, usage_error=p.error)
 
 
 # ----------------------------------------------------------------------------- argument types

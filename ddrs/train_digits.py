@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import sys
 
+import ddrs_ext  # noqa: F401  (before torch: its OpenMP threads wait passively, ddrs_ext._threads)
+
+# isort: split
 from ddrs.checkpoints import BUILDER, FORMAT, load_checkpoint
 from ddrs.commands.train import SCHEMES, build_parser, main
 from ddrs.digits_training import noisy_accuracy, train

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 
+import ddrs_ext  # before torch: then its OpenMP threads wait passively (docs/benchmarks.md)
+
+# isort: split
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-
-import ddrs_ext
 
 
 def digits(seed: int = 0):

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 
+import ddrs_ext  # before torch: then its OpenMP threads wait passively (docs/benchmarks.md)
+
+# isort: split
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-
-import ddrs_ext
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -17,10 +17,12 @@ import os
 import time
 from datetime import timedelta
 
+import ddrs_ext  # before torch: then its OpenMP threads wait passively (docs/benchmarks.md)
+
+# isort: split
 import torch
 import torch.distributed as dist
 
-import ddrs_ext
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.models import digits_cnn
 

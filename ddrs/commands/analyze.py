@@ -64,7 +64,7 @@ its inputs stopped once their answer at those radii was settled. A file of ddrs 
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a plot of certified accuracy vs radius")
     p.add_argument("--max-radius", type=non_negative, help="right end of the plot's radius axis")
     p.add_argument("--title", help="the plot's title")
-    set_command(p, run="ddrs.commands.analyze:run", check=check, resumable=False)
+    set_command(p, run="ddrs.commands.analyze:run", check=check, resumable=False, uses_torch=False)
 
 
 def check(args: argparse.Namespace) -> None:
