@@ -272,22 +272,22 @@ def _sigma_step_fake(
 # eps is not stored: backward regenerates it from its key (seed, stream, sample, element).
 
 
-def _perturb_setup_context(ctx, inputs, output):
-    x, sigma, stream, seed, sample_offset, samples_per_input, row_start, num_rows, _ = inputs
+def _save_key(ctx, x, scale, stream, seed, sample_offset, samples_per_input, row_start, num_rows) -> None:
     ctx.save_for_backward(stream)
     ctx.key = (seed, sample_offset, samples_per_input, row_start, num_rows)
     ctx.x_meta = (x.shape, x.dtype, x.device)
-    ctx.sigma_dtype = sigma.dtype
-    ctx.mark_non_differentiable(output[1])
+    ctx.sigma_dtype = scale.dtype
 
 
-def _perturb_backward(ctx, grad_out, grad_sq):
+def _noise_backward(ctx, grad_out, unit_noise) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``out = x[b] + scale[b] * e`` with respect to ``x`` and ``scale``; ``unit_noise``
+    regenerates ``e`` (the op at ``x = 0``, ``scale = 1``) from the key :func:`_save_key` kept."""
     (stream,) = ctx.saved_tensors
     seed, sample_offset, m, row_start, num_rows = ctx.key
     shape, dtype, device = ctx.x_meta
     B = shape[0]
     owner = torch.arange(row_start, row_start + num_rows, device=device) // m
-    grad_x = grad_sigma = None
+    grad_x = grad_scale = None
     if ctx.needs_input_grad[0]:
         flat = grad_out.reshape(num_rows, -1)
         grad_x = torch.zeros((B, flat.shape[1]), dtype=flat.dtype, device=device).index_add_(0, owner, flat)
@@ -295,13 +295,24 @@ def _perturb_backward(ctx, grad_out, grad_sq):
     if ctx.needs_input_grad[1]:
         zeros = torch.zeros(shape, dtype=dtype, device=device)
         ones = torch.ones(B, dtype=torch.float64, device=device)
-        eps, _ = torch.ops.ddrs_ext.perturb_gaussian(
-            zeros, ones, stream, seed, sample_offset, m, row_start, num_rows, False
-        )
-        per_row = (grad_out.reshape(num_rows, -1).double() * eps.reshape(num_rows, -1).double()).sum(1)
-        grad_sigma = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, owner, per_row)
-        grad_sigma = grad_sigma.to(ctx.sigma_dtype)
-    return grad_x, grad_sigma, None, None, None, None, None, None, None
+        e = unit_noise(zeros, ones, stream, seed, sample_offset, m, row_start, num_rows)
+        per_row = (grad_out.reshape(num_rows, -1).double() * e.reshape(num_rows, -1).double()).sum(1)
+        grad_scale = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, owner, per_row)
+        grad_scale = grad_scale.to(ctx.sigma_dtype)
+    return grad_x, grad_scale
+
+
+def _perturb_setup_context(ctx, inputs, output):
+    _save_key(ctx, *inputs[:8])  # the last input, return_sq, has no gradient
+    ctx.mark_non_differentiable(output[1])
+
+
+def _unit_gaussian(*key) -> torch.Tensor:
+    return torch.ops.ddrs_ext.perturb_gaussian(*key, False)[0]
+
+
+def _perturb_backward(ctx, grad_out, grad_sq):
+    return (*_noise_backward(ctx, grad_out, _unit_gaussian), None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -313,34 +324,12 @@ torch.library.register_autograd(
 
 
 def _perturb_uniform_setup_context(ctx, inputs, output):
-    x, theta, stream, seed, sample_offset, samples_per_input, row_start, num_rows = inputs
-    ctx.save_for_backward(stream)
-    ctx.key = (seed, sample_offset, samples_per_input, row_start, num_rows)
-    ctx.x_meta = (x.shape, x.dtype, x.device)
-    ctx.sigma_dtype = theta.dtype
+    _save_key(ctx, *inputs)
 
 
 def _perturb_uniform_backward(ctx, grad_out):
-    (stream,) = ctx.saved_tensors
-    seed, sample_offset, m, row_start, num_rows = ctx.key
-    shape, dtype, device = ctx.x_meta
-    B = shape[0]
-    owner = torch.arange(row_start, row_start + num_rows, device=device) // m
-    grad_x = grad_theta = None
-    if ctx.needs_input_grad[0]:
-        flat = grad_out.reshape(num_rows, -1)
-        grad_x = torch.zeros((B, flat.shape[1]), dtype=flat.dtype, device=device).index_add_(0, owner, flat)
-        grad_x = grad_x.reshape(shape).to(dtype)
-    if ctx.needs_input_grad[1]:
-        zeros = torch.zeros(shape, dtype=dtype, device=device)
-        ones = torch.ones(B, dtype=torch.float64, device=device)
-        u = torch.ops.ddrs_ext.perturb_uniform(
-            zeros, ones, stream, seed, sample_offset, m, row_start, num_rows
-        )
-        per_row = (grad_out.reshape(num_rows, -1).double() * u.reshape(num_rows, -1).double()).sum(1)
-        grad_theta = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, owner, per_row)
-        grad_theta = grad_theta.to(ctx.sigma_dtype)
-    return grad_x, grad_theta, None, None, None, None, None, None
+    grads = _noise_backward(ctx, grad_out, torch.ops.ddrs_ext.perturb_uniform)
+    return (*grads, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
