@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_training import _digits, _digits_cnn
 
 from ddrs_ext import ops, optimize_theta, rng
 from ddrs_ext.training import (
@@ -131,30 +132,6 @@ def test_bad_theta(theta, match):
         uniform_augmentation_loss(model, x, y, theta)
     with pytest.raises(ValueError, match=match):
         noisy_copies(x, theta, noise="uniform")
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
-
-
-def _digits_cnn():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8 * 4 * 4, 32),
-        torch.nn.ReLU(),
-        torch.nn.Linear(32, 10),
-    )
 
 
 def _uniform_noisy_accuracy(model, x, y, theta=0.5):

@@ -112,19 +112,25 @@ def test_perturb_empty():
     ],
 )
 def test_perturb_bad_arguments(kwargs, match):
-    args = dict(
-        x=torch.zeros(2, 3),
-        sigma=torch.ones(2),
-        stream=torch.tensor([0, 1]),
-        seed=0,
-        sample_offset=0,
-        samples_per_input=4,
-        row_start=0,
-        num_rows=8,
-    )
+    raises_for_bad_arguments(ops.perturb_gaussian, "sigma", kwargs, match)
+
+
+def raises_for_bad_arguments(op, scale: str, kwargs: dict, match: str) -> None:
+    """``op`` (a noise op whose scale argument is named ``scale``) called with valid arguments updated
+    by ``kwargs`` raises an error matching ``match``."""
+    args = {
+        "x": torch.zeros(2, 3),
+        scale: torch.ones(2),
+        "stream": torch.tensor([0, 1]),
+        "seed": 0,
+        "sample_offset": 0,
+        "samples_per_input": 4,
+        "row_start": 0,
+        "num_rows": 8,
+    }
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
-        ops.perturb_gaussian(**args)
+        op(**args)
 
 
 def test_perturb_out_bad_buffers():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from test_ops import raises_for_bad_arguments
 
 from ddrs_ext import ops, reference
 
@@ -124,19 +125,7 @@ def test_uniform_empty():
     ],
 )
 def test_uniform_bad_arguments(kwargs, match):
-    args = dict(
-        x=torch.zeros(2, 3),
-        theta=torch.ones(2),
-        stream=torch.tensor([0, 1]),
-        seed=0,
-        sample_offset=0,
-        samples_per_input=4,
-        row_start=0,
-        num_rows=8,
-    )
-    args.update(kwargs)
-    with pytest.raises((ValueError, TypeError), match=match):
-        ops.perturb_uniform(**args)
+    raises_for_bad_arguments(ops.perturb_uniform, "theta", kwargs, match)
 
 
 def test_uniform_out_bad_buffers():
