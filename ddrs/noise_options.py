@@ -112,7 +112,9 @@ def add_training_noise_option(p: argparse.ArgumentParser) -> None:
         default="gaussian",
         help="noise of the augmentation: gaussian, or uniform on [-theta, theta]^D for L1 certificates "
         "(--sigma, --sigma-max then mean theta; --scheme gaussian then trains with "
-        "ddrs_ext.training.uniform_augmentation_loss, --data-dependent with update_sigma(noise='uniform'))",
+        "ddrs_ext.training.uniform_augmentation_loss, --data-dependent with update_sigma(noise='uniform'); "
+        "with --selector-for, --sigma-levels and --selector-sigma are half-widths theta, the labels L1 "
+        "radii and the selector's augmentation uniform)",
     )
 
 
