@@ -7,9 +7,11 @@ With ``--noise uniform`` the sigma options (--sigma, --sigma-file, --sigma0, --s
 the cube's half-width theta, ``--optimize`` and ``ddrs optimize-sigma`` run
 ``ddrs_ext.optimize_theta`` (``--paper``: ``ddrs_ext.PAPER_L1_SETTINGS``), the memory holds L1
 certificates, and the result file's settings record ``"noise"`` and ``"norm"`` (files written before
-they existed are Gaussian, L2; :mod:`ddrs.noise_settings` reads and checks them). The Gaussian-only
-options (``--clip``, ``--estimator score``, ``--sigma-levels``; for training MACER, SmoothAdv,
-``--sigma-estimator score`` and ``--selector-for``) are refused with uniform noise.
+they existed are Gaussian, L2; :mod:`ddrs.noise_settings` reads and checks them). ``--sigma-levels``
+(dual certification, ``--cascade``, ``--confidence-routing``) then holds half-widths theta_k and
+certifies L1 radii, and ``ddrs train --selector-for`` trains a uniform-noise selector. The
+Gaussian-only options (``--clip``, ``--estimator score``; for training MACER, SmoothAdv and
+``--sigma-estimator score``) are refused with uniform noise.
 
 Imports neither torch, numpy nor ddrs_ext (``ddrs --help`` and argument errors answer at once).
 """
@@ -48,6 +50,8 @@ NOISE_HELP = (
     "and --optimize/--paper run ddrs_ext.optimize_theta (--paper: ddrs_ext.PAPER_L1_SETTINGS)"
 )
 _THETA = " (--noise uniform: the cube's half-width theta)"
+# the options whose values are noise scales (theta with --noise uniform)
+_SCALES = ("sigma", "sigma_file", "sigma0", "sigma_range", "sigma_levels", "selector_sigma")
 
 
 def add_noise_option(p: argparse.ArgumentParser) -> None:
@@ -57,7 +61,7 @@ def add_noise_option(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("noise (L2 or L1 certificates)")
     g.add_argument("--noise", choices=NOISES, default="gaussian", help=NOISE_HELP)
     for action in p._actions:  # the sigma options' help says what they mean with uniform noise
-        if action.dest in ("sigma", "sigma_file", "sigma0", "sigma_range") and action.help:
+        if action.dest in _SCALES and action.help:
             action.help += _THETA
     first = p.get_default("check")
 
@@ -79,11 +83,6 @@ def check_noise(args: argparse.Namespace) -> None:
     ``--paper``: :data:`PAPER_L1_SETTINGS`). A ValueError is a usage error."""
     if args.noise != "uniform":
         return
-    if _given(args, "sigma_levels"):
-        raise ValueError(
-            "--sigma-levels (dual certification) is Gaussian-only; drop --noise uniform, or certify "
-            "with --sigma, --sigma-file or --optimize"
-        )
     if _given(args, "clip"):
         raise ValueError(
             "--clip is Gaussian-only (it keeps Phi^-1 finite); uniform noise's linear surrogate needs "
@@ -113,13 +112,15 @@ def add_training_noise_option(p: argparse.ArgumentParser) -> None:
         default="gaussian",
         help="noise of the augmentation: gaussian, or uniform on [-theta, theta]^D for L1 certificates "
         "(--sigma, --sigma-max then mean theta; --scheme gaussian then trains with "
-        "ddrs_ext.training.uniform_augmentation_loss, --data-dependent with update_sigma(noise='uniform'))",
+        "ddrs_ext.training.uniform_augmentation_loss, --data-dependent with update_sigma(noise='uniform'); "
+        "with --selector-for, --sigma-levels and --selector-sigma are half-widths theta, the labels L1 "
+        "radii and the selector's augmentation uniform)",
     )
 
 
 def check_training_noise(args: argparse.Namespace) -> None:
     """``ddrs train --noise uniform``: refuses what is Gaussian-only (MACER, SmoothAdv, the score
-    estimator, a selector for dual certification)."""
+    estimator); ``--selector-for`` then trains a selector with uniform noise (L1 labels)."""
     if getattr(args, "noise", "gaussian") != "uniform":
         return
     if args.scheme != "gaussian":
@@ -129,8 +130,6 @@ def check_training_noise(args: argparse.Namespace) -> None:
         )
     if args.sigma_estimator == "score":
         raise ValueError("--sigma-estimator score is Gaussian-only: use reparam with --noise uniform")
-    if args.selector_for is not None:
-        raise ValueError("--selector-for trains a selector for dual certification, which is Gaussian-only")
 
 
 # ----------------------------------------------------------------------------- settings, labels

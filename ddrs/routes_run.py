@@ -70,6 +70,7 @@ class Cascade:
             n=args.n,
             alpha=args.alpha,
             alpha_levels=self.alphas,
+            noise=getattr(args, "noise", "gaussian"),
             **common,
         )
 

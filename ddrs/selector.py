@@ -9,7 +9,10 @@ input's true class at each level (:mod:`ddrs.selector_labels`; ``n0 = 64``, ``n 
 crossfit``): the best level, or soft labels (``--soft-labels``). It is trained at ``selector_sigma``
 (default: the largest level), the noise it is certified with (:func:`ddrs_ext.dual.train_selector`,
 optionally with the consistency term), and saved as a checkpoint (:mod:`ddrs.checkpoints`, version 2)
-that ``ddrs certify --selector-checkpoint`` loads alone:
+that ``ddrs certify --selector-checkpoint`` loads alone. With ``--noise uniform`` the levels and
+``selector_sigma`` are half-widths theta, the labels come from L1 radii and the selector is trained
+with uniform augmentation (for ``ddrs certify --noise uniform --sigma-levels``); the checkpoint
+records its noise:
 
     python -m ddrs.train_digits --selector-for dd.pt --sigma-levels 0.25 0.5 1 \\
         --selector-sigma 0.5 --out selector.pt
@@ -187,6 +190,7 @@ def train_level_selector(
     selector_model: str | None = None,
     config: Mapping | None = None,
     log: Callable[[str], None] = print,
+    noise: str = "gaussian",
 ) -> dict:
     """Trains a selector on ``sources`` (:class:`ddrs.selector_labels.Sources`: one model or one
     expert per level, and the training inputs), saves its checkpoint (version 2) at ``out``.
@@ -199,7 +203,9 @@ def train_level_selector(
     ``digits_cnn(K)``, or built by ``selector_model`` (``module:callable``), under
     ``torch.manual_seed(seed)``, and trained by :func:`ddrs_ext.dual.train_selector` at
     ``selector_sigma`` (None: the largest level) with ``selector_copies``, ``selector_lam``,
-    ``selector_eta``."""
+    ``selector_eta``. ``noise="uniform"``: the levels and ``selector_sigma`` are half-widths theta, the
+    labels L1 radii and the augmentation uniform (the checkpoint's ``"noise"`` says so; checkpoints
+    without it are Gaussian)."""
     from ddrs.selector_labels import crossfit_label_radii, label_radii, labels_from_radii
 
     levels = check_sigma_levels(sigma_levels).tolist()
@@ -211,9 +217,10 @@ def train_level_selector(
     for model in sources.models:
         model.eval()
     label_seed = derived_seed(seed, _LABEL_KEY)
-    settings = dict(n0=label_n0, n=label_n, alpha=label_alpha, seed=label_seed, log=log)
+    settings = dict(n0=label_n0, n=label_n, alpha=label_alpha, seed=label_seed, log=log, noise=noise)
+    norm = "L1 " if noise == "uniform" else ""
     log(
-        f"selector labels ({label_source}): the radius at each of {K} levels "
+        f"selector labels ({label_source}): the {norm}radius at each of {K} levels "
         f"({', '.join(f'{v:g}' for v in levels)}) of {len(y_train)} training inputs (CERTIFY, "
         f"n0 = {label_n0}, n = {label_n}, alpha = {label_alpha})"
     )
@@ -224,7 +231,8 @@ def train_level_selector(
     else:
         raise ValueError(f"label_source must be 'train' or 'crossfit', got {label_source!r}")
     labels, counts = labels_from_radii(radii, soft=soft_labels, tau=tau, level_weights=level_weights)
-    log("labels per level: " + ", ".join(f"σ = {v:g}: {c}" for v, c in zip(levels, counts)))
+    scale = "θ" if noise == "uniform" else "σ"
+    log("labels per level: " + ", ".join(f"{scale} = {v:g}: {c}" for v, c in zip(levels, counts)))
     torch.manual_seed(seed)
     selector = _fresh_selector(selector_model, K, x_train)
     losses = train_selector(
@@ -239,6 +247,7 @@ def train_level_selector(
         copies=selector_copies,
         lam=selector_lam,
         eta=selector_eta,
+        noise=noise,
     )
     selector.eval()
     for epoch, loss in enumerate(losses, start=1):
@@ -253,6 +262,7 @@ def train_level_selector(
         "model": selector.state_dict(),
         "sigma_levels": [float(v) for v in levels],
         "selector_sigma": float(selector_sigma),
+        "noise": noise,
         "label_counts": counts,
         "losses": [float(v) for v in losses],
         "expert_fingerprints": prints if len(prints) > 1 else None,
@@ -354,4 +364,5 @@ def train_from_args(
         selector_model=spec,
         config=config,
         log=log,
+        noise=getattr(args, "noise", "gaussian"),
     )

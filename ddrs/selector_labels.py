@@ -35,7 +35,9 @@ class Sources:
     refit: Callable[[torch.Tensor, int], torch.nn.Module] | None
 
 
-def _train_checkpoint_sources(paths: Sequence[Path], log: Log, defaults: dict) -> Sources:
+def _train_checkpoint_sources(
+    paths: Sequence[Path], log: Log, defaults: dict, noise: str = "gaussian"
+) -> Sources:
     from ddrs.digits_training import train
     from ddrs_ext.data import load_digits_split
 
@@ -48,6 +50,12 @@ def _train_checkpoint_sources(paths: Sequence[Path], log: Log, defaults: dict) -
                 "for your own model give --selector-for with no checkpoint and --model/--checkpoint/--data"
             )
         model, _, config = load_checkpoint(path, map_location="cpu")
+        trained = config.get("noise") or "gaussian"  # checkpoints without it are Gaussian
+        if trained != noise:
+            log(
+                f"note: --selector-for {path} was trained with {trained} noise (ddrs train --noise "
+                f"{trained}); this selector is labelled and trained with --noise {noise}"
+            )
         models.append(model)
         configs.append(config)
     seeds = {int(c.get("seed", 0)) for c in configs}
@@ -114,7 +122,8 @@ def sources_from_args(args: argparse.Namespace, log: Log = print, defaults: dict
     :func:`ddrs.selector_options.check_selector_training`). ``defaults``: ``ddrs train``'s option
     defaults, for the options a checkpoint's recorded settings predate when it is re-trained."""
     if args.selector_for:
-        return _train_checkpoint_sources(args.selector_for, log, dict(defaults or {}))
+        noise = getattr(args, "noise", "gaussian")
+        return _train_checkpoint_sources(args.selector_for, log, dict(defaults or {}), noise)
     return _own_sources(args, len(args.sigma_levels), log)
 
 
@@ -130,20 +139,24 @@ def label_radii(
     seed: int,
     log: Log = print,
     chunk: int = 256,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """:func:`ddrs_ext.dual.level_radii` of ``models`` (one, or one per level) on every input (input
     i's noise stream is i), computed level by level in chunks of ``chunk`` inputs with a progress line
-    per chunk; the same radii as one call (certify's noise does not depend on the chunks)."""
+    per chunk; the same radii as one call (certify's noise does not depend on the chunks). ``noise``:
+    ``"uniform"`` for L1 radii at half-widths theta."""
     experts = list(models) if len(models) > 1 else [models[0]] * len(levels)
     N = x.shape[0]
     radii = torch.empty((N, len(levels)), dtype=torch.float64)
+    scale = "θ" if noise == "uniform" else "σ"
     for k, (model, sigma) in enumerate(zip(experts, levels)):
         for start in range(0, N, chunk):
             rows = torch.arange(start, min(start + chunk, N))
             radii[rows, k] = level_radii(
-                model, x[rows], y[rows], [sigma], n0=n0, n=n, alpha=alpha, seed=seed, index=rows
+                model, x[rows], y[rows], [sigma], n0=n0, n=n, alpha=alpha, seed=seed, index=rows, noise=noise
             )[:, 0]
-            log(f"labels: σ = {sigma:g} (level {k + 1}/{len(levels)}): {int(rows[-1]) + 1}/{N} inputs")
+            done = f"{int(rows[-1]) + 1}/{N} inputs"
+            log(f"labels: {scale} = {sigma:g} (level {k + 1}/{len(levels)}): {done}")
     return radii
 
 
@@ -157,6 +170,7 @@ def crossfit_label_radii(
     alpha: float,
     seed: int,
     log: Log = print,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """:func:`ddrs_ext.dual.cross_fit_radii`: every training input certified by the models re-trained
     (``sources.refit``) without its fold; a progress line per fold."""
@@ -172,7 +186,9 @@ def crossfit_label_radii(
         log(f"labels: fold {fold + 1}/{folds}: certifying its {N - x_rest.shape[0]} held-out inputs")
         return models if K > 1 else models[0]
 
-    return cross_fit_radii(fit, sources.x, sources.y, levels, folds=folds, n0=n0, n=n, alpha=alpha, seed=seed)
+    return cross_fit_radii(
+        fit, sources.x, sources.y, levels, folds=folds, n0=n0, n=n, alpha=alpha, seed=seed, noise=noise
+    )
 
 
 def _fold_parts(count: int, folds: int, seed: int) -> torch.Tensor:

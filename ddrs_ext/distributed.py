@@ -33,7 +33,9 @@ import torch.distributed as dist
 
 from ddrs_ext import certification, rng
 from ddrs_ext._validate import _module_of
+from ddrs_ext.noise import UNIFORM, resolve_noise
 from ddrs_ext.sigma import optimize_sigma as _optimize_sigma
+from ddrs_ext.sigma import optimize_theta as _optimize_theta
 
 __all__ = [
     "OtherRankError",
@@ -411,6 +413,7 @@ def certify(
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
     verify: bool = True,
+    noise: str = "gaussian",
 ) -> certification.CertifyResult:
     """:func:`ddrs_ext.certify` of all inputs, each rank certifying its :func:`share`; every rank gets
     the whole result (CPU tensors, input order), equal to one process's ``ddrs_ext.certify(model, x,
@@ -424,9 +427,11 @@ def certify(
     where they are). seed: an int (the same on every rank) or None on every rank (rank 0 draws it).
     verify: also compare, across ranks, digests of the input tensor and the model's state_dict (one
     pass over their bytes); without it only the arguments, shapes and index are compared.
+    noise: ``"gaussian"`` (L2 radii) or ``"uniform"`` (``sigma`` is the cube's half-width theta; L1 radii,
+    ``result.norm == "l1"``), as for :func:`ddrs_ext.certify`; one of the settings the ranks agree on.
     """
     # arguments are checked by ddrs_ext.certify on every rank, after the ranks agree on them
-    settings = {"n0": n0, "n": n, "alpha": alpha, "num_classes": num_classes, "sigma": sigma}
+    settings = {"n0": n0, "n": n, "alpha": alpha, "num_classes": num_classes, "sigma": sigma, "noise": noise}
 
     def run(positions, local_x, local_index, seed, total):
         local_sigma = _local_per_input(sigma, positions, total, "sigma")
@@ -441,12 +446,13 @@ def certify(
             num_classes=num_classes,
             seed=seed,
             index=local_index,
+            noise=noise,
         )
         return {name: getattr(result, name) for name in _CERTIFY_FIELDS}
 
     parts, total, seed = _sharded("certify", run, model, x, index, seed, settings, device, group, verify)
     fields = {name: _assemble([p[name] for p in parts], total) for name in _CERTIFY_FIELDS}
-    return certification.CertifyResult(**fields, seed=seed)
+    return certification.CertifyResult(**fields, seed=seed, norm=resolve_noise(noise).norm)
 
 
 _CERTIFY_FIELDS = ("prediction", "radius", "p_lower", "counts", "sigma", "samples")
@@ -466,10 +472,11 @@ def predict(
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
     verify: bool = True,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
-    """:func:`ddrs_ext.predict` of all inputs, sharded like :func:`certify` (whose arguments it shares);
-    every rank gets the (B,) int64 predictions."""
-    settings = {"n": n, "alpha": alpha, "num_classes": num_classes, "sigma": sigma}
+    """:func:`ddrs_ext.predict` of all inputs, sharded like :func:`certify` (whose arguments it shares,
+    ``noise`` included); every rank gets the (B,) int64 predictions."""
+    settings = {"n": n, "alpha": alpha, "num_classes": num_classes, "sigma": sigma, "noise": noise}
 
     def run(positions, local_x, local_index, seed, total):
         local_sigma = _local_per_input(sigma, positions, total, "sigma")
@@ -483,6 +490,7 @@ def predict(
             num_classes=num_classes,
             seed=seed,
             index=local_index,
+            noise=noise,
         )
 
     parts, total, _ = _sharded("predict", run, model, x, index, seed, settings, device, group, verify)
@@ -499,6 +507,7 @@ def optimize_sigma(
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
     verify: bool = True,
+    noise: str = "gaussian",
     **options: Any,
 ) -> torch.Tensor:
     """:func:`ddrs_ext.optimize_sigma` of all inputs, sharded like :func:`certify` (``x``, ``index``,
@@ -506,12 +515,21 @@ def optimize_sigma(
 
     ``options`` are :func:`ddrs_ext.optimize_sigma`'s (iterations, lr, num_samples, estimator, rule,
     ...) and must agree across ranks, except ``batch_size``, ``progress`` and ``callback``, which change
-    nothing in the result (a ``callback`` sees this rank's share only)."""
-    settings = {"sigma0": sigma0, **{k: v for k, v in options.items() if k not in _LOCAL_OPTIONS}}
+    nothing in the result (a ``callback`` sees this rank's share only).
+
+    ``noise="uniform"``: :func:`ddrs_ext.optimize_theta` instead (``sigma0`` is then the half-width
+    theta0, ``options`` are its own, and the result holds a theta per input); ``noise`` is one of the
+    settings the ranks agree on."""
+    settings = {
+        "sigma0": sigma0,
+        "noise": noise,
+        **{k: v for k, v in options.items() if k not in _LOCAL_OPTIONS},
+    }
 
     def run(positions, local_x, local_index, seed, total):
+        optimize = _optimize_theta if resolve_noise(noise) is UNIFORM else _optimize_sigma
         local_sigma0 = _local_per_input(sigma0, positions, total, "sigma0")
-        return _optimize_sigma(model, local_x, local_sigma0, seed=seed, index=local_index, **options)
+        return optimize(model, local_x, local_sigma0, seed=seed, index=local_index, **options)
 
     parts, total, _ = _sharded("optimize_sigma", run, model, x, index, seed, settings, device, group, verify)
     return _assemble(parts, total)

@@ -18,6 +18,16 @@ For an input x, with the failure probability split ``alpha = alpha_selector + al
 
 Nothing depends on other inputs or on the order of queries (unlike the memory of
 :class:`ddrs_ext.CertificationMemory`).
+
+**L1 (``noise="uniform"``).** Both stages then smooth with uniform noise on a cube: the selector at
+half-width ``theta_e`` (``selector_sigma``), the classifier at the chosen level's half-width
+``theta_k`` (``sigma_levels`` are half-widths). Each CERTIFY radius is then an L1 radius,
+``theta * (2 p_lower - 1)`` (:mod:`ddrs_ext.noise`): the smoothed selector chooses k everywhere in the
+L1 ball of radius ``R_sigma = theta_e (2 p_lower_e - 1)``, and ``g_{theta_k}`` returns c in the L1 ball
+of radius ``R_c``. Step 3 uses nothing but the two balls being of the same norm around the same x, so
+``min(R_sigma, R_c)`` is an L1 radius of the combined classifier, with the same ``1 - alpha``. One
+noise family serves both stages (a Gaussian selector's L2 radius with a uniform classifier's L1 radius
+would need a conversion between norms, which this module does not make).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import torch
 from ddrs_ext import rng
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, check_model, check_num_classes
 from ddrs_ext.certification import ABSTAIN, CertifyResult, VoteSampler, _Phase, certify, check_sampling_args
+from ddrs_ext.noise import Noise, resolve_noise, scale_name
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,6 +76,8 @@ class DualCertifyResult:
     seed: the seed (the classifier's noise is that of ``certify(..., seed=seed)``; the selector's
         uses ``selector_seed(seed)``).
     samples: (B,) int64, model evaluations per input, selector's and classifier's together.
+    norm: the norm of every radius: ``"l2"`` (Gaussian noise) or ``"l1"`` (``noise="uniform"``; then
+        ``sigma`` holds the chosen half-width theta_k).
     """
 
     prediction: torch.Tensor
@@ -79,6 +92,7 @@ class DualCertifyResult:
     classifier: CertifyResult
     seed: int
     samples: torch.Tensor
+    norm: str = "l2"
 
 
 def check_sigma_levels(sigma_levels) -> torch.Tensor:
@@ -139,6 +153,7 @@ def certify_dual(
     sequential: bool = False,
     radius: float | Sequence[float] | torch.Tensor | None = None,
     tolerance: float | None = None,
+    noise: str | Noise = "gaussian",
 ) -> DualCertifyResult:
     """Certifies every input of ``x`` with a sigma chosen by a certified, smoothed selector.
 
@@ -165,13 +180,19 @@ def certify_dual(
     starts once the selector has certified its level (so a selector that abstains costs no classifier
     samples, as without ``sequential``) and only if a radius of interest is within the selector's
     reach. Each stage spends its own share of ``alpha`` over its rounds, so the guarantee is the same.
+
+    ``noise="uniform"``: both stages smooth with uniform noise on a cube (module docstring):
+    ``sigma_levels`` and ``selector_sigma`` are half-widths theta, every radius is an L1 radius
+    ``theta * (2 p_lower - 1)``, and ``result.norm`` is ``"l1"``; the certificate is
+    ``min(R_selector, R_classifier)`` in L1, with the same ``1 - alpha``.
     """
+    family = resolve_noise(noise)
     levels = check_sigma_levels(sigma_levels)
     K = levels.numel()
     experts = _experts(model, K)
     check_model(selector)
     x = check_inputs(x)
-    selector_sigma = _check_positive(selector_sigma, "selector_sigma")
+    selector_sigma = _check_positive(selector_sigma, scale_name(family, "selector_sigma"))
     alpha = check_alpha(alpha)
     if alpha_selector is None:
         alpha_selector = alpha / 2
@@ -217,6 +238,7 @@ def certify_dual(
             stream=stream,
             radii=radii,
             tolerance=tolerance,
+            noise=family,
         )
 
     try:
@@ -231,6 +253,7 @@ def certify_dual(
             num_classes=K,
             seed=selector_seed(seed),
             index=stream,
+            noise=family,
         )
     except ValueError as exc:
         if "num_classes is" in str(exc):
@@ -268,6 +291,7 @@ def certify_dual(
             num_classes=num_classes,
             seed=seed,
             index=stream[rows],
+            noise=family,
         )
         num_classes = part.counts.shape[1]
         if counts is None:
@@ -287,6 +311,7 @@ def certify_dual(
         sigma=sigma.clone(),
         seed=seed,
         samples=samples_c,
+        norm=family.norm,
     )
     certified = prediction != ABSTAIN  # the selector abstained -> the classifier did not run
     radius = torch.where(certified, torch.minimum(chosen.radius, radius_c), torch.zeros_like(radius_c))
@@ -303,6 +328,7 @@ def certify_dual(
         classifier=classifier,
         seed=seed,
         samples=chosen.samples + samples_c,
+        norm=family.norm,
     )
 
 
@@ -325,18 +351,24 @@ def _certify_dual_sequential(
     stream: torch.Tensor,
     radii: np.ndarray | None,
     tolerance: float,
+    noise: Noise,
 ) -> DualCertifyResult:
-    """certify_dual(sequential=True): the two stages' rounds side by side (see certify_dual)."""
-    from scipy.stats import norm
-
-    from ddrs_ext.sequential import Interest, SequentialStage, unsettled
+    """certify_dual(sequential=True): the two stages' rounds side by side (see certify_dual); ``noise``
+    the family of both stages (their radii, and the stopping rule's, in its norm)."""
+    from ddrs_ext.sequential import Interest, SequentialStage, top_radius, unsettled
 
     K, B = levels.numel(), x.shape[0]
     x, sel_sigma, batch_size, sel_seed, sel_stream = check_sampling_args(
-        selector, x, selector_sigma, batch_size, selector_seed(seed), stream, sigma_name="selector_sigma"
+        selector,
+        x,
+        selector_sigma,
+        batch_size,
+        selector_seed(seed),
+        stream,
+        sigma_name=scale_name(noise, "selector_sigma"),
     )
     all_rows = np.arange(B)
-    sel_sampler = VoteSampler(selector, x, sel_sigma, sel_stream, sel_seed, batch_size, K)
+    sel_sampler = VoteSampler(selector, x, sel_sigma, sel_stream, sel_seed, batch_size, K, noise)
     try:
         if B:
             (chosen,) = sel_sampler.counts([_Phase(rng.PHASE_SELECTION, selector_n0)])
@@ -348,8 +380,7 @@ def _certify_dual_sequential(
             ) from None
         raise
     sigma_k = levels.numpy()[guess]
-    z_max = float(norm.ppf(alpha_classifier ** (1 / n)))
-    interest = Interest.make(radii, tolerance, sigma_k, z_max)
+    interest = Interest.make(radii, tolerance, sigma_k, top_radius(noise, n, alpha_classifier))
     sel = SequentialStage(
         [(sel_sampler, all_rows)],
         np.full(B, float(selector_sigma)),
@@ -359,6 +390,7 @@ def _certify_dual_sequential(
         n0=selector_n0,
         classes=guess.astype(np.int64),
         num_classes=K,
+        noise=noise,
     )
     single = len({id(e) for e in experts}) == 1
     groups = []
@@ -374,9 +406,12 @@ def _certify_dual_sequential(
                 seed,
                 batch_size,
                 num_classes,
+                noise,
             )
             groups.append((sampler, rows))
-    cls = SequentialStage(groups, sigma_k, n, alpha_classifier, interest, n0=n0, num_classes=num_classes)
+    cls = SequentialStage(
+        groups, sigma_k, n, alpha_classifier, interest, n0=n0, num_classes=num_classes, noise=noise
+    )
 
     sel.start(all_rows)
     while True:
@@ -434,6 +469,7 @@ def _certify_dual_sequential(
         classifier=classifier,
         seed=seed,
         samples=chosen_result.samples + classifier.samples,
+        norm=noise.norm,
     )
 
 
@@ -460,13 +496,16 @@ def level_radii(
     batch_size: int = 1000,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str | Noise = "gaussian",
 ) -> torch.Tensor:
     """The CERTIFY radius of the true class ``y`` of every input at every level, shape ``(N, K)``
     float64: column k certifies ``model`` (or ``model[k]``, one expert per level) at
     ``sigma_levels[k]`` with ``n0``, ``n``, ``alpha``, ``seed`` and ``index`` (the noise of
     ``certify(model_k, x, sigma_k, seed=seed, index=index)``). An input certified wrongly or abstaining at
     a level gets -1 there. The raw material of selector labels (:func:`best_level`,
-    :func:`soft_level_labels`)."""
+    :func:`soft_level_labels`). ``noise="uniform"``: the levels are half-widths theta and the radii L1
+    radii ``theta * (2 p_lower - 1)`` (labels for a selector of L1 dual certification)."""
+    family = resolve_noise(noise)
     levels = check_sigma_levels(sigma_levels)
     experts = _experts(model, levels.numel())
     x = check_inputs(x)
@@ -476,7 +515,18 @@ def level_radii(
     seed = rng.resolve_seed(seed)
     radii = torch.empty((x.shape[0], levels.numel()), dtype=torch.float64)
     for k, (expert, sigma) in enumerate(zip(experts, levels.tolist())):
-        r = certify(expert, x, sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, index=index)
+        r = certify(
+            expert,
+            x,
+            sigma,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            batch_size=batch_size,
+            seed=seed,
+            index=index,
+            noise=family,
+        )
         radii[:, k] = torch.where(r.prediction == y, r.radius, torch.full_like(r.radius, -1.0))
     return radii
 
@@ -493,13 +543,25 @@ def best_level(
     batch_size: int = 1000,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str | Noise = "gaussian",
 ) -> torch.Tensor:
     """Selector training labels: per input, the level whose CERTIFY radius for the true class ``y``
     is largest (:func:`level_radii`: certified at every level with ``n0``, ``n``, ``alpha``, by one
     model or by one expert per level; an input certified wrongly or abstaining at a level counts as
-    radius -1 there; ties go to the lowest level)."""
+    radius -1 there; ties go to the lowest level). ``noise`` as for :func:`level_radii` (``"uniform"``:
+    the largest L1 radius)."""
     radii = level_radii(
-        model, x, y, sigma_levels, n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, index=index
+        model,
+        x,
+        y,
+        sigma_levels,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=batch_size,
+        seed=seed,
+        index=index,
+        noise=noise,
     )
     return radii.argmax(1) if radii.numel() else torch.zeros(radii.shape[0], dtype=torch.int64)
 
@@ -586,6 +648,7 @@ def cross_fit_radii(
     alpha: float = 0.01,
     batch_size: int = 1000,
     seed: int | None = None,
+    noise: str | Noise = "gaussian",
 ) -> torch.Tensor:
     """:func:`level_radii` of every input by experts that never trained on it (cross-fitting).
 
@@ -595,7 +658,9 @@ def cross_fit_radii(
     unseen ones, mostly at large sigma, so labels from their own training inputs teach a selector to
     pick large levels too often; held-out radii look like those of test inputs. Input i's noise stream
     is i (``index``), keyed by ``seed``. Returns ``(N, K)`` radii, -1 where wrong or abstaining.
+    ``noise`` as for :func:`level_radii` (``"uniform"``: L1 radii at half-widths theta).
     """
+    family = resolve_noise(noise)
     x = check_inputs(x)
     y = torch.as_tensor(y, dtype=torch.int64).cpu().reshape(-1)
     if y.shape[0] != x.shape[0]:
@@ -624,6 +689,7 @@ def cross_fit_radii(
             batch_size=batch_size,
             seed=seed,
             index=held,
+            noise=family,
         )
     return radii
 
@@ -670,9 +736,11 @@ def train_selector(
     copies: int = 1,
     lam: float = 0.0,
     eta: float = 0.0,
+    noise: str | Noise = "gaussian",
 ) -> list[float]:
     """Trains ``selector`` to predict ``labels`` under Gaussian augmentation at ``selector_sigma``, the
-    noise it will be certified with.
+    noise it will be certified with (``noise="uniform"``: uniform augmentation on the cube of half-width
+    ``selector_sigma``, for ``certify_dual(..., noise="uniform")``).
 
     ``labels``: level indices (N,) (:func:`best_level`, or :func:`nearest_level` of
     :func:`ddrs_ext.optimize_sigma`'s result on each training input), trained with cross-entropy, or soft
@@ -687,6 +755,7 @@ def train_selector(
     """
     from ddrs_ext.training import consistency_penalty, noisy_copies
 
+    family = resolve_noise(noise)
     x = check_inputs(x)
     targets, soft = _selector_targets(labels, x)
     if selector_sigma is None:
@@ -695,7 +764,7 @@ def train_selector(
                 "pass selector_sigma, or sigma_levels to smooth the selector at the largest level"
             )
         selector_sigma = default_selector_sigma(sigma_levels)
-    selector_sigma = _check_positive(selector_sigma, "selector_sigma")
+    selector_sigma = _check_positive(selector_sigma, scale_name(family, "selector_sigma"))
     epochs, batch_size = check_count(epochs, "epochs", minimum=0), check_count(batch_size, "batch_size")
     copies = check_count(copies, "copies")
     lr = _check_positive(lr, "lr")
@@ -724,7 +793,12 @@ def train_selector(
             for start in range(0, x.shape[0], batch_size):
                 rows = order[start : start + batch_size]
                 noisy = noisy_copies(
-                    x[rows], selector_sigma, copies=copies, seed=(seed + epoch + 1) % 2**64, index=rows.cpu()
+                    x[rows],
+                    selector_sigma,
+                    copies=copies,
+                    seed=(seed + epoch + 1) % 2**64,
+                    index=rows.cpu(),
+                    noise=family,
                 )
                 logits = selector(noisy)
                 if not checked:

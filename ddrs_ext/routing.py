@@ -33,10 +33,21 @@ Dropping the ``min`` with the abstention radii of the levels above is *not* soun
 higher level's abstention region that level answers, possibly with another class (the tests hold such
 a variant as a negative control).
 
+**L1 (``noise="uniform"``)**: ``p_k(c | x) = P(f_k(x + theta_k u) = c)``, ``u`` uniform on ``[-1, 1]^D``
+(the levels are half-widths theta_k). The uniform densities on the cubes around x and x' differ in total
+variation by at most ``||x' - x||_1 / (2 theta_k)`` (:mod:`ddrs_ext.noise`), so every class probability,
+and so the largest one, is ``1/(2 theta_k)``-Lipschitz in L1: ``|p_k(c | x') - p_k(c | x)| <=
+||x' - x||_1 / (2 theta_k)``. The argument above then goes through with ``2 theta_k p`` in place of
+``sigma_k Phi^-1(p)``: level k answers c for ``||x' - x||_1 < 2 theta_k (L - p0)`` and abstains for
+``||x' - x||_1 < 2 theta_k (p0 - U)``; the statistics and the union bound are unchanged. At ``p0 = 1/2``
+the first is CERTIFY's L1 radius ``theta_k (2L - 1)``.
+
 **Confidence routing** (after ACES, Horvath et al. 2022): :class:`ConfidenceSelector` is a base
 selector built from the experts alone: the largest level whose expert is confident enough on the
 (noisy) input. Smoothed and certified by :func:`ddrs_ext.certify_dual` like a trained selector, it
-inherits that certificate, ``min(R_selector, R_classifier)``.
+inherits that certificate, ``min(R_selector, R_classifier)`` (in L1 with ``noise="uniform"``: the
+selector's smoothing makes no assumption about the base selector, so the experts' confidence under
+uniform noise routes as well as under Gaussian noise).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from ddrs_ext import rng, stats
 from ddrs_ext._validate import check_alpha, check_count, check_inputs, check_model, check_num_classes
 from ddrs_ext.certification import ABSTAIN, VoteSampler, _Phase, check_sampling_args
 from ddrs_ext.dual import Model, _experts, check_sigma_levels
+from ddrs_ext.noise import UNIFORM, Noise, resolve_noise
 
 __all__ = ["CascadeCertifyResult", "ConfidenceSelector", "cascade_alphas", "certify_cascade"]
 
@@ -74,6 +86,8 @@ class CascadeCertifyResult:
     alpha_levels: the failure probability each level spends (they add up to ``alpha``).
     threshold: ``p0``.
     seed: the seed; level k's noise is that of ``certify(model_k, x, sigma_k, seed=seed, index=...)``.
+    norm: the norm of the radii: ``"l2"`` (Gaussian noise), or ``"l1"`` (``noise="uniform"``: then the
+        radii are ``2 theta_k (L - p0)`` and ``2 theta_k (p0 - U)``, and ``sigma`` holds theta_k).
     """
 
     prediction: torch.Tensor
@@ -87,6 +101,7 @@ class CascadeCertifyResult:
     alpha_levels: tuple[float, ...]
     threshold: float
     seed: int
+    norm: str = "l2"
 
 
 def cascade_alphas(
@@ -128,6 +143,7 @@ def certify_cascade(
     num_classes: int | None = None,
     seed: int | None = None,
     index: torch.Tensor | Sequence[int] | None = None,
+    noise: str | Noise = "gaussian",
 ) -> CascadeCertifyResult:
     """Certifies every input of ``x`` with the cascade over ``sigma_levels`` (module docstring): from the
     largest level down, the first level whose smoothed expert gives one class probability at least
@@ -139,7 +155,12 @@ def certify_cascade(
     only while all the levels above it are certified to abstain. With probability at least ``1 - alpha``
     every certified input's class is the cascade's everywhere in its ball. ``seed`` and ``index`` fix
     all noise, as for :func:`ddrs_ext.certify`; nothing depends on ``batch_size`` or on other inputs.
+
+    ``noise="uniform"``: every level smooths with uniform noise on the cube of half-width
+    ``sigma_levels[k]`` (theta_k), and the radii are L1 radii by the ``1/(2 theta_k)``-Lipschitz bound of
+    the module docstring (``result.norm`` is ``"l1"``).
     """
+    family = resolve_noise(noise)
     levels = check_sigma_levels(sigma_levels)
     K = levels.numel()
     experts = _experts(model, K)
@@ -153,7 +174,6 @@ def certify_cascade(
         experts[0], check_inputs(x), 1.0, batch_size, seed, index
     )
     B = x.shape[0]
-    z0 = float(norm.ppf(threshold))
 
     prediction = torch.full((B,), ABSTAIN, dtype=torch.int64)
     level = torch.full((B,), ABSTAIN, dtype=torch.int64)
@@ -175,6 +195,7 @@ def certify_cascade(
             seed,
             batch_size,
             num_classes,
+            family,
         )
         select, estimate = sampler.counts([_Phase(rng.PHASE_SELECTION, n0), _Phase(rng.PHASE_ESTIMATION, n)])
         num_classes = sampler.num_classes
@@ -193,13 +214,13 @@ def certify_cascade(
         done = going[answers]
         prediction[done] = guess[answers]
         level[done] = k
-        radius_level[done] = torch.from_numpy(sigma_k * (norm.ppf(lower[answers.numpy()]) - z0))
+        radius_level[done] = torch.from_numpy(_gap(family, sigma_k, lower[answers.numpy()], threshold))
         stopped[done] = k
         undecided = ~(answers | abstains)
         stopped[going[undecided]] = k
         if not lowest:
             cont = abstains.numpy()
-            radius_k = sigma_k * (z0 - norm.ppf(upper[cont]))
+            radius_k = _gap(family, sigma_k, threshold, upper[cont])
             radius_above[going[abstains]] = torch.minimum(
                 radius_above[going[abstains]], torch.from_numpy(radius_k)
             )
@@ -222,7 +243,19 @@ def certify_cascade(
         alpha_levels=alphas,
         threshold=threshold,
         seed=seed,
+        norm=family.norm,
     )
+
+
+def _gap(noise: Noise, scale: float, high, low) -> np.ndarray:
+    """The radius within which a probability bounded at ``high`` stays above ``low`` (or one at ``low``
+    below ``high``): ``sigma (Phi^-1(high) - Phi^-1(low))`` for Gaussian noise (``sigma Phi^-1(p)`` is
+    1-Lipschitz in L2), ``2 theta (high - low)`` for uniform noise (``p`` is ``1/(2 theta)``-Lipschitz in
+    L1)."""
+    high, low = np.asarray(high, dtype=np.float64), np.asarray(low, dtype=np.float64)
+    if noise is UNIFORM:
+        return 2.0 * scale * (high - low)
+    return scale * (norm.ppf(high) - norm.ppf(low))
 
 
 class ConfidenceSelector(torch.nn.Module):

@@ -276,8 +276,6 @@ def test_the_plot_axis_says_the_norm(tmp_path, monkeypatch):
     [
         (["--optimize", "--clip", "0.1", "0.9"], "--clip is Gaussian-only"),
         (["--optimize", "--estimator", "score"], "--estimator score is Gaussian-only"),
-        (["--sigma-levels", "0.25", "0.5", "--selector-checkpoint", "s.pt", "--selector-sigma", "0.5"],
-         "--sigma-levels \\(dual certification\\) is Gaussian-only"),
         (["--sigma", "0.5", "--noise", "laplace"], "argument --noise: invalid choice"),
     ],
 )  # fmt: skip
@@ -308,7 +306,6 @@ def test_help_says_sigma_means_theta(capsys):
         (["--scheme", "macer"], "--scheme macer is Gaussian-only"),
         (["--scheme", "smoothadv"], "--scheme smoothadv is Gaussian-only"),
         (["--data-dependent", "--sigma-estimator", "score"], "--sigma-estimator score is Gaussian-only"),
-        (["--selector-for", "c.pt", "--sigma-levels", "0.5", "--selector-sigma", "0.5"], "Gaussian-only"),
     ],
 )
 def test_train_refuses_gaussian_only_schemes_with_uniform_noise(capsys, tmp_path, extra, match):

@@ -119,7 +119,8 @@ def _add_selector_options(p: argparse.ArgumentParser) -> None:
         "certified at the chosen level (--n0, --n); the radius is the smaller of the two, and the\n"
         "selector's abstentions abstain. --model/--checkpoint may be given once per level (in level\n"
         "order): one expert per level. A selector for the digits: python -m ddrs.train_digits\n"
-        "--selector-for CHECKPOINT.",
+        "--selector-for CHECKPOINT. With --noise uniform the levels and --selector-sigma are half-widths\n"
+        "theta and every radius is an L1 radius (docs: l1).",
     )
     g.add_argument(
         "--selector",

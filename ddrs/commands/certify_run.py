@@ -99,11 +99,13 @@ def _certify_summary(
 ) -> str:
     """One line: certified accuracy at radius 0 and the ACR, or with ``radii`` (the radii of interest
     of a sequential run) the certified accuracy at those radii alone; model evaluations; the dual
-    certificate's selector or the cascade's levels (``levels``). L1 radii (uniform noise) are called so."""
+    certificate's selector or the cascade's levels (``levels``). L1 radii (uniform noise) are called so,
+    and the levels theta."""
     if not rows:
         return f"{path}: no rows"
     if norm == "l1":
-        return _certify_summary(path, rows, radii, levels=levels).replace(" radius", " L1 radius")
+        text = _certify_summary(path, rows, radii, levels=levels).replace(" radius", " L1 radius")
+        return text.replace("σ = ", "θ = ")
     correct = [r for r in rows if r["correct"]]
     if radii is not None and len(radii) == 1:
         at = sum(r["radius"] >= radii[0] for r in correct) / len(rows)
@@ -176,7 +178,7 @@ class _Certifier:
             self.settings["experts"] = [model_settings(spec, checkpoint) for spec, checkpoint in experts]
         self.rows_per_input = args.n
         if route_of(args) == "cascade":
-            self.cascade = Cascade(args, self.model)
+            self.cascade = Cascade(args, self.model)  # passes --noise on
             self.sigma_setting, self.columns, self.later = (
                 self.cascade.sigma_setting,
                 self.cascade.columns,
@@ -222,6 +224,12 @@ class _Certifier:
         content = load_weights(args.selector_checkpoint, "--selector-checkpoint")
         if not is_selector_checkpoint(content):
             return
+        noise = content.get("noise") or "gaussian"  # selector checkpoints without it are Gaussian
+        if noise != args.noise:
+            note(
+                f"--selector-checkpoint {args.selector_checkpoint} was trained with {noise} noise (ddrs "
+                f"train --selector-for ... --noise {noise}); this run smooths it with --noise {args.noise}"
+            )
         trained = (list(content["sigma_levels"]), content["selector_sigma"])
         if trained != (list(self.levels), args.selector_sigma):
             note(
@@ -247,6 +255,7 @@ class _Certifier:
                 alpha=args.alpha,
                 alpha_selector=self.alpha_selector,
                 **({"sequential": True, **sequential_kwargs(args)} if self.sequential else {}),
+                noise=args.noise,
                 **common,
             )
         sigma = self.sigma_of(x, index)
