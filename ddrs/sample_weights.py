@@ -32,7 +32,9 @@ def _read_table(path: Path) -> np.ndarray:
         if suffix == ".pt":
             value = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"--sample-weights {path}: a .pt file must hold one tensor, got {type(value).__name__}")
+                raise ValueError(
+                    f"--sample-weights {path}: a .pt file must hold one tensor, got {type(value).__name__}"
+                )
             return value.detach().double().numpy()
         if suffix == ".npy":
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
@@ -45,7 +47,9 @@ def _read_table(path: Path) -> np.ndarray:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"--sample-weights {path}: not a table of numbers ({first})") from None
     except Exception as exc:  # a damaged .pt/.npy: name the file, not the unpickler's internals
-        raise ValueError(f"--sample-weights {path}: cannot be read ({type(exc).__name__}: {exc})"[:300]) from None
+        raise ValueError(
+            f"--sample-weights {path}: cannot be read ({type(exc).__name__}: {exc})"[:300]
+        ) from None
 
 
 def load_sample_weights(path: str | os.PathLike, count: int, column: int | None = None) -> torch.Tensor:
@@ -63,9 +67,7 @@ def load_sample_weights(path: str | os.PathLike, count: int, column: int | None 
                 "--sample-weights-column J (0-based; for --save-labels' labels, the level's index)"
             )
         if not 0 <= column < table.shape[1]:
-            raise ValueError(
-                f"--sample-weights-column {column}: {path} has columns 0..{table.shape[1] - 1}"
-            )
+            raise ValueError(f"--sample-weights-column {column}: {path} has columns 0..{table.shape[1] - 1}")
         table = table[:, column]
     elif table.ndim == 1:
         if column not in (None, 0):

@@ -348,8 +348,9 @@ def train_from_args(
     of a ``ddrs train`` checkpoint, for one such expert per level, or for your own ``--model`` on
     ``--data``; labels from --label-n0 and --label-n samples per level (``--label-source``,
     ``--soft-labels``, ...), trained with the run's --epochs, --batch-size, --lr and --seed, saved at
-    --out; with --save-labels FILE the labels alone, written there. ``defaults``: ``ddrs train``'s option defaults (for re-training checkpoints whose settings
-    predate an option, with ``--label-source crossfit``)."""
+    --out; with --save-labels FILE the labels alone, written there. ``defaults``: ``ddrs train``'s
+    option defaults (for re-training checkpoints whose settings predate an option, with
+    ``--label-source crossfit``)."""
     from ddrs.digits_training import _plain
     from ddrs.loading import model_settings
     from ddrs.selector_labels import sources_from_args
