@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         models[f"fixed_{level:g}"] = _train_or_load(
             _fixed_path(out, level),
             ["--scheme", "gaussian", "--sigma", str(level), *common],
-            f"fixed-σ model at the dual row's level σ = {level:g} (Gaussian augmentation)",
+            f"fixed-σ model at σ = {level:g} (Gaussian augmentation)",
             clock,
         )
     fixed = {args.sigma: (out / "fixed_model.pt", models["fixed"])}
