@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["draw_epoch", "load_sample_weights", "read_label_settings", "save_labels", "weights_digest"]
+__all__ = [
+    "check_positive_mass",
+    "draw_epoch",
+    "load_sample_weights",
+    "read_label_settings",
+    "save_labels",
+    "weights_digest",
+]
 
 _SETTINGS = "# settings: "
 
