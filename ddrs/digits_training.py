@@ -15,6 +15,7 @@ import torch
 
 from ddrs import distributed_run
 from ddrs.checkpoints import BUILDER, FORMAT, build
+from ddrs.sample_weights import check_positive_mass, draw_epoch, load_sample_weights, weights_digest
 from ddrs_ext import training
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.distributed import exchange, share
@@ -50,6 +51,11 @@ def train(args: argparse.Namespace, log=print, rows: torch.Tensor | None = None)
 
     ``rows`` (indices into the training split): train on those training examples only and save
     nothing (the checkpoint is returned; cross-fitted selector labels re-train experts so).
+
+    ``--sample-weights FILE`` (:mod:`ddrs.sample_weights`): each epoch draws as many examples as the
+    split has, with replacement, in proportion to the file's weights (with ``rows``, those rows'
+    weights), under a ``torch.Generator`` seeded with ``--seed``; the checkpoint's config records the
+    file, its column and a digest of its weights.
     """
     launch = None
     if distributed_run.launched():
@@ -70,8 +76,13 @@ def _train(
         log = _silent
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
+    weights = _sample_weights(args, len(y_train))
+    full_digest = None if weights is None else weights_digest(weights)
     if rows is not None:
         x_train, y_train = x_train[rows], y_train[rows]
+        if weights is not None:
+            weights = weights[rows]
+            check_positive_mass(weights, f"--sample-weights {args.sample_weights} on a cross-fitting fold")
     if len(y_train) < world:
         raise ValueError(f"{world} processes for {len(y_train)} training examples; start fewer")
     x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
@@ -89,11 +100,13 @@ def _train(
         if args.sigma > args.sigma_max:
             raise ValueError(f"--sigma {args.sigma} exceeds --sigma-max {args.sigma_max}")
         bank = training.SigmaBank(len(y_train), args.sigma, sigma_range=(1e-3, args.sigma_max), device=device)
+    # --sample-weights: each epoch's examples drawn with replacement, under a generator of their own
+    order = None if weights is None else torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for epoch in range(args.epochs):
         net.train()
         total, seen = 0.0, 0
-        for batch in _minibatches(len(y_train), args.batch_size, world):
+        for batch in _minibatches(len(y_train), args.batch_size, world, weights, order):
             index = batch if world == 1 else batch[share(len(batch))]
             x, y = x_train[index], y_train[index]
             sigma = args.sigma
@@ -182,6 +195,8 @@ def _train(
         "sigma_bank": None if bank is None else _on_cpu(bank.state_dict()),
         "config": {k: _plain(v) for k, v in vars(args).items()},
     }
+    if weights is not None:  # what re-training it (cross-fitted selector labels) checks the file against
+        checkpoint["config"]["sample_weights_digest"] = full_digest
 
     def save() -> None:
         if rank == 0:
@@ -209,10 +224,34 @@ def _evaluated(model: torch.nn.Module, compile: str, log) -> torch.nn.Module:
     )
 
 
-def _minibatches(total: int, batch_size: int, world: int) -> list[torch.Tensor]:
-    """The epoch's minibatches of a random permutation (rank 0's, under torchrun); with several ranks a
-    last minibatch smaller than the number of ranks joins the one before, so every rank has examples."""
-    permutation = torch.randperm(total)
+def _sample_weights(args: argparse.Namespace, count: int) -> torch.Tensor | None:
+    """--sample-weights' vector (None without it), checked against the digest a checkpoint recorded
+    when ``args`` are a checkpoint's settings (re-trained for cross-fitted labels)."""
+    path = getattr(args, "sample_weights", None)
+    if path is None:
+        return None
+    weights = load_sample_weights(path, count, getattr(args, "sample_weights_column", None))
+    recorded = getattr(args, "sample_weights_digest", None)
+    if recorded is not None and recorded != weights_digest(weights):
+        raise ValueError(
+            f"--sample-weights {path} changed since the checkpoint was trained with it (its weights' digest "
+            "differs): restore the file, or train the checkpoint again"
+        )
+    return weights
+
+
+def _minibatches(
+    total: int,
+    batch_size: int,
+    world: int,
+    weights: torch.Tensor | None = None,
+    order: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """The epoch's minibatches of a random permutation, or with ``weights`` of ``total`` examples drawn
+    with replacement in proportion to them under ``order`` (rank 0's, under torchrun); with several
+    ranks a last minibatch smaller than the number of ranks joins the one before, so every rank has
+    examples."""
+    permutation = torch.randperm(total) if weights is None else draw_epoch(weights, order)
     if world > 1:
         permutation = exchange(lambda: permutation, what="train_digits")[0]
     batches = list(permutation.split(batch_size))

@@ -191,6 +191,7 @@ def train_level_selector(
     config: Mapping | None = None,
     log: Callable[[str], None] = print,
     noise: str = "gaussian",
+    save_labels: str | os.PathLike | None = None,
 ) -> dict:
     """Trains a selector on ``sources`` (:class:`ddrs.selector_labels.Sources`: one model or one
     expert per level, and the training inputs), saves its checkpoint (version 2) at ``out``.
@@ -205,7 +206,11 @@ def train_level_selector(
     ``selector_sigma`` (None: the largest level) with ``selector_copies``, ``selector_lam``,
     ``selector_eta``. ``noise="uniform"``: the levels and ``selector_sigma`` are half-widths theta, the
     labels L1 radii and the augmentation uniform (the checkpoint's ``"noise"`` says so; checkpoints
-    without it are Gaussian)."""
+    without it are Gaussian).
+
+    ``save_labels``: write the labels there instead (:func:`ddrs.sample_weights.save_labels`, as an
+    ``(N, K)`` table: one-hot rows without ``soft_labels``) and return ``{"labels", "radii",
+    "settings"}``; no selector is trained."""
     from ddrs.selector_labels import crossfit_label_radii, label_radii, labels_from_radii
 
     levels = check_sigma_levels(sigma_levels).tolist()
@@ -233,6 +238,31 @@ def train_level_selector(
     labels, counts = labels_from_radii(radii, soft=soft_labels, tau=tau, level_weights=level_weights)
     scale = "θ" if noise == "uniform" else "σ"
     log("labels per level: " + ", ".join(f"{scale} = {v:g}: {c}" for v, c in zip(levels, counts)))
+    prints = [fingerprint(m) for m in sources.models]
+    if save_labels is not None:
+        from ddrs.sample_weights import save_labels as write_labels
+
+        table = labels if soft_labels else torch.nn.functional.one_hot(labels, K)
+        settings = {
+            "sigma_levels": [float(v) for v in levels],
+            "noise": noise,
+            "label_source": label_source,
+            "folds": int(folds) if label_source == "crossfit" else None,
+            "soft_labels": bool(soft_labels),
+            "tau": float(tau) if soft_labels else None,
+            "level_weights": level_weights
+            if level_weights is None or isinstance(level_weights, str)
+            else [float(w) for w in level_weights],
+            "label_n0": label_n0,
+            "label_n": label_n,
+            "label_alpha": label_alpha,
+            "seed": seed,
+            "data_seed": sources.data_seed,
+            "fingerprints": prints,
+        }
+        write_labels(save_labels, table, settings)
+        log(f"saved the labels at {save_labels} (no selector trained)")
+        return {"labels": table.double(), "radii": radii, "settings": settings}
     torch.manual_seed(seed)
     selector = _fresh_selector(selector_model, K, x_train)
     losses = train_selector(
@@ -252,7 +282,6 @@ def train_level_selector(
     selector.eval()
     for epoch, loss in enumerate(losses, start=1):
         log(f"selector epoch {epoch}/{len(losses)}: loss {loss:.4f}")
-    prints = [fingerprint(m) for m in sources.models]
     identity = {"classifier_fingerprint": prints[0]} if len(prints) == 1 else {"expert_fingerprints": prints}
     checkpoint = {
         "format": FORMAT,
@@ -330,8 +359,9 @@ def train_from_args(
     of a ``ddrs train`` checkpoint, for one such expert per level, or for your own ``--model`` on
     ``--data``; labels from --label-n0 and --label-n samples per level (``--label-source``,
     ``--soft-labels``, ...), trained with the run's --epochs, --batch-size, --lr and --seed, saved at
-    --out. ``defaults``: ``ddrs train``'s option defaults (for re-training checkpoints whose settings
-    predate an option, with ``--label-source crossfit``)."""
+    --out; with --save-labels FILE the labels alone, written there. ``defaults``: ``ddrs train``'s
+    option defaults (for re-training checkpoints whose settings predate an option, with
+    ``--label-source crossfit``)."""
     from ddrs.digits_training import _plain
     from ddrs.loading import model_settings
     from ddrs.selector_labels import sources_from_args
@@ -365,4 +395,5 @@ def train_from_args(
         config=config,
         log=log,
         noise=getattr(args, "noise", "gaussian"),
+        save_labels=getattr(args, "save_labels", None),
     )

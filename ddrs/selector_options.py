@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ddrs.options import Repeatable, count, non_negative, positive
 
@@ -32,6 +33,7 @@ _SELECTOR_ONLY = {
     "selector_lambda": 0.0,
     "selector_eta": 0.0,
     "selector_copies": 1,
+    "save_labels": None,
 }
 
 
@@ -84,6 +86,15 @@ def add_selector_training_options(p: argparse.ArgumentParser) -> None:
         metavar="W",
         help="soft labels' weight per level: none, balanced (every level the same mean label mass) or "
         "W1,W2,... (one positive number per level)",
+    )
+    g.add_argument(
+        "--save-labels",
+        type=Path,
+        metavar="FILE",
+        help="write the labels (one row per training input, one column per level: the soft labels, or "
+        "one-hot best levels) to FILE (.pt, .npy, or text with the settings in '#' lines) and stop: no "
+        "selector is trained, --out is not written; a column weights a specialist (ddrs train "
+        "--sample-weights FILE --sample-weights-column K)",
     )
     g.add_argument(
         "--selector-lambda",

@@ -40,8 +40,9 @@ def test_files_and_table(first_run):
     rows = demo.table_rows(0.25, demo.other_levels(0.25, 1.0))
     assert len(rows) == 13 and [row.sigma for row in rows[:3]] == [None, 0.5, 1.0]
     assert [row.method for row in rows].count("sequential") == [row.method for row in rows].count("dual") == 1
-    assert rows[-1].label == "data-dependent model, dual certificate" and rows[-2].memory
-    files = ("fixed_model.pt", "fixed_model_s0.5.pt", "fixed_model_s1.pt", "dd_model.pt", "dd_selector.pt")
+    assert rows[-1].label == "experts per level, dual certificate" and rows[-2].memory
+    files = ("fixed_model.pt", "fixed_model_s0.5.pt", "fixed_model_s1.pt", "dd_model.pt")
+    files += ("specialist_s0.5.pt", "dual_weights.txt", "dual_selector.pt")
     for name in (*files, "table.md", "curves.png"):
         assert (out / name).is_file()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,7 +69,7 @@ def test_files_and_table(first_run):
     evaluations = lines[2 + len(rows) :]
     assert evaluations[0] == "| result | model evaluations per input (mean) | fewest | most | vs CERTIFY |"
     sequential = read_results(out / "fixed_sigma_sequential.tsv")["samples"]
-    dual = read_results(out / "dd_model_dual.tsv")["samples"]
+    dual = read_results(out / "experts_dual.tsv")["samples"]
     sequential_row = next(row for row in rows if row.method == "sequential")
     for line, label, spent in zip(
         evaluations[2:],
@@ -93,10 +94,10 @@ def test_files_and_table(first_run):
     assert table_lines((out / "table.md").read_text()) == lines
     last = printed.rstrip().splitlines()
     verdict = [line for line in last if line.startswith("Does data-dependent σ help here?")]
-    assert len(verdict) == 1 and "The dual certificate (data-dependent model" in verdict[0]
+    assert len(verdict) == 1 and "The dual certificate (experts per level" in verdict[0]
     assert last[-4].startswith("- data-dependent model, σ per input (certify surrogate) + memory: ")
-    assert last[-3].startswith("- data-dependent model, dual certificate: ")
-    abstained = int((read_results(out / "dd_model_dual.tsv")["level"] == -1).sum())
+    assert last[-3].startswith("- experts per level, dual certificate: ")
+    abstained = int((read_results(out / "experts_dual.tsv")["level"] == -1).sum())
     assert f"the selector abstained on {abstained} of 8 inputs" in last[-3] and "smaller one on" in last[-3]
     # the winners at each radius, from the run: recomputed here from the files
     sound = [row for row in rows if row.sound]
@@ -123,25 +124,130 @@ def test_sequential_and_dual_rows_are_the_library_s(first_run):
     _, (x, y) = load_digits_split(0, demo_command.DEMO_TEST_SIZE)
     x, index = x[:8], torch.arange(8)
     fixed, _, _ = train_digits.load_checkpoint(out / "fixed_model.pt")
-    dd, _, _ = train_digits.load_checkpoint(out / "dd_model.pt")
-    chooser, checkpoint = selector.load_selector_checkpoint(out / "dd_selector.pt")
-    assert checkpoint["sigma_levels"] == [0.25, 0.5, 1.0] and checkpoint["selector_sigma"] == 1.0
-    assert checkpoint["config"]["classifier_fingerprint"] == selector.fingerprint(dd)
+    specialist, _, _ = train_digits.load_checkpoint(out / "specialist_s0.5.pt")
+    chooser, checkpoint = selector.load_selector_checkpoint(out / "dual_selector.pt")
+    assert checkpoint["sigma_levels"] == [0.25, 0.5] and checkpoint["selector_sigma"] == 0.5
+    assert checkpoint["expert_fingerprints"] == [
+        selector.fingerprint(fixed),
+        selector.fingerprint(specialist),
+    ]
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     want = ddrs_ext.certify_sequential(fixed, x, 0.25, n0=20, n_max=100, radius=radii, seed=0, index=index)
     got = read_results(out / "fixed_sigma_sequential.tsv")
     assert got["radius"].tolist() == want.radius.tolist() and got["samples"].tolist() == want.samples.tolist()
     want = ddrs_ext.certify_dual(
-        dd, chooser, x, [0.25, 0.5, 1.0], selector_sigma=1.0, n0=20, n=100, alpha=0.001, seed=0, index=index
+        [fixed, specialist],
+        chooser,
+        x,
+        [0.25, 0.5],
+        selector_sigma=0.5,
+        n0=20,
+        n=100,
+        alpha=0.001,
+        seed=0,
+        index=index,
     )
     assert want.alpha_selector == 0.0005
-    got = read_results(out / "dd_model_dual.tsv")
+    got = read_results(out / "experts_dual.tsv")
     for column in ("predict", "radius", "level", "radius_selector", "radius_classifier", "samples"):
         assert got[column].tolist() == getattr(want, "prediction" if column == "predict" else column).tolist()
     certified = got["predict"] != -1
     np.testing.assert_array_equal(
         got["radius"][certified], np.minimum(got["radius_selector"], got["radius_classifier"])[certified]
     )
+
+
+def test_the_dual_row_is_the_study_s_recipe(first_run, tmp_path, capsys):
+    """The dual row's experts are the σ = 0.25 fixed-σ model and a σ = 0.5 specialist trained on
+    examples drawn by the fixed-σ models' held-out soft labels (τ = 0.1); its selector, smoothed at
+    the largest level, learns held-out soft labels (τ = 0.25) of those experts with the consistency
+    term: each file equals what the ddrs train commands of docs/getting-started.md write."""
+    import torch
+
+    from ddrs import selector, train_digits
+    from ddrs.sample_weights import read_label_settings, weights_digest
+    from ddrs_ext.data import load_digits_split
+    from ddrs_ext.dual import level_radii, soft_level_labels
+
+    out, _ = first_run
+    fixed = [train_digits.load_checkpoint(out / f)[0] for f in ("fixed_model.pt", "fixed_model_s0.5.pt")]
+    weights = np.loadtxt(out / "dual_weights.txt")
+    settings = read_label_settings(out / "dual_weights.txt")
+    assert (settings["label_source"], settings["folds"], settings["tau"]) == ("crossfit", 2, 0.1)
+    assert settings["fingerprints"] == [selector.fingerprint(m) for m in fixed]
+    # the weights are held-out labels: the final models' own (in-sample) labels differ
+    (x, y), _ = load_digits_split(0)
+    seed = selector.derived_seed(0, selector._LABEL_KEY)
+    own = level_radii(fixed, x, y, [0.25, 0.5], n0=8, n=32, alpha=0.01, seed=seed, index=torch.arange(len(y)))
+    assert not np.array_equal(weights, soft_level_labels(own, tau=0.1).double().numpy())
+    # ... and those of the documented command
+    experts = ["--sigma-levels", "0.25", "0.5", "--label-source", "crossfit", "--folds", "2"]
+    experts += ["--label-n0", "8", "--label-n", "32", "--seed", "0"]
+    with demo.one_thread():  # as the demo trains
+        code = cli.main(
+            [
+                "train",
+                "--selector-for",
+                str(out / "fixed_model.pt"),
+                str(out / "fixed_model_s0.5.pt"),
+                *experts,
+                "--soft-labels",
+                "--tau",
+                "0.1",
+                "--save-labels",
+                str(tmp_path / "w.txt"),
+            ]
+        )
+    assert code == 0
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "w.txt"), weights)
+    _, _, config = train_digits.load_checkpoint(out / "specialist_s0.5.pt")
+    assert (config["scheme"], config["sigma"], config["sample_weights_column"]) == ("gaussian", 0.5, 1)
+    assert config["sample_weights_digest"] == weights_digest(torch.from_numpy(weights[:, 1].copy()))
+    _, checkpoint = selector.load_selector_checkpoint(out / "dual_selector.pt")
+    assert (checkpoint["label_source"], checkpoint["folds"], checkpoint["tau"]) == ("crossfit", 2, 0.25)
+    lam = (checkpoint["selector_lam"], checkpoint["selector_eta"], checkpoint["selector_copies"])
+    assert lam == (20.0, 0.5, 2) and checkpoint["config"]["lr"] == 0.001 and len(checkpoint["losses"]) == 2
+    with demo.one_thread():
+        code = cli.main(
+            [
+                "train",
+                "--selector-for",
+                str(out / "fixed_model.pt"),
+                str(out / "specialist_s0.5.pt"),
+                *experts,
+                "--soft-labels",
+                "--tau",
+                "0.25",
+                "--selector-lambda",
+                "20",
+                "--selector-eta",
+                "0.5",
+                "--selector-copies",
+                "2",
+                "--lr",
+                "0.001",
+                "--epochs",
+                "2",
+                "--selector-sigma",
+                "0.5",
+                "--out",
+                str(tmp_path / "sel.pt"),
+            ]
+        )
+    assert code == 0
+    capsys.readouterr()
+    mine, _ = selector.load_selector_checkpoint(tmp_path / "sel.pt")
+    theirs, _ = selector.load_selector_checkpoint(out / "dual_selector.pt")
+    assert all(torch.equal(mine.state_dict()[k], v) for k, v in theirs.state_dict().items())
+
+
+def test_other_dual_weights_are_refused(first_run, tmp_path):
+    out = tmp_path / "d"
+    shutil.copytree(first_run[0], out)
+    text = (out / "dual_weights.txt").read_text().replace('"tau": 0.1', '"tau": 0.2')
+    (out / "dual_weights.txt").write_text(text)
+    with pytest.raises(ValueError, match=r"dual_weights.txt was made with other settings \(tau: 0.2 then"):
+        run([*TINY, "--out", out])
 
 
 def test_same_seed_same_table_and_resume(first_run, tmp_path, capsys):

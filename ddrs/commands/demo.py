@@ -22,6 +22,7 @@ DEMO_DEFAULTS = {
     "sigma_iterations": 16,
     "label_n0": 64,  # ddrs.selector.LABEL_SETTINGS
     "label_n": 512,
+    "folds": 5,
 }
 DEMO_QUICK = {
     "epochs": 1,
@@ -32,24 +33,27 @@ DEMO_QUICK = {
     "sigma_iterations": 4,
     "label_n0": 8,
     "label_n": 32,
+    "folds": 2,
 }
 
 DESCRIPTION = """\
 Fixed against data-dependent noise levels, end to end on the embedded digits data (no download).
 
 Trains small CNNs on the digits' 1100 training images: one with Gaussian augmentation at a fixed
-sigma, one more at each other sigma level the dual row uses (sigma*2 and sigma*4, capped at
---sigma-max), and one with a data-dependent sigma per training example (the paper's scheme,
-ascending the surrogate that matches CERTIFY's radius, sigma capped at --sigma-max). It
+sigma, one more at sigma*2 and at sigma*4 (capped at --sigma-max), and one with a data-dependent
+sigma per training example (the paper's scheme, ascending the surrogate that matches CERTIFY's
+radius, sigma capped at --sigma-max). It
 optimises a sigma for every test input, certifies the test set with each model and each choice
 of sigma (with and without the memory-based adjustment that keeps per-input certificates
 sound), and prints certified accuracy at several radii, the average certified radius and
 verdicts computed from this run: whether data-dependent sigma helps, and which sound row is
 best at each radius. Two more rows: the fixed-sigma model certified sequentially
 (certify_sequential with the table's radii as its radii of interest; a second table shows the
-model evaluations it saves), and the data-dependent model with a dual certificate
-(certify_dual: a selector, trained on the labels best_level gives the training inputs, picks
-sigma among the levels, smoothed at the largest level; alpha split in halves). Where a
+model evaluations it saves), and a dual certificate (certify_dual) built with the recipe of the
+dual-certificate study (docs/dual.md) at the demo's scale: experts at sigma and sigma*2 (the
+fixed-sigma model, and a specialist trained on examples drawn by held-out soft labels), and a
+selector smoothed at the largest level, trained with the consistency term on the experts'
+held-out (--folds-fold cross-fitted) soft labels; alpha split in halves. Where a
 row evaluates enough noisy copies to repay compiling (ddrs_ext.precision.compile_pays), the
 models are evaluated compiled with channels-last weights (the same function; the caption says
 so). --quick runs tiny settings in about a minute.
@@ -125,6 +129,11 @@ def add_parser(sub) -> None:
         "--label-n",
         type=count,
         help=f"estimation samples per level of the selector's training labels {preset('label_n')}",
+    )
+    p.add_argument(
+        "--folds",
+        type=number(int, minimum=2, what="an integer"),
+        help=f"cross-fitting folds of the dual row's held-out labels {preset('folds')}",
     )
     p.add_argument(
         "--seed",

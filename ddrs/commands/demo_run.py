@@ -7,11 +7,12 @@ every test input, certifies the test set with each model and each choice of sigm
 the memory-based adjustment), and prints certified accuracy at several radii, the average certified
 radius and verdicts computed from the run. Two more rows: the fixed-sigma model certified
 sequentially (:func:`ddrs_ext.certify_sequential` with the table's radii as its radii of interest; a
-second table shows the model evaluations it spends against CERTIFY's), and the data-dependent model
-with a dual certificate (:func:`ddrs_ext.certify_dual`: a selector trained by :mod:`ddrs.selector`
-picks sigma among :func:`ddrs.selector.demo_levels`). Rows and verdicts:
-:mod:`ddrs.commands.demo_table`; certification: :mod:`ddrs.commands.demo_certify`; the plot:
-:mod:`ddrs.commands.demo_plot`. :func:`run` receives the options resolved.
+second table shows the model evaluations it spends against CERTIFY's), and a dual certificate
+(:func:`ddrs_ext.certify_dual`) of experts per level chosen by a selector, built with the recipe of
+the dual-certificate study at the demo's scale: :mod:`ddrs.commands.demo_training` says how, and
+where and why it deviates from the study. Rows and verdicts: :mod:`ddrs.commands.demo_table`;
+certification: :mod:`ddrs.commands.demo_certify`; the models: :mod:`ddrs.commands.demo_training`; the
+plot: :mod:`ddrs.commands.demo_plot`. :func:`run` receives the options resolved.
 
 Everything goes into the ``--out`` folder: the checkpoints, one result file per table row,
 ``table.md`` and ``curves.png``. A re-run over the same folder resumes.
@@ -20,7 +21,6 @@ Everything goes into the ``--out`` folder: the checkpoints, one result file per 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import platform
@@ -29,28 +29,32 @@ from pathlib import Path
 import torch
 
 from ddrs import analyze, selector
-from ddrs.checkpoints import load_checkpoint, load_selector_checkpoint
 from ddrs.commands.demo_certify import Clock, certify_row, memory_row
 from ddrs.commands.demo_plot import plot_demo
 from ddrs.commands.demo_table import RADII, evaluations_table, table_rows, verdict
-from ddrs.commands.train import build_parser as train_parser
-from ddrs.digits_training import train
+from ddrs.commands.demo_training import (
+    DualRow,
+    build_dual_row,
+    dual_files,
+    dual_levels,
+    one_thread,  # noqa: F401 (ddrs.commands.demo_run.one_thread, as before)
+)
+from ddrs.commands.demo_training import train_or_load as _train_or_load
 from ddrs.results import read_results
 from ddrs_ext.data import load_digits_split
 from ddrs_ext.precision import Evaluated, compile_pays
 
 __all__ = ["demo_files", "run"]
 
-# The dual row: sigma levels sigma * LEVEL_FACTORS (capped at --sigma-max), alpha split in halves,
-# best_level's labels; the selector smoothed at the largest level (ddrs_ext.dual.default_selector_sigma),
-# chosen on the validation split over 1x and 2x sigma (docs/getting-started.md, "The dual row's
-# selector sigma", with the commands).
+# The fixed-sigma rows: sigma * LEVEL_FACTORS (capped at --sigma-max), each with a model of its own.
+# The dual row: the study's recipe at the demo's scale (ddrs.commands.demo_training, with every
+# deviation from the study).
 LEVEL_FACTORS = (1, 2, 4)
 
 
 def selector_sigma(args: argparse.Namespace) -> float:
     """The dual row's selector sigma: the largest of its levels."""
-    return max(selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS))
+    return max(dual_levels(args.sigma, args.sigma_max))
 
 
 # The data-dependent model: Gaussian augmentation, each training example's sigma moved by a few
@@ -61,7 +65,7 @@ DD_TRAINING = ("--scheme", "gaussian", "--data-dependent", "--sigma-surrogate", 
 
 
 def other_levels(sigma: float, sigma_max: float) -> list[float]:
-    """The dual row's sigma levels other than ``sigma``: each gets a fixed-sigma model of its own."""
+    """The fixed-sigma rows' levels other than ``sigma``: each gets a fixed-sigma model of its own."""
     return [level for level in selector.demo_levels(sigma, sigma_max, LEVEL_FACTORS) if level != sigma]
 
 
@@ -71,25 +75,16 @@ def _fixed_path(out: Path, level: float) -> Path:
 
 def demo_files(out: Path, sigma: float, sigma_max: float) -> list[Path]:
     """Every file the demo writes into ``out`` (what --fresh removes)."""
-    files = [out / "fixed_model.pt", out / "dd_model.pt", out / "dd_selector.pt"]
+    files = [out / "fixed_model.pt", out / "dd_model.pt"]
+    # an earlier version's dual row (the data-dependent model's selector and its result file)
+    files += [out / "dd_selector.pt", out / "dd_model_dual.tsv", out / "dd_model_dual.tsv.settings.json"]
     files += [_fixed_path(out, level) for level in other_levels(sigma, sigma_max)]
+    files += dual_files(out, sigma, sigma_max)
     files += [out / "table.md", out / "curves.png"]
     for row in table_rows(sigma, other_levels(sigma, sigma_max)):
         path = out / f"{row.key}.tsv"
         files += [path, path.with_name(path.name + ".settings.json")]
     return files
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Trains on one thread: the weights then do not depend on how many threads torch would use (float
-    sums are grouped by thread), and on the digits' small CNN one thread is about as fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -98,71 +93,6 @@ def _fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
-
-
-def _train_or_load(path: Path, argv: list[str], what: str, clock: Clock) -> torch.nn.Module:
-    """A model trained by ``ddrs.digits_training.train`` with ``argv`` (plus ``--out path``): the checkpoint
-    at ``path`` when it was trained with the same settings, otherwise trained now."""
-    args = train_parser().parse_args([*argv, "--out", str(path)])
-    wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
-    if path.exists():
-        model, _, config = load_checkpoint(path)
-        _check_config(path, config, wanted)
-        clock.log(f"{what}: reusing {path}")
-        return model
-    clock.log(f"training the {what}, {args.epochs} epoch(s)")
-    with one_thread():
-        train(args, log=lambda line: print("           " + line, flush=True))
-    model, _, _ = load_checkpoint(path)
-    return model
-
-
-def _check_config(path: Path, config: dict, wanted: dict, ignore: tuple[str, ...] = ("out",)) -> None:
-    """Refuses a checkpoint trained with other settings than ``wanted``. An option that a checkpoint of
-    an earlier version lacks did not exist then: it matches while it has its default now."""
-    defaults = vars(train_parser().parse_args([]))
-    defaults = {k: (str(v) if isinstance(v, Path) else v) for k, v in defaults.items()}
-    keys = (set(config) | set(wanted)) - set(ignore)
-    then = {k: config.get(k, defaults.get(k)) for k in keys}
-    changed = ", ".join(
-        f"{k}: {then[k]!r} then, {wanted.get(k)!r} now" for k in sorted(keys) if then[k] != wanted.get(k)
-    )
-    if changed:
-        raise ValueError(
-            f"{path} was trained with other settings ({changed}); pass --fresh or use another --out"
-        )
-
-
-def _selector_or_load(
-    path: Path, classifier_path: Path, classifier: torch.nn.Module, args: argparse.Namespace, clock: Clock
-) -> torch.nn.Module:
-    """The dual row's selector for ``classifier`` (saved at ``classifier_path``): the checkpoint at
-    ``path`` when it was trained for this classifier with the same settings, otherwise trained now, as
-    ``python -m ddrs.train_digits --selector-for`` trains it (with the demo's label samples)."""
-    levels = selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS)
-    argv = ["--selector-for", str(classifier_path), "--sigma-levels", *map(str, levels)]
-    argv += ["--selector-sigma", str(selector_sigma(args)), "--epochs", str(args.epochs)]
-    argv += ["--label-n0", str(args.label_n0), "--label-n", str(args.label_n), "--seed", str(args.seed)]
-    targs = train_parser().parse_args([*argv, "--out", str(path)])
-    wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(targs).items()}
-    wanted.update(
-        classifier_fingerprint=selector.fingerprint(classifier),
-        label_alpha=selector.LABEL_SETTINGS["alpha"],
-        data_seed=args.seed,
-    )
-    if path.exists():
-        model, checkpoint = load_selector_checkpoint(path)
-        _check_config(path, checkpoint["config"], wanted, ignore=("out", "selector_for"))
-        clock.log(f"selector: reusing {path}")
-        return model
-    clock.log(
-        f"training the selector (σ levels {', '.join(f'{v:g}' for v in levels)}, selector σ = "
-        f"{selector_sigma(args):g}), {args.epochs} epoch(s)"
-    )
-    with one_thread():
-        selector.train_from_args(targs, log=lambda line: print("           " + line, flush=True))
-    model, _ = load_selector_checkpoint(path)
-    return model
 
 
 def _cpu() -> str:
@@ -215,24 +145,34 @@ def run(args: argparse.Namespace) -> int:
         models[f"fixed_{level:g}"] = _train_or_load(
             _fixed_path(out, level),
             ["--scheme", "gaussian", "--sigma", str(level), *common],
-            f"fixed-σ model at the dual row's level σ = {level:g} (Gaussian augmentation)",
+            f"fixed-σ model at σ = {level:g} (Gaussian augmentation)",
             clock,
         )
+    fixed = {args.sigma: (out / "fixed_model.pt", models["fixed"])}
+    fixed.update(
+        {
+            level: (_fixed_path(out, level), models[f"fixed_{level:g}"])
+            for level in other_levels(args.sigma, args.sigma_max)
+        }
+    )
     models["dd"] = _train_or_load(
         out / "dd_model.pt",
         [*DD_TRAINING, "--sigma", str(args.sigma), "--sigma-max", str(args.sigma_max), *common],
         f"data-dependent model (Gaussian augmentation, a σ per training example, σ0 = {args.sigma:g})",
         clock,
     )
-    fingerprints = {k: _fingerprint(m) for k, m in models.items()}
-    dual_selector = _selector_or_load(out / "dd_selector.pt", out / "dd_model.pt", models["dd"], args, clock)
-    selector_fingerprint = _fingerprint(dual_selector)
-    args.levels = selector.demo_levels(args.sigma, args.sigma_max, LEVEL_FACTORS)
-    args.selector_sigma = selector_sigma(args)
+    dual: DualRow = build_dual_row(out, fixed, args, clock)
+    models["experts"] = dual.experts
+    fingerprints = {k: _fingerprint(m) for k, m in models.items() if k != "experts"}
+    fingerprints["experts"] = [_fingerprint(m) for m in dual.experts]
+    selector_fingerprint = _fingerprint(dual.selector)
+    args.levels = dual.levels
+    args.selector_sigma = dual.selector_sigma
     forward_rows = args.count * (args.n0 + args.n)
     compiled = compile_pays(forward_rows, "cpu")
-    evaluated = {k: _evaluated(m, forward_rows, clock) for k, m in models.items()}
-    dual_selector = _evaluated(dual_selector, forward_rows, clock)
+    evaluated = {k: _evaluated(m, forward_rows, clock) for k, m in models.items() if k != "experts"}
+    evaluated["experts"] = [_evaluated(m, forward_rows, clock) for m in dual.experts]
+    dual_selector = _evaluated(dual.selector, forward_rows, clock)
 
     rows = table_rows(args.sigma, other_levels(args.sigma, args.sigma_max))
     certified = [row for row in rows if not row.memory]
@@ -283,10 +223,12 @@ def run(args: argparse.Namespace) -> int:
         f"digits test images (n0 = {args.n0}, n = {args.n}, alpha = {args.alpha}; models trained "
         f"{args.epochs} epoch(s) on the 1100 training images, one thread; seed {args.seed}). Sequential: "
         f"certify_sequential with n_max = {args.n} and the table's radii as its radii of interest (read "
-        f"it at those radii only). Dual certificate: σ levels {', '.join(f'{v:g}' for v in args.levels)} "
-        f"chosen by a selector smoothed at σ = {args.selector_sigma:g}, trained on best_level's labels for "
-        f"the training inputs (n0 = {args.label_n0}, n = {args.label_n}); alpha split {args.alpha / 2:g} + "
-        f"{args.alpha / 2:g}. Models evaluated "
+        f"it at those radii only). Dual certificate: experts at σ = "
+        f"{', '.join(f'{v:g}' for v in args.levels)} "
+        f"(the fixed-σ model at the lowest, specialists above it trained on examples drawn by held-out soft "
+        f"labels) chosen by a selector smoothed at σ = {args.selector_sigma:g}, trained with the consistency "
+        f"term on the experts' held-out ({args.folds}-fold cross-fitted) soft labels (n0 = {args.label_n0}, "
+        f"n = {args.label_n}); alpha split {args.alpha / 2:g} + {args.alpha / 2:g}. Models evaluated "
         + (
             "compiled (torch.compile) with channels-last weights, float32: the same function as eager"
             if compiled

@@ -13,9 +13,19 @@ import numpy as np
 import ddrs_ext
 from ddrs import analyze
 
-__all__ = ["RADII", "SURROGATES", "Row", "evaluations_table", "table_rows", "verdict", "winners"]
+__all__ = [
+    "DUAL_LABEL",
+    "RADII",
+    "SURROGATES",
+    "Row",
+    "evaluations_table",
+    "table_rows",
+    "verdict",
+    "winners",
+]
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+DUAL_LABEL = "experts per level, dual certificate"
 SURROGATES = ("paper", "certify")
 
 
@@ -23,7 +33,7 @@ SURROGATES = ("paper", "certify")
 class Row:
     key: str  # file stem
     label: str
-    model: str  # "fixed", "fixed_<level>" (a fixed-sigma model trained at another level) or "dd"
+    model: str  # "fixed", "fixed_<level>" (a fixed-sigma model at another level), "dd" or "experts" (dual)
     surrogate: str | None  # None: the fixed sigma for every input (or the dual certificate's levels)
     memory: bool = False
     method: str = "certify"  # "certify", "sequential" (certify_sequential) or "dual" (certify_dual)
@@ -42,7 +52,7 @@ class Row:
 
 
 def table_rows(sigma: float, levels: Sequence[float] = ()) -> list[Row]:
-    """The demo's rows; ``levels``: the dual row's other sigma levels, each with a fixed-sigma model."""
+    """The demo's rows; ``levels``: the other fixed-sigma levels, each with a fixed-sigma model of its own."""
     fixed = f"fixed-σ model, σ = {sigma:g} for every input"
     rows = [Row("fixed_sigma", fixed, "fixed", None)]
     for level in levels:
@@ -62,7 +72,7 @@ def table_rows(sigma: float, levels: Sequence[float] = ()) -> list[Row]:
             key, label = f"{model}_model_{surrogate}", f"{name}, σ per input ({surrogate} surrogate)"
             rows.append(Row(key, label, model, surrogate))
             rows.append(Row(key + "_memory", label + " + memory", model, surrogate, memory=True))
-    rows.append(Row("dd_model_dual", "data-dependent model, dual certificate", "dd", None, method="dual"))
+    rows.append(Row("experts_dual", DUAL_LABEL, "experts", None, method="dual"))
     return rows
 
 
@@ -151,7 +161,7 @@ def verdict(
     if dual_outcome is not None:
         head.insert(
             1,
-            f"The dual certificate (data-dependent model, σ chosen among levels by a certified selector, "
+            f"The dual certificate (experts per level, σ chosen among levels by a certified selector, "
             f"sound without a memory): {words[dual_outcome]}.",
         )
     tail = [winners(results, rows)]

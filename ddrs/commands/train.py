@@ -32,6 +32,10 @@ examples:
   ddrs train --selector-for dd.pt --sigma-levels 0.25 0.5 1 --selector-sigma 0.5 --out selector.pt
   ddrs train --selector-for expert025.pt expert05.pt --sigma-levels 0.25 0.5 --label-source crossfit \\
       --soft-labels --selector-lambda 20 --selector-eta 0.5 --selector-copies 2 --out selector.pt
+  ddrs train --selector-for expert025.pt expert05.pt --sigma-levels 0.25 0.5 --label-source crossfit \\
+      --soft-labels --tau 0.1 --save-labels weights.txt
+  ddrs train --scheme consistency --sigma 0.5 --consistency-lambda 2 --sample-weights weights.txt \\
+      --sample-weights-column 1 --out specialist05.pt
   ddrs train --selector-for --model mlp.py:build --checkpoint mlp.pt --data digits \\
       --sigma-levels 0.25 0.5 --out mlp_selector.pt
 """
@@ -107,6 +111,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adv-samples", type=_positive(int), default=4)
     g.add_argument("--adv-warmup", type=int, default=3, help="epochs over which epsilon ramps up")
     _add_consistency_options(p)
+    _add_sample_weight_options(p)
     g = p.add_argument_group(
         "sigma selector for dual certification (ddrs.selector)",
         "uses --epochs, --batch-size, --lr, --seed and --out; the other options do not apply",
@@ -147,6 +152,40 @@ def _add_consistency_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--consistency-copies", type=_positive(int), default=2, help="m, noisy copies per input")
 
 
+def _add_sample_weight_options(p: argparse.ArgumentParser) -> None:
+    """--sample-weights (ddrs.sample_weights): a specialist trained on examples drawn by weight."""
+    g = p.add_argument_group(
+        "sample weights (a specialist: ddrs.sample_weights)",
+        "each epoch draws as many examples as the training split has, with replacement, in proportion\n"
+        "to the weights (under a generator seeded with --seed)",
+    )
+    g.add_argument(
+        "--sample-weights",
+        type=Path,
+        metavar="FILE",
+        help="one weight >= 0 per training example, in the order of the training split of "
+        "ddrs_ext.data.load_digits_split(--seed): a .pt tensor, a .npy array or text (one number per line, "
+        "or a table of columns; '#' comments), e.g. what --selector-for ... --save-labels writes",
+    )
+    g.add_argument(
+        "--sample-weights-column",
+        type=_column,
+        metavar="J",
+        help="the column (0-based) of a table in --sample-weights FILE: for --save-labels' labels, the "
+        "index of the level in --sigma-levels",
+    )
+
+
+def _column(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser(prog: str = "python -m ddrs.train_digits") -> argparse.ArgumentParser:
     """The parser of ``python -m ddrs.train_digits`` (the options of ``ddrs train``, alone)."""
     p = Parser(prog=prog, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -171,6 +210,13 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError("--sigma-levels and --selector-sigma are for --selector-for")
     check_training_noise(args)
     check_selector_training(args)
+    if args.selector_for is not None and args.sample_weights is not None:
+        raise ValueError(
+            "--sample-weights draws a classifier's training examples; a selector (--selector-for) trains "
+            "on every input once per epoch"
+        )
+    if args.sample_weights_column is not None and args.sample_weights is None:
+        raise ValueError("--sample-weights-column picks a column of --sample-weights FILE: give the file")
     if args.scheme == "consistency" and args.consistency_lambda > 0 and args.consistency_copies < 2:
         raise ValueError("--consistency-lambda > 0 compares noisy copies: --consistency-copies must be >= 2")
 
