@@ -10,6 +10,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+# A model or selector: a batch of inputs in, a batch of logits out.
+Model = Callable[[torch.Tensor], torch.Tensor]
+
 
 def check_model(model: Callable) -> None:
     if not callable(model):
@@ -154,3 +157,41 @@ def check_num_classes(num_classes) -> int | None:
     if num_classes is None:
         return None
     return check_count(num_classes, "num_classes")
+
+
+def check_sigma_levels(sigma_levels) -> torch.Tensor:
+    """Levels as a float64 tensor (K,): finite, > 0 and strictly increasing, K >= 1."""
+    try:
+        levels = torch.as_tensor(sigma_levels, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sigma_levels must be a sequence of numbers, got {sigma_levels!r}") from None
+    if levels.dim() != 1 or levels.numel() == 0:
+        raise ValueError(f"sigma_levels must be a non-empty 1-d sequence, got shape {tuple(levels.shape)}")
+    if not bool((torch.isfinite(levels) & (levels > 0)).all()):
+        raise ValueError(f"sigma_levels must all be finite and > 0, got {levels.tolist()}")
+    if levels.numel() > 1 and not bool((levels[1:] > levels[:-1]).all()):
+        raise ValueError(f"sigma_levels must be strictly increasing, got {levels.tolist()}")
+    return levels
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number > 0, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def _experts(model, levels: int) -> list[Model]:
+    if isinstance(model, (list, tuple)):
+        if len(model) != levels:
+            raise ValueError(
+                f"model is a list of {len(model)} models but there are {levels} sigma levels; "
+                "pass one model per level (or a single model for every level)"
+            )
+        for m in model:
+            check_model(m)
+        return list(model)
+    check_model(model)
+    return [model] * levels
