@@ -69,14 +69,37 @@ def level_radii(
 
 
 def best_level(
-    model: Model | Sequence[Model], x: torch.Tensor, y: torch.Tensor, sigma_levels, **options
+    model: Model | Sequence[Model],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma_levels,
+    *,
+    n0: int = 64,
+    n: int = 512,
+    alpha: float = 0.01,
+    batch_size: int = 1000,
+    seed: int | None = None,
+    index: torch.Tensor | Sequence[int] | None = None,
+    noise: str | Noise = "gaussian",
 ) -> torch.Tensor:
     """Selector training labels: per input, the level whose CERTIFY radius for the true class ``y``
-    is largest (:func:`level_radii`, to which ``options`` go: ``n0``, ``n``, ``alpha``, ``batch_size``,
-    ``seed``, ``index``, ``noise``, with its defaults; certified at every level by one model or by one
-    expert per level; an input certified wrongly or abstaining at a level counts as radius -1 there; ties
-    go to the lowest level). ``noise="uniform"``: the largest L1 radius."""
-    radii = level_radii(model, x, y, sigma_levels, **options)
+    is largest (:func:`level_radii`: certified at every level with ``n0``, ``n``, ``alpha``, by one
+    model or by one expert per level; an input certified wrongly or abstaining at a level counts as
+    radius -1 there; ties go to the lowest level). ``noise`` as for :func:`level_radii` (``"uniform"``:
+    the largest L1 radius)."""
+    radii = level_radii(
+        model,
+        x,
+        y,
+        sigma_levels,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=batch_size,
+        seed=seed,
+        index=index,
+        noise=noise,
+    )
     return radii.argmax(1) if radii.numel() else torch.zeros(radii.shape[0], dtype=torch.int64)
 
 
