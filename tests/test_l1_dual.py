@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 from scipy.special import logit
-from test_routing import Step, _points, _radius_of
+from test_routing import Step, _points, _radius_of, cascade_truth_at
 
 from ddrs_ext import ABSTAIN, certify, certify_dual, noise, routing
 from ddrs_ext.dual import best_level, cross_fit_radii, level_radii, train_selector
@@ -186,19 +186,7 @@ def test_dual_l1_noise_is_certify_noise_and_batching_does_not_matter():
 def cascade_truth(experts, levels, p0):
     """The cascade's exact decision along the axis: level k (theta_k) answers where
     |t - offset| >= theta_k (2 p0 - 1), i.e. where the class's probability 1/2 + |d| / (2 theta_k) >= p0."""
-    z0 = 2 * p0 - 1  # Step.smoothed's threshold, in units of the level's scale
-
-    def h(t):
-        for k in reversed(range(len(levels))):
-            answer = experts[k].smoothed(t, levels[k], z0)
-            if answer != ABSTAIN:
-                return answer
-        return ABSTAIN
-
-    breakpoints = []
-    for e, s in zip(experts, levels):
-        breakpoints += [e.offset, e.offset - s * z0, e.offset + s * z0]
-    return h, breakpoints
+    return cascade_truth_at(experts, levels, 2 * p0 - 1)  # Step.smoothed's threshold, in theta units
 
 
 # Near t = 0 the top level (theta 1) abstains (|t| < 0.2), the lower one answers class 1 with a radius up

@@ -94,7 +94,12 @@ def _radius_of(h, t, c, breakpoints):
 
 
 def _cascade_truth(experts, levels, p0):
-    z0 = float(stats.norm.ppf(p0))
+    return cascade_truth_at(experts, levels, float(stats.norm.ppf(p0)))
+
+
+def cascade_truth_at(experts, levels, z0):
+    """The cascade's exact decision along the axis, with ``Step.smoothed``'s threshold ``z0`` (in units
+    of each level's scale), and the points where it can change."""
 
     def h(t):
         for k in reversed(range(len(levels))):

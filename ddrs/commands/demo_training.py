@@ -189,6 +189,11 @@ def _weights_or_load(
         f"specialists' sampling weights: held-out soft labels (τ = {SPECIALIST_TAU:g}, {args.folds} folds) "
         f"of the fixed-σ models at σ = {', '.join(f'{v:g}' for v in levels)}"
     )
+    _train_selector(targs)
+
+
+def _train_selector(targs: argparse.Namespace) -> None:
+    """``ddrs train --selector-for ...`` with ``targs``, on one thread, its log indented."""
     with one_thread():
         selector.train_from_args(
             targs,
@@ -245,12 +250,7 @@ def build_dual_row(
             f"training the dual row's selector (σ levels {', '.join(f'{v:g}' for v in levels)}, selector σ = "
             f"{sigma_e:g}; held-out soft labels, {args.folds} folds), {2 * args.epochs} epoch(s)"
         )
-        with one_thread():
-            selector.train_from_args(
-                targs,
-                log=lambda line: print(_INDENT + line, flush=True),
-                defaults=vars(train_parser().parse_args([])),
-            )
+        _train_selector(targs)
         model, _ = load_selector_checkpoint(path)
     return DualRow(levels, experts, model, sigma_e)
 
