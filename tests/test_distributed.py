@@ -229,6 +229,9 @@ def _():
     return D.certify(model, x, 0.25, seed=1, group=group, **CERTIFY)
 
 torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+# a clean shutdown: a gloo group still alive at interpreter exit can abort the process (std::terminate)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

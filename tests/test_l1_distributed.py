@@ -64,6 +64,9 @@ def _():
     return D.optimize_sigma(model, x, SIGMA0, seed=7, noise="uniform", estimator="score", iterations=1)
 
 torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+# a clean shutdown: a gloo group still alive at interpreter exit can abort the process (std::terminate)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
