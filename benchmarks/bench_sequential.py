@@ -586,9 +586,7 @@ def test_per_input_sigma(benchmark, request, digits_case):
             certify_sequential, n_max=s.n, radius=PAPER
         ),
     }
-    _row(
-        "digits, per-input sigma", f"certify(n={s.n}) + memory", plain_rows / len(y), 1.0, "", plain_seconds
-    )
+    _row("digits, per-input sigma", f"certify(n={s.n}) + memory", plain_rows / len(y), 1.0, "", plain_seconds)
     _compare_rows("digits, per-input sigma", plain, plain_rows, runs, y, top, len(y))
     benchmark.extra_info.update(
         n=s.n,
@@ -634,9 +632,17 @@ def _radius(p, sigma):
     return np.where(np.asarray(p) >= 0.5, sigma * norm.ppf(np.maximum(p, 0.5)), -1.0)
 
 
-def simulate_sequential(p, radii, n_max, sigma, seed, ends=None, levels=None):
+def simulate_sequential(p, radii, n_max, sigma, seed, ends=None, levels=None, steer=None):
     """(estimation samples per input, radius at the stop, certify's radius at n_max on the same stream)
-    for the library's rule, optionally with other round ends or levels."""
+    for the library's rule, optionally with other round ends, levels or steering level (the level of
+    the upper bound that guesses how far an input can still get: ``ddrs_ext.sequential.STEER_ALPHA``)."""
+    if steer is not None:
+        chosen = seq.STEER_ALPHA
+        seq.STEER_ALPHA = steer
+        try:
+            return simulate_sequential(p, radii, n_max, sigma, seed, ends, levels)
+        finally:
+            seq.STEER_ALPHA = chosen
     B = len(p)
     interest = seq.Interest.make(np.asarray(radii, dtype=np.float64), 0.0, np.full(B, sigma), 0.0)
     stage = seq.SequentialStage(
@@ -712,6 +718,9 @@ def test_sequential_designs(benchmark, request, digits_case):
             "levels": lambda e: ALPHA * np.sqrt(e) / np.sqrt(e).sum(),
         },
         "sequential, chosen rounds, levels alpha / K": {"levels": lambda e: np.full(len(e), ALPHA / len(e))},
+        "sequential (chosen), steering at 5 %": {"steer": 0.05},
+        "sequential (chosen), steering at 20 %": {"steer": 0.2},
+        "sequential (chosen), steering at 50 % (the point estimate)": {"steer": 0.5},
         "pilot 100 (= n0), menu, range rule": ("pilot", 100, "range"),
         "pilot 1000, menu, range rule": ("pilot", 1000, "range"),
         "pilot 100 (= n0), menu, point rule": ("pilot", 100, "point"),
